@@ -1,0 +1,105 @@
+"""The light checkpoint: a world's adapters and their config in one safetensors file.
+
+Tensors are named ``<slot>.<tensor>``, e.g. ``author/narrate/text/llm:blocks.0.attn.qkv.lora_A``.
+The safetensors metadata holds ``format`` (``lwadapters/1``), ``config`` (the
+`LightConfig` as JSON), ``plan`` (the resolved slots) and ``base`` (the digest of
+every touched block), so loading refuses adapters made for another base.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..errors import BaseMismatchError, CheckpointError, TargetError
+from .config import LightConfig
+from .inject import customize, decustomize, grad_flags, restore_grad_flags
+from .plan import Plan, iter_hosts
+
+if TYPE_CHECKING:
+    from ..world.tree import World
+
+FORMAT = "lwadapters/1"
+
+
+def adapter_tensors(world: World) -> dict[str, torch.Tensor]:
+    """The live adapter tensors, named ``<slot>.<tensor>``."""
+    return {
+        f"{slot}.{name}": t
+        for slot, host in iter_hosts(world)
+        for adapter in host.adapters.values()
+        for name, t in adapter.state_dict(keep_vars=True).items()
+    }
+
+
+def save_adapters(world: World, path: str | os.PathLike) -> None:
+    if world.customization is None:
+        raise TargetError("the world carries no adapters to save; call customize() first")
+    config, plan = world.customization
+    digests = world.digests()
+    metadata = {
+        "format": FORMAT,
+        "config": config.to_json().decode(),
+        "plan": msgspec.json.encode(plan, order="sorted").decode(),
+        "base": msgspec.json.encode({p: digests[p] for p in plan.blocks()}, order="sorted").decode(),
+    }
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
+    os.close(fd)
+    try:
+        save_file({k: t.detach().contiguous() for k, t in adapter_tensors(world).items()}, tmp, metadata=metadata)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_adapters(world: World, path: str | os.PathLike) -> Plan:
+    """Customize `world` from a light checkpoint; all or nothing."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: unreadable adapter file: {exc}", path=str(path)) from exc
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a light checkpoint (format {meta.get('format')!r})", path=str(path))
+    try:
+        config = LightConfig.from_json(meta["config"])
+        base = msgspec.json.decode(meta["base"], type=dict[str, str])
+    except (KeyError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise CheckpointError(f"{path}: bad metadata: {exc}", path=str(path)) from exc
+    digests = world.digests()
+    for block, expected in base.items():
+        if digests.get(block) != expected:
+            raise BaseMismatchError(
+                f"{block}: adapters were made for block digest {expected}, this world has {digests.get(block)}",
+                path=block, expected=expected, found=digests.get(block),
+            )  # fmt: skip
+    grads = grad_flags(world)
+    plan = customize(world, config)
+    try:
+        live = adapter_tensors(world)
+        if set(live) != set(tensors):
+            first = sorted(set(live) ^ set(tensors))[0]
+            raise CheckpointError(f"{path}: tensors do not match the plan (first difference: {first})", path=first)
+        with torch.no_grad():
+            for key, value in tensors.items():
+                if live[key].shape != value.shape:
+                    raise CheckpointError(
+                        f"{key}: stored shape {tuple(value.shape)}, the plan needs {tuple(live[key].shape)}", path=key
+                    )
+                live[key].copy_(value)
+    except BaseException:
+        decustomize(world)
+        restore_grad_flags(world, grads)
+        raise
+    return plan
+

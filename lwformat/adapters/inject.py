@@ -1,0 +1,70 @@
+"""Turn a world into a light custom world: freeze everything, wrap the planned slots.
+
+`customize` plans first (every error is raised before anything changes), then freezes
+every parameter of the world, at every level, and wraps each planned slot's layer in
+an `AdapterHost` holding one new adapter. Only adapter parameters require grad.
+If wrapping fails midway, the wrapped layers are put back and the grad flags restored.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from .config import LightConfig
+from .host import AdapterHost
+from .kinds import KINDS
+from .layers import geometry
+from .plan import Plan, iter_hosts, module_parents, plan
+
+if TYPE_CHECKING:
+    from ..world.tree import World
+
+__all__ = ["adapter_parameters", "customize", "decustomize", "plan"]
+
+
+def customize(world: World, config: LightConfig) -> Plan:
+    the_plan = plan(world, config)
+    grads = grad_flags(world)
+    try:
+        world.requires_grad_(False)
+        for slot in the_plan.slots:
+            block = world.block(slot.block_path)
+            layer = block.module.get_submodule(slot.module_path)
+            host = AdapterHost(layer, geometry(layer))
+            host.add(the_plan.name, KINDS[slot.kind](host.geo, slot.settings, layer))
+            for parent, attr in module_parents(block.module, layer):
+                setattr(parent, attr, host)
+    except BaseException:
+        decustomize(world)
+        restore_grad_flags(world, grads)
+        raise
+    world.customization = (config, the_plan)
+    return the_plan
+
+
+def decustomize(world: World) -> None:
+    """Put every wrapped base layer back in place of its host (the same object, untouched)."""
+    for slot, host in list(iter_hosts(world)):
+        block = world.block(slot.partition(":")[0])
+        for parent, attr in module_parents(block.module, host):
+            setattr(parent, attr, host.base)
+    world.customization = None
+
+
+def adapter_parameters(world: World) -> list[nn.Parameter]:
+    seen: dict[int, nn.Parameter] = {}
+    for _, host in iter_hosts(world):
+        for p in host.adapters.parameters():
+            seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def grad_flags(world: World) -> dict[int, bool]:
+    return {id(p): p.requires_grad for p in world.parameters()}
+
+
+def restore_grad_flags(world: World, flags: dict[int, bool]) -> None:
+    for p in world.parameters():
+        p.requires_grad_(flags.get(id(p), p.requires_grad))

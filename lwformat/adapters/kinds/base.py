@@ -1,0 +1,77 @@
+"""The contract every adapter kind implements.
+
+An adapter is a small module held by an `AdapterHost` next to a frozen base layer.
+It never touches the base; it only says how the layer's output changes:
+
+    y = base(x) + Σ_a  w_a · delta_a(x, base(x))
+
+with ``w_a`` the adapter's weight (a tensor, so changing it recompiles nothing).
+Every kind's delta is exactly what merging ``delta_weight`` into the base weight and
+bias would change, so fusing at weight ``w`` gives ``W + w·dW`` and ``b + w·db``.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..layers import Geometry
+
+
+@dataclass(frozen=True)
+class SlotSettings:
+    """What to build at one slot: the kind and its sizes."""
+
+    kind: str
+    rank: int = 8
+    alpha: float = 8.0
+    rslora: bool = False
+    neurons: tuple[int, ...] = ()  # output channels a `neuron` adapter trains
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+class Adapter(nn.Module, abc.ABC):
+    """Base class of adapter kinds: declares shapes, computes the output delta, merges."""
+
+    kind: ClassVar[str]
+    layers: ClassVar[frozenset[str]] = frozenset({"linear", "gpt2_conv1d", "conv1d", "conv2d", "embedding"})
+    uses_rank: ClassVar[bool] = False
+
+    def __init__(self, geo: Geometry, settings: SlotSettings, base: nn.Module) -> None:
+        super().__init__()
+        self.geo = geo
+        self.settings = settings
+        like = base.weight
+        for name, shape in self.shapes(geo, settings).items():
+            self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=like.dtype, device=like.device)))
+        with torch.no_grad():
+            self.reset(base)
+
+    @classmethod
+    @abc.abstractmethod
+    def shapes(cls, geo: Geometry, settings: SlotSettings) -> dict[str, tuple[int, ...]]:
+        """Name and shape of every trainable tensor this kind needs at a slot."""
+
+    @abc.abstractmethod
+    def reset(self, base: nn.Module) -> None:
+        """Initialise so that the adapter starts as the identity (delta = 0)."""
+
+    @abc.abstractmethod
+    def delta(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """Change of the layer's output at weight 1; `y` is the base output for `x`."""
+
+    @abc.abstractmethod
+    def delta_weight(self, base: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(dW, db) in the base's own layouts, such that merging reproduces `delta` exactly."""
+
+    def extra_repr(self) -> str:
+        s = self.settings
+        return f"kind={s.kind!r}, layer={self.geo.layer!r}" + (f", rank={s.rank}, alpha={s.alpha}" if self.uses_rank else "")

@@ -1,0 +1,49 @@
+"""LoRA: a low-rank update of the layer (Hu et al., 2021), with the rsLoRA scaling option.
+
+    y += s · B(A(x)),   s = alpha / r   (rsLoRA: alpha / √r)
+    A: (r, *in_shape)   B: (out, r)      merged: W += s · B @ A   (as an (out, fan_in) matrix)
+
+A starts Kaiming-uniform and B at zero, so training starts from the base; for
+embeddings the roles swap (A zero, B normal), as in PEFT.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..layers import Geometry
+from .base import Adapter, SlotSettings
+
+
+class LoRA(Adapter):
+    kind = "lora"
+    uses_rank = True
+
+    @classmethod
+    def shapes(cls, geo: Geometry, settings: SlotSettings) -> dict[str, tuple[int, ...]]:
+        return {"lora_A": (settings.rank, *geo.in_shape), "lora_B": (geo.out, settings.rank)}
+
+    def reset(self, base: nn.Module) -> None:
+        if self.geo.layer == "embedding":
+            nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    def lora_delta(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        h = self.geo.down(x, self.lora_A, base)  # (..., r) or (B, r, *S)
+        return self.settings.scaling * self.geo.up(h, self.lora_B)  # like y
+
+    def lora_matrix(self) -> torch.Tensor:
+        A = self.lora_A.reshape(self.settings.rank, -1)  # (r, fan_in)
+        return self.settings.scaling * (self.lora_B @ A)  # (out, fan_in)
+
+    def delta(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        return self.lora_delta(x, base)
+
+    def delta_weight(self, base: nn.Module) -> tuple[torch.Tensor, None]:
+        return self.geo.unmatrix(self.lora_matrix(), base.weight), None

@@ -1,0 +1,42 @@
+"""Neuron deltas: full-rank updates of a chosen subset of output channels.
+
+    y[idx] += D x      D: (k, *in_shape), idx: (k,) output channels
+    merged: W[idx] += D
+
+Indices are given explicitly or, by count, spread evenly over the channels; they are
+stored with the adapter (a persistent buffer), so a saved adapter names its neurons.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..layers import Geometry
+from .base import Adapter, SlotSettings
+
+
+class NeuronDelta(Adapter):
+    kind = "neuron"
+
+    def __init__(self, geo: Geometry, settings: SlotSettings, base: nn.Module) -> None:
+        super().__init__(geo, settings, base)
+        index = torch.tensor(settings.neurons, dtype=torch.int64, device=base.weight.device)
+        self.register_buffer("neuron_index", index)  # (k,)
+
+    @classmethod
+    def shapes(cls, geo: Geometry, settings: SlotSettings) -> dict[str, tuple[int, ...]]:
+        return {"neuron_delta": (len(settings.neurons), *geo.in_shape)}
+
+    def reset(self, base: nn.Module) -> None:
+        nn.init.zeros_(self.neuron_delta)
+
+    def delta(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        h = self.geo.down(x, self.neuron_delta, base)  # (..., k) or (B, k, *S)
+        dim = 1 if self.geo.is_conv else y.ndim - 1
+        return y.new_zeros(y.shape).index_copy(dim, self.neuron_index, h)  # like y
+
+    def delta_weight(self, base: nn.Module) -> tuple[torch.Tensor, None]:
+        M = self.geo.matrix(base.weight).new_zeros(self.geo.out, self.geo.fan_in)  # (out, fan_in)
+        M = M.index_copy(0, self.neuron_index, self.neuron_delta.reshape(len(self.neuron_index), -1))
+        return self.geo.unmatrix(M, base.weight), None

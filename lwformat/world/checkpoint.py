@@ -1,0 +1,162 @@
+"""Save and load a world as a directory: config, safetensors weights, cached digests.
+
+    world.json          the config (canonical JSON), enough to rebuild every block
+    weights.safetensors "<canonical block path>:<tensor name>" for block tensors,
+                        ":<dotted name>" for tensors held above the block level
+    digests.json        {"root", "blocks"} so loading need not rehash the weights
+
+A tensor tied to another inside a block (an LM head sharing its embedding) is stored
+once; the rebuilt block re-ties it. Writes go to a temporary sibling directory that
+replaces the target only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError, WorldConfigError
+from . import config as cfg
+from .digest import base_tensors, seed_cache, verify_world, world_digests
+
+if TYPE_CHECKING:
+    from .tree import World
+
+CONFIG, WEIGHTS, DIGESTS = "world.json", "weights.safetensors", "digests.json"
+
+
+class Digests(msgspec.Struct, forbid_unknown_fields=False):
+    root: str
+    blocks: dict[str, str]
+    format: str = "lwdigests/1"
+
+
+def spec_of(world: World) -> cfg.WorldSpec:
+    """The config that rebuilds `world`, read from its tree (so the two never disagree)."""
+    canonical = world.block_paths()
+    stages: dict[str, cfg.StageSpec] = {}
+    for s, stage in world.stages.items():
+        pipelines = {}
+        for p, pipe in stage.pipelines.items():
+            graphs = {}
+            for g, graph in pipe.graphs.items():
+                nodes = {}
+                for n, block in graph.nodes.items():
+                    path = f"{s}/{p}/{g}/{n}"
+                    if canonical[path] != path:
+                        nodes[n] = cfg.NodeSpec(ref=canonical[path])
+                    elif block.impl is None:
+                        raise WorldConfigError(
+                            f"{path}: block was built from a module, not a registered implementation, "
+                            "so it cannot be rebuilt on load; register it with register_block",
+                            path=path,
+                        )
+                    else:
+                        slots = list(block.declared_slots) if block.declared_slots is not None else None
+                        nodes[n] = cfg.NodeSpec(block=block.impl, config=block.config, slots=slots)
+                graphs[g] = cfg.GraphSpec(nodes=nodes, flow=graph.flow)
+            pipelines[p] = cfg.PipelineSpec(graphs=graphs)
+        stages[s] = cfg.StageSpec(pipelines=pipelines)
+    return cfg.WorldSpec(stages=stages, name=world.name, cycle=list(world.cycle))
+
+
+def weights_of(world: World) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for path, block in world.blocks().items():
+        seen: set[int] = set()
+        for name, t in base_tensors(block.module).items():
+            if id(t) not in seen:  # tied tensors are stored once
+                seen.add(id(t))
+                out[f"{path}:{name}"] = t.detach().contiguous()
+    out.update((f":{name}", t.detach().contiguous()) for name, t in world.extra_tensors().items())
+    return out
+
+
+def save_world(world: World, path: str | os.PathLike) -> None:
+    target = Path(path)
+    spec = spec_of(world)
+    digests = world_digests(world)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        (tmp / CONFIG).write_bytes(cfg.encode(spec))
+        save_file(weights_of(world), str(tmp / WEIGHTS), metadata={"format": "lwworld/1"})
+        (tmp / DIGESTS).write_bytes(msgspec.json.encode(Digests(**digests), order="sorted"))
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_world(path: str | os.PathLike, *, device=None, verify: bool = False) -> World:
+    from .tree import World
+
+    root = Path(path)
+    for name in (CONFIG, WEIGHTS):
+        if not (root / name).is_file():
+            raise CheckpointError(f"{root}: missing {name}; not a saved world", path=str(root / name))
+    world = World.from_spec(cfg.read(root / CONFIG))
+    try:
+        stored = load_file(str(root / WEIGHTS))
+    except SafetensorError as exc:
+        raise CheckpointError(f"{root / WEIGHTS}: unreadable safetensors file: {exc}", path=str(root)) from exc
+    _copy_into(world, stored, root)
+    if device is not None:
+        world.to(device)
+    digests_file = root / DIGESTS
+    if digests_file.is_file():
+        recorded = msgspec.json.decode(digests_file.read_bytes(), type=Digests)
+        if verify:
+            verify_world(world, recorded.blocks)
+        else:
+            seed_cache(world, recorded.blocks)
+    return world
+
+
+@torch.no_grad()
+def _copy_into(world: World, stored: dict[str, torch.Tensor], root: Path) -> None:
+    expected = weights_of(world)
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        first = (missing or unexpected)[0]
+        raise CheckpointError(
+            f"{root / WEIGHTS}: weights do not fit the config: "
+            f"{len(missing)} missing, {len(unexpected)} unexpected (first: {first})",
+            path=first,
+        )
+    live = _live_tensors(world)
+    for key, value in stored.items():
+        target = live[key]
+        if target.shape != value.shape or target.dtype != value.dtype:
+            raise CheckpointError(
+                f"{key}: stored {value.dtype} {tuple(value.shape)}, config builds "
+                f"{target.dtype} {tuple(target.shape)}",
+                path=key,
+            )
+        target.copy_(value)
+
+
+def _live_tensors(world: World) -> dict[str, torch.Tensor]:
+    out = {f"{p}:{n}": t for p, b in world.blocks().items() for n, t in base_tensors(b.module).items()}
+    out.update((f":{n}", t) for n, t in world.extra_tensors().items())
+    return out

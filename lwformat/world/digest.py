@@ -1,0 +1,147 @@
+"""Content identity of a base world (spec/lwbundle-v1.md, "Digests").
+
+    tensor digest = sha256("lwtensor/1\\0" || dtype || "\\0" || shape || "\\0" || bytes)
+        dtype: the safetensors name (F32, BF16, ...); shape: decimal sizes joined by ","
+        ("" for a scalar); bytes: the C-contiguous little-endian data.
+    block digest  = sha256("lwblock/1\\0" || for each tensor, names sorted by UTF-8 bytes:
+                           name || "\\0" || raw 32-byte tensor digest)
+    world root    = sha256("lwworld/1\\0" || raw structure digest ||
+                           for each canonical block path, sorted: path || "\\0" || raw block digest)
+    structure     = sha256 of the canonical JSON (sorted keys, no whitespace) of
+                    {"cycle": [...], "nodes": {path: {"type": t, "canonical": c, "flow": f}},
+                     "extra": tensor digest map of tensors held above the block level}
+
+Digests print as ``sha256:<64 hex>``. Adapters never take part: a block's tensors are
+its base tensors under their original names, so customizing does not change a digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+
+if TYPE_CHECKING:
+    from .tree import World
+
+PREFIX = "sha256:"
+DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}  # fmt: skip
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return DTYPE_NAMES[dtype]
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's raw little-endian bytes, without a copy when it is already contiguous on CPU."""
+    flat = t.detach().to("cpu").contiguous().reshape(-1)  # (numel,)
+    return memoryview(flat.view(torch.uint8).numpy())  # (numel * itemsize,)
+
+
+def tensor_digest_raw(t: torch.Tensor) -> bytes:
+    h = hashlib.sha256(b"lwtensor/1\0")
+    h.update(f"{dtype_name(t.dtype)}\0{','.join(map(str, t.shape))}\0".encode())
+    h.update(tensor_bytes(t))
+    return h.digest()
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    return PREFIX + tensor_digest_raw(t).hex()
+
+
+def base_tensors(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The module's persistent tensors as `state_dict` names them, seen through adapter hosts."""
+    if getattr(module, "is_adapter_host", False):
+        return base_tensors(module.base, prefix)
+    out = {prefix + n: p for n, p in module._parameters.items() if p is not None}
+    out.update(
+        (prefix + n, b)
+        for n, b in module._buffers.items()
+        if b is not None and n not in module._non_persistent_buffers_set
+    )
+    for name, child in module._modules.items():
+        if child is not None:
+            out.update(base_tensors(child, f"{prefix}{name}."))
+    return out
+
+
+def block_digest_raw(tensors: dict[str, torch.Tensor]) -> bytes:
+    h = hashlib.sha256(b"lwblock/1\0")
+    for name in sorted(tensors, key=lambda n: n.encode()):
+        h.update(name.encode() + b"\0" + tensor_digest_raw(tensors[name]))
+    return h.digest()
+
+
+def block_digest(module: nn.Module) -> str:
+    """Digest of one block's base tensors (any module, customized or not)."""
+    return PREFIX + block_digest_raw(base_tensors(module)).hex()
+
+
+def _version_key(tensors: dict[str, torch.Tensor]) -> tuple:
+    # In-place writes bump a tensor's _version, so this key changes whenever a base tensor may have.
+    return tuple((n, t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for n, t in sorted(tensors.items()))
+
+
+def structure(world: World) -> dict[str, Any]:
+    canonical = world.block_paths()
+    flows = {
+        f"{s}/{p}/{g}": graph.flow
+        for s, stage in world.stages.items()
+        for p, pipe in stage.pipelines.items()
+        for g, graph in pipe.graphs.items()
+    }
+    return {
+        "cycle": list(world.cycle),
+        "nodes": {
+            path: {"type": block.block_type, "canonical": canonical[path], "flow": flows[path.rsplit("/", 1)[0]]}
+            for path, block in world.walk()
+        },
+        "extra": {name: tensor_digest(t) for name, t in sorted(world.extra_tensors().items())},
+    }
+
+
+def world_digests(world: World, *, recompute: bool = False) -> dict[str, Any]:
+    """``{"root": digest, "blocks": {canonical path: digest}}``, reusing cached block digests."""
+    cache = world._digest_cache
+    blocks = {}
+    for path, block in world.blocks().items():
+        tensors = base_tensors(block.module)
+        key = _version_key(tensors)
+        hit = cache.get(path)
+        if recompute or hit is None or (hit[0] is not None and hit[0] != key):
+            hit = (key, PREFIX + block_digest_raw(tensors).hex())
+            cache[path] = hit
+        blocks[path] = hit[1]
+    h = hashlib.sha256(b"lwworld/1\0")
+    h.update(hashlib.sha256(msgspec.json.encode(structure(world), order="sorted")).digest())
+    for path in sorted(blocks, key=lambda p: p.encode()):
+        h.update(path.encode() + b"\0" + bytes.fromhex(blocks[path].removeprefix(PREFIX)))
+    return {"root": PREFIX + h.hexdigest(), "blocks": blocks}
+
+
+def seed_cache(world: World, blocks: dict[str, str]) -> None:
+    """Trust digests read from a checkpoint for the tensors just loaded from it."""
+    for path, block in world.blocks().items():
+        if path in blocks:
+            world._digest_cache[path] = (_version_key(base_tensors(block.module)), blocks[path])
+
+
+def verify_world(world: World, expected: dict[str, str] | None = None) -> None:
+    """Recompute every block digest; raise naming the first block that differs from `expected`."""
+    expected = expected or {p: d for p, (_, d) in world._digest_cache.items()}
+    found = world_digests(world, recompute=True)["blocks"]
+    for path, digest in expected.items():
+        if found.get(path) != digest:
+            raise CheckpointError(
+                f"block {path}: digest {found.get(path)} does not match the recorded {digest}", path=path
+            )

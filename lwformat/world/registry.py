@@ -1,0 +1,99 @@
+"""Registries that let a config name code: block implementations and graph flows.
+
+A block implementation turns a config dict into an ``nn.Module`` and states the block
+type it provides (``llm``, ``conditioner``, ``backbone``, ``codec``, ...). A flow is
+the function a graph runs: it takes the graph and a dict of named tensors and returns
+the tensors it produces. The reference zoo registers its own on import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+from ..errors import UnknownBlockError, WorldConfigError
+
+BlockFactory = Callable[..., nn.Module]
+Flow = Callable[..., dict]
+
+
+@dataclass(frozen=True)
+class BlockImpl:
+    name: str
+    type: str
+    build: BlockFactory
+
+
+_BLOCKS: dict[str, BlockImpl] = {}
+_FLOWS: dict[str, Flow] = {}
+_BUILTINS = ("lwformat.zoo",)
+
+
+def register_block(name: str, type: str) -> Callable[[BlockFactory], BlockFactory]:
+    """Decorator: make `fn(**config) -> nn.Module` buildable from configs as `name`."""
+
+    def decorate(fn: BlockFactory) -> BlockFactory:
+        _BLOCKS[name] = BlockImpl(name, type, fn)
+        return fn
+
+    return decorate
+
+
+def register_flow(name: str) -> Callable[[Flow], Flow]:
+    """Decorator: make `fn(graph, state) -> dict` usable as the flow `name` of a graph."""
+
+    def decorate(fn: Flow) -> Flow:
+        _FLOWS[name] = fn
+        return fn
+
+    return decorate
+
+
+def _load_builtins() -> None:
+    for module in _BUILTINS:
+        importlib.import_module(module)
+
+
+def block_impl(name: str, *, where: str = "") -> BlockImpl:
+    if name not in _BLOCKS:
+        _load_builtins()
+    try:
+        return _BLOCKS[name]
+    except KeyError:
+        known = ", ".join(sorted(_BLOCKS)) or "none"
+        raise UnknownBlockError(
+            f"{where or name}: no block implementation named {name!r} (registered: {known})",
+            path=where or None,
+        ) from None
+
+
+def flow(name: str, *, where: str = "") -> Flow:
+    if name not in _FLOWS:
+        _load_builtins()
+    try:
+        return _FLOWS[name]
+    except KeyError:
+        known = ", ".join(sorted(_FLOWS))
+        raise WorldConfigError(
+            f"{where or name}: no flow named {name!r} (registered: {known})", path=where or None
+        ) from None
+
+
+def build_block(name: str, config: dict[str, Any], *, where: str = "") -> tuple[nn.Module, str]:
+    impl = block_impl(name, where=where)
+    try:
+        return impl.build(**config), impl.type
+    except TypeError as exc:
+        raise WorldConfigError(f"{where}: bad config for block {name!r}: {exc}", path=where) from exc
+
+
+@register_flow("sequential")
+def sequential(graph, state: dict) -> dict:
+    """Feed ``state["x"]`` through the graph's nodes in order."""
+    x = state["x"]
+    for block in graph.nodes.values():
+        x = block(x)
+    return {"x": x}

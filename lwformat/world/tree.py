@@ -1,0 +1,316 @@
+"""The world hierarchy as torch modules: World > Stage > Pipeline > Graph > Block.
+
+Every level is an ``nn.Module`` whose children sit in an ``nn.ModuleDict``, so a world
+moves, freezes and serializes like any model. A block may be shared by several graphs:
+the same ``Block`` object is then a child of each, torch keeps one copy of its weights,
+and the first path that reaches it (in config order) is its canonical path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..errors import WorldConfigError, WorldPathError
+from . import registry
+from .paths import check_name, split_block_path
+
+if TYPE_CHECKING:
+    from .config import WorldSpec
+
+
+class Block(nn.Module):
+    """One node's weights: any ``nn.Module`` tagged with its block type.
+
+    ``slots`` optionally lists the module paths where adapters may go; by default every
+    supported layer inside the module is a slot. ``impl``/``config`` record how to
+    rebuild the block from a config, which saving a world requires.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        type: str,
+        *,
+        slots: list[str] | None = None,
+        impl: str | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.module = module
+        self.block_type = check_name(type, "block type")
+        self.declared_slots = tuple(slots) if slots is not None else getattr(module, "lw_slots", None)
+        self.impl = impl
+        self.config = dict(config or {})
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"type={self.block_type!r}"
+
+
+class Graph(nn.Module):
+    """Nodes (each holding one block) and the flow that runs them."""
+
+    def __init__(self, nodes: Mapping[str, Block], flow: str = "sequential") -> None:
+        super().__init__()
+        for name, block in nodes.items():
+            check_name(name, "node")
+            if not isinstance(block, Block):
+                raise WorldConfigError(f"node {name!r} holds {type(block).__name__}, not a Block", path=name)
+        self.nodes = nn.ModuleDict(nodes)
+        self.flow = flow
+        registry.flow(flow, where=f"flow of graph with nodes {list(nodes)}")
+
+    def forward(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return registry.flow(self.flow)(self, state)
+
+
+class _Level(nn.Module):
+    """A level whose children run in order, each adding its outputs to a shared state."""
+
+    def __init__(self, children: Mapping[str, nn.Module], kind: str) -> None:
+        super().__init__()
+        for name in children:
+            check_name(name, kind)
+        self.parts = nn.ModuleDict(children)
+
+    def forward(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        state = dict(state)
+        for part in self.parts.values():
+            state.update(part(state))
+        return state
+
+
+class Pipeline(_Level):
+    """Graphs that run one after another."""
+
+    def __init__(self, graphs: Mapping[str, Graph]) -> None:
+        super().__init__(graphs, "graph")
+
+    @property
+    def graphs(self) -> nn.ModuleDict:
+        return self.parts
+
+
+class Stage(_Level):
+    """Pipelines that run one after another; one role of the world (author, creator...)."""
+
+    def __init__(self, pipelines: Mapping[str, Pipeline]) -> None:
+        super().__init__(pipelines, "pipeline")
+
+    @property
+    def pipelines(self) -> nn.ModuleDict:
+        return self.parts
+
+
+class World(nn.Module):
+    """Stages joined in a cycle; ``forward`` runs one pass of the cycle.
+
+    The stage cycle is ``cycle[0] -> cycle[1] -> ... -> cycle[0]``; by default the
+    stages in the order given.
+    """
+
+    def __init__(
+        self,
+        stages: Mapping[str, Stage],
+        *,
+        cycle: list[str] | None = None,
+        name: str = "world",
+        spec: WorldSpec | None = None,
+    ) -> None:
+        super().__init__()
+        for stage in stages:
+            check_name(stage, "stage")
+        self.stages = nn.ModuleDict(stages)
+        self.cycle = list(cycle or stages)
+        unknown = [s for s in self.cycle if s not in self.stages]
+        if unknown or len(set(self.cycle)) != len(self.cycle):
+            raise WorldConfigError(f"cycle {self.cycle} must list distinct stages of {list(stages)}")
+        self.name = name
+        self.spec = spec
+        self._digest_cache: dict[str, Any] = {}
+        self.customization: tuple[Any, Any] | None = None  # (LightConfig, Plan) while customized
+
+    # -- construction ------------------------------------------------------------------
+
+    @classmethod
+    def from_spec(cls, spec: WorldSpec, *, device: torch.device | str | None = None) -> World:
+        from .build import build_world
+
+        return build_world(spec, device=device)
+
+    @classmethod
+    def from_config(cls, path: Any, *, device: torch.device | str | None = None) -> World:
+        """Build a world, with fresh weights, from a JSON or TOML config file."""
+        from . import config
+
+        return cls.from_spec(config.read(path), device=device)
+
+    @classmethod
+    def from_blocks(
+        cls, blocks: Mapping[str, Block], *, flows: Mapping[str, str] | None = None, name: str = "world"
+    ) -> World:
+        """Assemble a world from ``{block path: Block}``; one ``Block`` under two paths is shared.
+
+        ``flows`` maps ``stage/pipeline/graph`` to a flow name (default ``sequential``).
+        """
+        tree: dict[str, dict[str, dict[str, dict[str, Block]]]] = {}
+        for path, block in blocks.items():
+            s, p, g, n = split_block_path(path)
+            tree.setdefault(s, {}).setdefault(p, {}).setdefault(g, {})[n] = block
+        flows = flows or {}
+        stages = {
+            s: Stage({
+                p: Pipeline({g: Graph(nodes, flows.get(f"{s}/{p}/{g}", "sequential")) for g, nodes in graphs.items()})
+                for p, graphs in pipelines.items()
+            })
+            for s, pipelines in tree.items()
+        }
+        return cls(stages, name=name)
+
+    @classmethod
+    def load(cls, path: Any, *, device: torch.device | str | None = None, verify: bool = False) -> World:
+        """Load a world saved with `save`; ``verify=True`` recomputes every digest."""
+        from .checkpoint import load_world
+
+        return load_world(path, device=device, verify=verify)
+
+    def save(self, path: Any) -> None:
+        """Write config, weights (safetensors) and cached digests to directory `path`."""
+        from .checkpoint import save_world
+
+        save_world(self, path)
+
+    # -- traversal ---------------------------------------------------------------------
+
+    def walk(self) -> Iterator[tuple[str, Block]]:
+        """Every (block path, block), shared blocks once per path that uses them."""
+        for s, stage in self.stages.items():
+            for p, pipeline in stage.pipelines.items():
+                for g, graph in pipeline.graphs.items():
+                    for n, block in graph.nodes.items():
+                        yield f"{s}/{p}/{g}/{n}", block
+
+    def block_paths(self) -> dict[str, str]:
+        """Every block path mapped to the canonical path of the block it holds."""
+        canonical: dict[int, str] = {}
+        return {path: canonical.setdefault(id(block), path) for path, block in self.walk()}
+
+    def blocks(self) -> dict[str, Block]:
+        """Each distinct block once, under its canonical path, in config order."""
+        seen: dict[int, str] = {}
+        out: dict[str, Block] = {}
+        for path, block in self.walk():
+            if id(block) not in seen:
+                seen[id(block)] = path
+                out[path] = block
+        return out
+
+    def block(self, path: str) -> Block:
+        s, p, g, n = _split_or_missing(path)
+        try:
+            return self.stages[s].pipelines[p].graphs[g].nodes[n]
+        except KeyError:
+            raise WorldPathError(f"no block at {path!r}", path=path) from None
+
+    def stage(self, name: str) -> Stage:
+        if name not in self.stages:
+            raise WorldPathError(f"no stage {name!r} (stages: {list(self.stages)})", path=name)
+        return self.stages[name]
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        """Parameters and buffers held above the block level, by dotted module name."""
+        inside = {id(t) for b in self.blocks().values() for t in _tensors(b)}
+        return {name: t for name, t in _named_tensors(self) if id(t) not in inside and not _is_adapter_name(name)}
+
+    # -- content identity -------------------------------------------------------------------
+
+    def digests(self) -> dict[str, str]:
+        """``{canonical block path: digest}`` (cached until a base tensor changes)."""
+        from .digest import world_digests
+
+        return world_digests(self)["blocks"]
+
+    def root_digest(self) -> str:
+        from .digest import world_digests
+
+        return world_digests(self)["root"]
+
+    def verify(self) -> None:
+        """Recompute every digest and compare with the cache; raise CheckpointError naming the block."""
+        from .digest import verify_world
+
+        verify_world(self)
+
+    # -- light custom world ----------------------------------------------------------------
+
+    def plan(self, config: Any) -> Any:
+        """Dry run: the exact slots, kinds, ranks and shapes `customize` would inject."""
+        from ..adapters.inject import plan
+
+        return plan(self, config)
+
+    def customize(self, config: Any) -> Any:
+        """Freeze every base weight and inject adapters per `config`; returns the plan."""
+        from ..adapters.inject import customize
+
+        return customize(self, config)
+
+    def decustomize(self) -> None:
+        """Remove every adapter host; the base layers are put back untouched."""
+        from ..adapters.inject import decustomize
+
+        decustomize(self)
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """Exactly the trainable adapter parameters, each once."""
+        from ..adapters.inject import adapter_parameters
+
+        return adapter_parameters(self)
+
+    def save_adapters(self, path: Any) -> None:
+        """Write the adapters and their config to one safetensors file (the light checkpoint)."""
+        from ..adapters.checkpoint import save_adapters
+
+        save_adapters(self, path)
+
+    def load_adapters(self, path: Any) -> Any:
+        """Customize this world from a light checkpoint written by `save_adapters`."""
+        from ..adapters.checkpoint import load_adapters
+
+        return load_adapters(self, path)
+
+    def tree(self) -> str:
+        """The hierarchy drawn as text: stages > pipelines > graphs > blocks."""
+        from .render import render_tree
+
+        return render_tree(self)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, cycle={self.cycle}"
+
+
+def _split_or_missing(path: str) -> tuple[str, str, str, str]:
+    parts = path.split("/")
+    if len(parts) != 4:
+        raise WorldPathError(f"{path!r} is not a block path (expected stage/pipeline/graph/node)", path=path)
+    return parts[0], parts[1], parts[2], parts[3]
+
+
+def _is_adapter_name(name: str) -> bool:
+    return ".adapters." in name or name.startswith("adapters.")
+
+
+def _named_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from module.named_parameters()
+    yield from module.named_buffers()
+
+
+def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    for _, t in _named_tensors(module):
+        yield t
