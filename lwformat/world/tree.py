@@ -136,6 +136,13 @@ class World(nn.Module):
         self._digest_cache: dict[str, Any] = {}
         self.customization: tuple[Any, Any] | None = None  # (LightConfig, Plan) while customized
 
+    def forward(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One pass of the cycle: each stage in cycle order adds its outputs to the state."""
+        state = dict(state)
+        for name in self.cycle:
+            state.update(self.stages[name](state))
+        return state
+
     # -- construction ------------------------------------------------------------------
 
     @classmethod

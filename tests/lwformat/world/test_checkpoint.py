@@ -1,0 +1,74 @@
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lwformat import Block, World
+from lwformat.errors import CheckpointError, WorldConfigError
+from tests.conftest import TinyNet
+from tests.lwformat.world.test_config import SPEC, write
+
+
+def built(tmp_path, seed=0):
+    torch.manual_seed(seed)
+    return World.from_config(write(tmp_path, SPEC))
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    world = built(tmp_path)
+    world.save(tmp_path / "base")
+    loaded = World.load(tmp_path / "base")
+    for (name, a), (_, b) in zip(world.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert loaded.root_digest() == world.root_digest()
+    assert loaded.block("environment/describe/text/llm") is loaded.block("author/narrate/text/llm")
+    World.load(tmp_path / "base", verify=True)
+
+
+def test_files_store_each_shared_block_once(tmp_path):
+    built(tmp_path).save(tmp_path / "base")
+    assert sorted(p.name for p in (tmp_path / "base").iterdir()) == ["digests.json", "weights.safetensors", "world.json"]
+    with safe_open(str(tmp_path / "base" / "weights.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert all(k.startswith("author/narrate/text/llm:") for k in keys)
+    digests = json.loads((tmp_path / "base" / "digests.json").read_text())
+    assert list(digests["blocks"]) == ["author/narrate/text/llm"]
+
+
+def test_cached_digests_are_used_and_verify_recomputes(tmp_path):
+    built(tmp_path).save(tmp_path / "base")
+    record = json.loads((tmp_path / "base" / "digests.json").read_text())
+    record["blocks"]["author/narrate/text/llm"] = "sha256:" + "0" * 64
+    (tmp_path / "base" / "digests.json").write_text(json.dumps(record))
+    assert World.load(tmp_path / "base").digests()["author/narrate/text/llm"] == "sha256:" + "0" * 64
+    with pytest.raises(CheckpointError) as err:
+        World.load(tmp_path / "base", verify=True)
+    assert err.value.path == "author/narrate/text/llm"
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
+    built(tmp_path).save(tmp_path / "base")
+    spec = json.loads((tmp_path / "base" / "world.json").read_text())
+    spec["stages"]["author"]["pipelines"]["narrate"]["graphs"]["text"]["nodes"]["llm"]["config"]["dim"] = 4
+    (tmp_path / "base" / "world.json").write_text(json.dumps(spec))
+    with pytest.raises(CheckpointError, match="author/narrate/text/llm:") as err:
+        World.load(tmp_path / "base")
+    assert err.value.path.startswith("author/narrate/text/llm:")
+
+
+def test_missing_files_and_module_built_blocks(tmp_path):
+    with pytest.raises(CheckpointError, match="missing world.json"):
+        World.load(tmp_path)
+    world = World.from_blocks({"s/p/g/n": Block(TinyNet(), "llm")})
+    with pytest.raises(WorldConfigError, match="register it"):
+        world.save(tmp_path / "nope")
+    assert not (tmp_path / "nope").exists()
+
+
+def test_save_replaces_an_existing_checkpoint_whole(tmp_path):
+    built(tmp_path, seed=0).save(tmp_path / "base")
+    second = built(tmp_path, seed=1)
+    second.save(tmp_path / "base")
+    assert World.load(tmp_path / "base").root_digest() == second.root_digest()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "world.json"]

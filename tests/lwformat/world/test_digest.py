@@ -1,0 +1,92 @@
+"""Digests against an independent re-implementation of the spec's byte rules (hashlib + numpy)."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lwformat import Block, LightConfig, World
+from lwformat.errors import CheckpointError
+from lwformat.world import block_digest, tensor_digest
+from tests.conftest import small_world
+
+NUMPY_NAMES = {np.float32: "F32", np.float64: "F64", np.int64: "I64", np.float16: "F16", np.uint8: "U8"}
+
+
+def spec_tensor_digest(array: np.ndarray) -> bytes:
+    data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    header = f"{NUMPY_NAMES[array.dtype.type]}\0{','.join(str(d) for d in array.shape)}\0".encode()
+    return hashlib.sha256(b"lwtensor/1\0" + header + data).digest()
+
+
+def spec_block_digest(named: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256(b"lwblock/1\0")
+    for name in sorted(named, key=str.encode):
+        h.update(name.encode() + b"\0" + spec_tensor_digest(named[name]))
+    return "sha256:" + h.hexdigest()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.int64, torch.uint8])
+def test_tensor_digest_matches_the_byte_rule(dtype):
+    t = (torch.arange(24) - 5).reshape(2, 3, 4).to(dtype)
+    assert tensor_digest(t) == "sha256:" + spec_tensor_digest(t.numpy()).hex()
+
+
+def test_tensor_digest_of_a_known_vector():
+    # sha256(b"lwtensor/1\0F32\0\x32\0" + float32 [1.0, 2.0] little-endian), computed by hand:
+    data = b"lwtensor/1\0F32\x002\0" + np.array([1.0, 2.0], dtype="<f4").tobytes()
+    assert tensor_digest(torch.tensor([1.0, 2.0])) == "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def test_scalar_and_non_contiguous_tensors():
+    assert tensor_digest(torch.tensor(3.0)) == "sha256:" + spec_tensor_digest(np.array(3.0, dtype=np.float32)).hex()
+    t = torch.arange(12.0).reshape(3, 4).t()  # non-contiguous view
+    assert tensor_digest(t) == "sha256:" + spec_tensor_digest(t.numpy()).hex()
+
+
+def test_block_digest_matches_spec_and_includes_buffers():
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    expected = spec_block_digest({k: v.numpy() for k, v in module.state_dict().items()})
+    assert block_digest(module) == expected
+
+
+def test_digests_ignore_adapters_and_track_base_changes(world):
+    before = world.digests()
+    root = world.root_digest()
+    world.customize(LightConfig(rank=2))
+    assert world.digests() == before and world.root_digest() == root
+    with torch.no_grad():
+        world.block("author/narrate/text/llm").module.fc.base.weight[0, 0] += 1.0
+    after = world.digests()
+    assert after["author/narrate/text/llm"] != before["author/narrate/text/llm"]
+    assert after["author/narrate/text/critic"] == before["author/narrate/text/critic"]
+    assert world.root_digest() != root
+
+
+def test_root_covers_structure_and_extra_tensors():
+    a, b = small_world(), small_world()
+    assert a.root_digest() == b.root_digest()
+    with torch.no_grad():
+        b.stages["creator"].style_gain[0] = 2.0
+    assert a.digests() == b.digests() and a.root_digest() != b.root_digest()
+    c = small_world()
+    c.cycle.reverse()
+    assert c.root_digest() != a.root_digest()
+
+
+def test_shared_block_is_hashed_once_under_its_canonical_path(world):
+    assert "environment/describe/text/llm" not in world.digests()
+    unshared = World.from_blocks({"author/narrate/text/llm": world.block("author/narrate/text/llm")})
+    assert unshared.digests()["author/narrate/text/llm"] == world.digests()["author/narrate/text/llm"]
+
+
+def test_verify_names_the_changed_block(world):
+    world.digests()
+    with torch.no_grad():
+        world.block("author/narrate/text/critic").module.fc.weight.data[0, 0] = 7.0  # .data skips _version
+    with pytest.raises(CheckpointError) as err:
+        world.verify()
+    assert err.value.path == "author/narrate/text/critic"
