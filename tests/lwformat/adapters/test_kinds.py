@@ -1,0 +1,105 @@
+"""Each kind's output delta agrees with merging its dense delta into the base layer."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lwformat.adapters import KINDS, AdapterHost, SlotSettings, geometry
+
+LAYERS = {
+    "linear": (lambda: nn.Linear(6, 5), lambda: torch.randn(3, 4, 6)),
+    "linear_nobias": (lambda: nn.Linear(6, 5, bias=False), lambda: torch.randn(3, 6)),
+    "gpt2_conv1d": (lambda: Conv1D(5, 6), lambda: torch.randn(2, 4, 6)),
+    "conv1d": (lambda: nn.Conv1d(3, 5, 3, padding=1, stride=2), lambda: torch.randn(2, 3, 9)),
+    "conv2d": (lambda: nn.Conv2d(3, 5, (3, 2), padding=1, dilation=(1, 2)), lambda: torch.randn(2, 3, 7, 6)),
+    "embedding": (lambda: nn.Embedding(11, 5, padding_idx=0), lambda: torch.randint(0, 11, (2, 7))),
+}
+
+
+def merged_forward(layer: nn.Module, dW, db, x):
+    W = layer.weight + (0 if dW is None else dW)
+    b = getattr(layer, "bias", None)
+    b = db if b is None else (b if db is None else b + db)
+    if isinstance(layer, nn.Embedding):
+        return F.embedding(x, W, padding_idx=layer.padding_idx)
+    if isinstance(layer, Conv1D):
+        return x @ W + b
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, W, b)
+    conv = F.conv1d if isinstance(layer, nn.Conv1d) else F.conv2d
+    return conv(x, W, b, layer.stride, layer.padding, layer.dilation)
+
+
+def host_with(kind: str, layer_name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    make_layer, make_x = LAYERS[layer_name]
+    layer, x = make_layer(), make_x()
+    geo = geometry(layer)
+    adapter = KINDS[kind](geo, SlotSettings(kind, rank=2, alpha=3.0, neurons=(0, 3)), layer)
+    host = AdapterHost(layer, geo)
+    host.add("a", adapter)
+    return host, layer, adapter, x
+
+
+CASES = [(k, layer) for k in KINDS for layer in LAYERS if geometry(LAYERS[layer][0]()).layer in KINDS[k].layers]
+
+
+@pytest.mark.parametrize(("kind", "layer_name"), CASES)
+def test_fresh_adapter_is_the_identity(kind, layer_name):
+    host, layer, _, x = host_with(kind, layer_name)
+    torch.testing.assert_close(host(x), layer(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("kind", "layer_name"), CASES)
+def test_delta_equals_merged_weights(kind, layer_name):
+    host, layer, adapter, x = host_with(kind, layer_name)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    dW, db = adapter.delta_weight(layer)
+    y_host = host(x)
+    assert (y_host - layer(x)).abs().max() > 1e-3  # the adapter does something
+    torch.testing.assert_close(y_host, merged_forward(layer, dW, db, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("kind", "layer_name"), CASES)
+def test_weight_scales_the_delta_and_zero_is_exactly_base(kind, layer_name):
+    host, layer, adapter, x = host_with(kind, layer_name)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    full = host(x) - layer(x)
+    adapter.mix_weight.fill_(0.25)
+    torch.testing.assert_close(host(x) - layer(x), 0.25 * full, rtol=1e-4, atol=1e-6)
+    adapter.mix_weight.fill_(0.0)
+    assert torch.equal(host(x), layer(x))
+
+
+def test_each_kind_declares_its_shapes():
+    geo = geometry(nn.Conv2d(3, 5, 3))
+    s = SlotSettings("x", rank=2, alpha=2, neurons=(1, 4))
+    assert KINDS["lora"].shapes(geo, s) == {"lora_A": (2, 3, 3, 3), "lora_B": (5, 2)}
+    assert KINDS["dora"].shapes(geo, s) == {"lora_A": (2, 3, 3, 3), "lora_B": (5, 2), "magnitude": (5,)}
+    assert KINDS["ia3"].shapes(geo, s) == {"ia3_l": (5,)}
+    assert KINDS["neuron"].shapes(geo, s) == {"neuron_delta": (2, 3, 3, 3)}
+    assert KINDS["bias"].shapes(geo, s) == {"bias_delta": (5,)}
+
+
+def test_rslora_scaling():
+    assert SlotSettings("lora", rank=16, alpha=8).scaling == 0.5
+    assert SlotSettings("lora", rank=16, alpha=8, rslora=True).scaling == 2.0
+
+
+def test_neuron_delta_touches_only_its_neurons():
+    host, layer, adapter, x = host_with("neuron", "linear")
+    with torch.no_grad():
+        adapter.neuron_delta.normal_()
+    changed = (host(x) - layer(x)).abs().amax(dim=(0, 1)) > 0
+    assert changed.nonzero().flatten().tolist() == [0, 3]
+
+
+def test_host_reads_through_to_the_base_layer():
+    host, layer, _, _ = host_with("lora", "linear")
+    assert host.weight is layer.weight and host.in_features == 6

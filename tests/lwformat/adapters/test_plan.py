@@ -1,0 +1,122 @@
+import pytest
+import torch
+
+from lwformat import LightConfig
+from lwformat.errors import (
+    AlreadyCustomizedError,
+    NothingTargetedError,
+    RankError,
+    TargetError,
+    UnknownBlockTypeError,
+    UnsupportedLayerError,
+)
+
+LLM = "author/narrate/text/llm"
+
+
+def snapshot(world):
+    return (
+        repr(world),
+        {k: v.clone() for k, v in world.state_dict().items()},
+        {n: p.requires_grad for n, p in world.named_parameters()},
+    )
+
+
+def assert_unchanged(world, snap):
+    structure, tensors, grads = snap
+    assert repr(world) == structure
+    now = world.state_dict()
+    assert now.keys() == tensors.keys() and all(torch.equal(now[k], v) for k, v in tensors.items())
+    assert {n: p.requires_grad for n, p in world.named_parameters()} == grads
+
+
+def slots(plan):
+    return [s.slot for s in plan.slots]
+
+
+def test_dry_run_lists_exactly_what_customize_injects(world):
+    config = LightConfig(rank=2, block_types=["llm"])
+    snap = snapshot(world)
+    planned = world.plan(config)
+    assert_unchanged(world, snap)
+    assert slots(planned) == [f"{LLM}:{m}" for m in ("emb", "fc", "seq", "img", "head")]
+    assert world.customize(config) == planned
+
+
+def test_select_by_type_glob_and_slot_pattern(world):
+    assert slots(world.plan(LightConfig(blocks=["creator/**"], rank=2))) == [
+        "creator/render/t2i/backbone:0",
+        "creator/render/t2i/backbone:2",
+    ]
+    # a shared block is selected through any of its paths, and planned once, canonically
+    assert slots(world.plan(LightConfig(blocks=["environment/**"], slots=["fc"]))) == [f"{LLM}:fc"]
+    assert slots(world.plan(LightConfig(slots=["author/*/*/critic:fc", "*/*/*/llm:head"]))) == [
+        f"{LLM}:head",
+        "author/narrate/text/critic:fc",
+    ]
+    plan = world.plan(LightConfig(block_types=["conditioner"], exclude=["emb", "seq", "i*"]))
+    assert slots(plan) == ["author/narrate/text/critic:fc", "author/narrate/text/critic:head"]
+
+
+def test_rank_and_alpha_overrides(world):
+    plan = world.plan(LightConfig(rank=4, blocks=[LLM], rank_pattern={"fc": 2, "*": 3}, alpha_pattern={"head": 1.0}))
+    by_slot = {s.module_path: s for s in plan.slots}
+    assert by_slot["fc"].rank == 2 and by_slot["fc"].alpha == 2.0  # alpha defaults to the slot's rank
+    assert by_slot["emb"].rank == 3 and by_slot["head"].alpha == 1.0
+    assert by_slot["fc"].shapes == {"lora_A": [2, 8], "lora_B": [8, 2]}
+
+
+def test_kind_that_cannot_host_a_layer_skips_it_and_reports(world):
+    plan = world.plan(LightConfig(kind="dora", rank=2, blocks=[LLM]))
+    assert f"{LLM}:emb" not in slots(plan)
+    assert "embedding" in plan.skipped[f"{LLM}:emb"]
+    assert "skipped" in str(plan)
+
+
+@pytest.mark.parametrize(
+    ("config", "error", "path"),
+    [
+        (LightConfig(blocks=["nowhere/**"]), NothingTargetedError, None),
+        (LightConfig(block_types=["vocoder"]), UnknownBlockTypeError, "vocoder"),
+        (LightConfig(blocks=[LLM], slots=["norm"]), UnsupportedLayerError, f"{LLM}:norm"),
+        (LightConfig(kind="dora", blocks=[LLM], slots=["emb"]), UnsupportedLayerError, f"{LLM}:emb"),
+        (LightConfig(rank=0), RankError, f"{LLM}:emb"),
+        (LightConfig(rank=9, blocks=[LLM]), RankError, f"{LLM}:emb"),
+        (LightConfig(rank_pattern={"img": 19}, blocks=[LLM]), RankError, f"{LLM}:img"),
+        (LightConfig(kind="neuron", neurons=[0, 99], blocks=[LLM], slots=["fc"]), RankError, f"{LLM}:fc"),
+        (LightConfig(kind="neuron", neurons=9, blocks=[LLM], slots=["fc"]), RankError, f"{LLM}:fc"),
+        (LightConfig(kind="nope"), TargetError, None),
+    ],
+)
+def test_bad_requests_name_the_path_and_change_nothing(world, config, error, path):
+    snap = snapshot(world)
+    with pytest.raises(error) as err:
+        world.customize(config)
+    assert err.value.path == path
+    if path:
+        assert path in str(err.value)
+    assert_unchanged(world, snap)
+
+
+def test_customizing_twice_is_refused_and_changes_nothing(world):
+    world.customize(LightConfig(rank=2, blocks=[LLM], slots=["fc"]))
+    snap = snapshot(world)
+    with pytest.raises(AlreadyCustomizedError) as err:
+        world.customize(LightConfig(rank=2))
+    assert err.value.path == f"{LLM}:fc"
+    assert_unchanged(world, snap)
+
+
+def test_neurons_by_count_are_spread_evenly(world):
+    plan = world.plan(LightConfig(kind="neuron", neurons=3, blocks=[LLM], slots=["head"]))
+    assert plan.slots[0].neurons == [0, 8, 15]
+
+
+def test_decustomize_restores_the_very_same_layers(world):
+    fc = world.block(LLM).module.fc
+    before = world.root_digest()
+    world.customize(LightConfig(rank=2))
+    assert world.block(LLM).module.fc is not fc
+    world.decustomize()
+    assert world.block(LLM).module.fc is fc
+    assert world.root_digest() == before and world.customization is None
