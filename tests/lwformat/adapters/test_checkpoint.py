@@ -1,0 +1,60 @@
+import pytest
+import torch
+from safetensors import safe_open
+
+from lwformat import LightConfig
+from lwformat.adapters.checkpoint import adapter_tensors
+from lwformat.errors import BaseMismatchError, CheckpointError, TargetError
+from tests.conftest import small_world
+
+LLM = "author/narrate/text/llm"
+
+
+def trained(kind="lora"):
+    world = small_world()
+    world.customize(LightConfig(kind=kind, rank=2, neurons=[1, 3], blocks=["author/**"]))
+    with torch.no_grad():
+        for p in world.adapter_parameters():
+            p.add_(torch.randn_like(p))
+    return world
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3", "neuron", "bias"])
+def test_light_checkpoint_round_trip(tmp_path, kind):
+    world = trained(kind)
+    world.save_adapters(tmp_path / "noir.safetensors")
+    fresh = small_world()
+    fresh.load_adapters(tmp_path / "noir.safetensors")
+    ours, theirs = adapter_tensors(world), adapter_tensors(fresh)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    tokens = torch.randint(0, 16, (2, 5))
+    assert torch.equal(world.block(LLM)(tokens), fresh.block(LLM)(tokens))
+
+
+def test_file_holds_only_adapters_and_their_config(tmp_path):
+    world = trained()
+    world.save_adapters(tmp_path / "a.safetensors")
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert keys and all(k.endswith((".lora_A", ".lora_B")) for k in keys)
+    assert meta["format"] == "lwadapters/1" and LightConfig.from_json(meta["config"]).rank == 2
+    assert sum(f.stat().st_size for f in tmp_path.iterdir()) < 20_000
+
+
+def test_adapters_for_another_base_are_refused_untouched(tmp_path):
+    trained().save_adapters(tmp_path / "a.safetensors")
+    other = small_world(seed=1)
+    before = repr(other)
+    with pytest.raises(BaseMismatchError) as err:
+        other.load_adapters(tmp_path / "a.safetensors")
+    assert err.value.path in {LLM, "author/narrate/text/critic"} and err.value.expected != err.value.found
+    assert repr(other) == before and other.customization is None
+
+
+def test_corrupt_or_foreign_files_are_refused(tmp_path):
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    with pytest.raises(CheckpointError):
+        small_world().load_adapters(tmp_path / "junk.safetensors")
+    with pytest.raises(TargetError, match="no adapters"):
+        small_world().save_adapters(tmp_path / "none.safetensors")
+    assert not (tmp_path / "none.safetensors").exists()
