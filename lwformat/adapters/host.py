@@ -6,6 +6,15 @@ named adapters, each with its weight as a 0-d tensor buffer:
     y = base(x) + Σ_a  w_a · delta_a(x, base(x))
 
 Changing a weight writes into that buffer, so it allocates nothing and changes no module.
+While fused, the deltas live in the base weights and the host returns ``base(x)``.
+
+In a mixed-world batch, ``route`` maps adapter names to per-sample selections (B,):
+sample b gets ``Σ_a route_a[b] · w_a · delta_a``. LoRA adapters of one rank on linear
+layers are gathered per sample and computed in one batched pass, so the cost stays
+nearly flat in the number of distinct adapters:
+
+    A_b = A[pick_b] (B, r, in),  B_b = B[pick_b] (B, out, r),  y_b += c_b · B_b A_b x_b
+
 Attributes the host does not have (``weight``, ``in_features``...) are read from the
 base layer, so code that reaches into layers keeps working.
 """
@@ -15,7 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .kinds import Adapter
+from ..errors import LayoutError
+from .kinds import Adapter, LoRA
 from .layers import Geometry
 
 
@@ -27,6 +37,8 @@ class AdapterHost(nn.Module):
         self.base = base
         self.geo = geo
         self.adapters = nn.ModuleDict()
+        self.fused = False
+        self.route: dict[str, torch.Tensor] | None = None
 
     def add(self, name: str, adapter: Adapter, weight: float = 1.0) -> None:
         like = next(iter(adapter.parameters()))
@@ -35,9 +47,38 @@ class AdapterHost(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if self.fused or not self.adapters:
+            return y
+        if self.route is not None:
+            return self._routed(x, y)
         out = y
         for adapter in self.adapters.values():
             out = out + adapter.mix_weight * adapter.delta(x, y, self.base)
+        return out
+
+    def _routed(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        batch = next(iter(self.route.values())).shape[0] if self.route else x.shape[0]
+        if x.shape[0] != batch:
+            raise LayoutError(f"a {self.geo.layer} layer got input {tuple(x.shape)} without the batch of {batch} first")
+        per_sample = (-1,) + (1,) * (y.ndim - 1)
+        out, gathered = y, []
+        for name, adapter in self.adapters.items():
+            if (pick := self.route.get(name)) is None:
+                continue
+            coef = pick * adapter.mix_weight  # (B,)
+            if type(adapter) is LoRA and self.geo.layer in ("linear", "gpt2_conv1d") and (
+                not gathered or gathered[0][0].lora_A.shape == adapter.lora_A.shape
+            ):
+                gathered.append((adapter, coef * adapter.scaling))
+            else:
+                out = out + coef.view(per_sample) * adapter.delta(x, y, self.base)
+        if gathered:
+            coefs = torch.stack([c for _, c in gathered])  # (n, B)
+            pick = coefs.ne(0).to(torch.int64).argmax(0)  # (B,) the adapter each sample selected
+            A = torch.stack([a.lora_A for a, _ in gathered])[pick]  # (B, r, in)
+            B = torch.stack([a.lora_B for a, _ in gathered])[pick]  # (B, out, r)
+            h = torch.einsum("b...i,bri->b...r", x, A)  # (B, ..., r)
+            out = out + coefs.sum(0).view(per_sample) * torch.einsum("b...r,bor->b...o", h, B)  # (B, ..., out)
         return out
 
     def __getattr__(self, name: str):
@@ -49,4 +90,4 @@ class AdapterHost(nn.Module):
             return getattr(self.base, name)
 
     def extra_repr(self) -> str:
-        return f"adapters={list(self.adapters)}"
+        return f"adapters={list(self.adapters)}" + (", fused" if self.fused else "")

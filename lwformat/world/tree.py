@@ -135,6 +135,8 @@ class World(nn.Module):
         self.spec = spec
         self._digest_cache: dict[str, Any] = {}
         self.customization: tuple[Any, Any] | None = None  # (LightConfig, Plan) while customized
+        self.applied: dict[str, Any] = {}  # bundle name -> runtime.Applied
+        self.fused_state: dict[str, Any] | None = None  # slot -> saved base tensors while fused
 
     def forward(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One pass of the cycle: each stage in cycle order adds its outputs to the state."""
@@ -291,6 +293,50 @@ class World(nn.Module):
         from ..adapters.checkpoint import load_adapters
 
         return load_adapters(self, path)
+
+    # -- runtime: bundles on a loaded world ---------------------------------------------
+
+    def apply(self, bundle: Any, weight: Any = 1.0, *, name: str | None = None, strict: bool = False, reserve_rank: int = 0) -> Any:
+        """Check `bundle` against this world, then add its adapters with `weight` (a number or {glob: w})."""
+        from ..runtime import apply
+
+        return apply(self, bundle, weight, name=name, strict=strict, reserve_rank=reserve_rank)
+
+    def remove(self, name: str) -> None:
+        """Take an applied bundle off; with nothing applied the base is bit-exact again."""
+        from ..runtime import remove
+
+        remove(self, name)
+
+    def set_weight(self, name: str, weight: Any) -> None:
+        """Change an applied bundle's weight, for all its blocks or per block glob."""
+        from ..runtime import set_weight
+
+        set_weight(self, name, weight)
+
+    def swap(self, name: str, bundle: Any, *, strict: bool = False) -> None:
+        """Replace an applied bundle in place by one of the same layout (no allocation, no recompile)."""
+        from ..runtime import swap
+
+        swap(self, name, bundle, strict=strict)
+
+    def fuse(self) -> list[str]:
+        """Merge every adapter into the base weights; returns slots kept live (tied weights)."""
+        from ..runtime import fuse
+
+        return fuse(self)
+
+    def unfuse(self) -> None:
+        """Restore the base weights saved by `fuse`, bit-exactly."""
+        from ..runtime import unfuse
+
+        unfuse(self)
+
+    def run(self, state: dict[str, torch.Tensor], bundles: list[str | None]) -> dict[str, torch.Tensor]:
+        """One pass where sample i runs with applied bundle ``bundles[i]`` (None: the base)."""
+        from ..runtime import run
+
+        return run(self, state, bundles)
 
     def tree(self) -> str:
         """The hierarchy drawn as text: stages > pipelines > graphs > blocks."""

@@ -42,7 +42,7 @@ class TextEncoder(nn.Module):
         T = tokens.shape[1]
         if T > self.context:
             raise ValueError(f"sequence of {T} tokens exceeds the context of {self.context}")
-        h = self.tok(tokens) + self.pos(torch.arange(T, device=tokens.device))  # (B, T, D)
+        h = self.tok(tokens) + self.pos(torch.arange(T, device=tokens.device).expand_as(tokens))  # (B, T, D)
         for layer in self.blocks:
             h = layer(h, attention_mask)  # (B, T, D)
         return self.ln_f(h)  # (B, T, D)

@@ -105,7 +105,11 @@ def gpt2_init(module: nn.Module, layers: int) -> None:
 
     The scaling keeps the residual stream's variance independent of depth.
     """
+    seen: set[int] = set()  # a tied weight is initialised once, by its first owner
     for name, m in module.named_modules():
+        if id(getattr(m, "weight", None)) in seen:
+            continue
+        seen.add(id(getattr(m, "weight", None)))
         if isinstance(m, nn.Linear):
             std = 0.02 / (2 * layers) ** 0.5 if name.endswith(".proj") else 0.02
             nn.init.normal_(m.weight, mean=0.0, std=std)

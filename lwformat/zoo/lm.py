@@ -7,9 +7,10 @@
 
 Layer names follow GPT-2 (``blocks.{i}.attn.qkv``, ``blocks.{i}.attn.proj``,
 ``blocks.{i}.mlp.fc``, ``blocks.{i}.mlp.proj``), so LoRA on "every attention and MLP
-projection" is 4 × N layers here, as in PEFT on GPT-2. The head reuses ``tok.weight``
-through ``F.linear`` instead of holding a second parameter, so the tie survives
-``to_empty``, loading and digesting, and the weight is counted and stored once.
+projection" is 4 × N layers here, as in PEFT on GPT-2. The head is an ``nn.Linear``
+whose weight *is* ``tok.weight`` (the Hugging Face convention), so the tie is visible
+to anyone walking the parameters (fusing an adapter into a tied weight would leak into
+the other user), and the weight is counted and stored once.
 
 Sizes: ``tiny`` is byte-level (vocab 256, D 64, 2 layers, 4 heads, context 256);
 ``small`` is GPT-2 small exactly (vocab 50257, D 768, 12 layers, 12 heads, context
@@ -36,6 +37,8 @@ class DecoderLM(nn.Module):
         super().__init__()
         self.context = context
         self.tok = nn.Embedding(vocab_size, dim)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        self.head.weight = self.tok.weight  # tied
         self.pos = nn.Embedding(context, dim)
         self.blocks = nn.ModuleList(TransformerLayer(dim, heads, causal=True) for _ in range(layers))
         self.ln_f = nn.LayerNorm(dim)
@@ -46,11 +49,11 @@ class DecoderLM(nn.Module):
         T = tokens.shape[1]
         if T > self.context:
             raise ValueError(f"sequence of {T} tokens exceeds the context of {self.context}")
-        positions = torch.arange(T, device=tokens.device)  # (T,)
+        positions = torch.arange(T, device=tokens.device).expand_as(tokens)  # (B, T): every layer sees the batch
         h = self.tok(tokens) + self.pos(positions)  # (B, T, D)
         for layer in self.blocks:
             h = layer(h)  # (B, T, D)
-        return F.linear(self.ln_f(h), self.tok.weight)  # (B, T, V)
+        return self.head(self.ln_f(h))  # (B, T, V)
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy over (B, T) token ids; a scalar."""

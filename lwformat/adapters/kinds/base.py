@@ -45,15 +45,24 @@ class Adapter(nn.Module, abc.ABC):
     layers: ClassVar[frozenset[str]] = frozenset({"linear", "gpt2_conv1d", "conv1d", "conv2d", "embedding"})
     uses_rank: ClassVar[bool] = False
 
-    def __init__(self, geo: Geometry, settings: SlotSettings, base: nn.Module) -> None:
+    def __init__(
+        self, geo: Geometry, settings: SlotSettings, base: nn.Module, tensors: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """A fresh, trainable adapter; or, given `tensors`, a frozen one bound to them (no copy)."""
         super().__init__()
         self.geo = geo
         self.settings = settings
         like = base.weight
         for name, shape in self.shapes(geo, settings).items():
-            self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=like.dtype, device=like.device)))
-        with torch.no_grad():
-            self.reset(base)
+            data = torch.empty(shape, dtype=like.dtype, device=like.device) if tensors is None else tensors[name]
+            self.register_parameter(name, nn.Parameter(data, requires_grad=tensors is None))
+        self.add_buffers(base, tensors)
+        if tensors is None:
+            with torch.no_grad():
+                self.reset(base)
+
+    def add_buffers(self, base: nn.Module, tensors: dict[str, torch.Tensor] | None) -> None:
+        """Register the kind's non-trainable tensors (a scaling, neuron indices); none by default."""
 
     @classmethod
     @abc.abstractmethod

@@ -26,6 +26,11 @@ class LoRA(Adapter):
     def shapes(cls, geo: Geometry, settings: SlotSettings) -> dict[str, tuple[int, ...]]:
         return {"lora_A": (settings.rank, *geo.in_shape), "lora_B": (geo.out, settings.rank)}
 
+    def add_buffers(self, base: nn.Module, tensors: dict[str, torch.Tensor] | None) -> None:
+        # A tensor, not a float: a swap to another alpha or rank then recompiles nothing.
+        scaling = torch.tensor(self.settings.scaling, dtype=base.weight.dtype, device=base.weight.device)
+        self.register_buffer("scaling", scaling, persistent=False)
+
     def reset(self, base: nn.Module) -> None:
         if self.geo.layer == "embedding":
             nn.init.zeros_(self.lora_A)
@@ -36,11 +41,11 @@ class LoRA(Adapter):
 
     def lora_delta(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
         h = self.geo.down(x, self.lora_A, base)  # (..., r) or (B, r, *S)
-        return self.settings.scaling * self.geo.up(h, self.lora_B)  # like y
+        return self.scaling * self.geo.up(h, self.lora_B)  # like y
 
     def lora_matrix(self) -> torch.Tensor:
-        A = self.lora_A.reshape(self.settings.rank, -1)  # (r, fan_in)
-        return self.settings.scaling * (self.lora_B @ A)  # (out, fan_in)
+        A = self.lora_A.reshape(self.lora_A.shape[0], -1)  # (r, fan_in)
+        return self.scaling * (self.lora_B @ A)  # (out, fan_in)
 
     def delta(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
         return self.lora_delta(x, base)

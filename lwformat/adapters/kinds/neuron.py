@@ -19,9 +19,11 @@ from .base import Adapter, SlotSettings
 class NeuronDelta(Adapter):
     kind = "neuron"
 
-    def __init__(self, geo: Geometry, settings: SlotSettings, base: nn.Module) -> None:
-        super().__init__(geo, settings, base)
-        index = torch.tensor(settings.neurons, dtype=torch.int64, device=base.weight.device)
+    def add_buffers(self, base: nn.Module, tensors: dict[str, torch.Tensor] | None) -> None:
+        if tensors is not None:
+            index = tensors["neuron_index"]
+        else:
+            index = torch.tensor(self.settings.neurons, dtype=torch.int64, device=base.weight.device)
         self.register_buffer("neuron_index", index)  # (k,)
 
     @classmethod

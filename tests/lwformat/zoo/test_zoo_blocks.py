@@ -32,7 +32,8 @@ def test_small_lm_has_the_48_gpt2_projections():
     with torch.device("meta"):
         model = DecoderLM(**lm.SIZES["small"])
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    assert set(linears) == {f"blocks.{i}.{p}" for i in range(12) for p in PROJECTIONS}
+    assert set(linears) == {f"blocks.{i}.{p}" for i in range(12) for p in PROJECTIONS} | {"head"}
+    assert model.head.weight is model.tok.weight  # the tied head
     assert linears["blocks.0.attn.qkv"].weight.shape == (3 * 768, 768)
     assert linears["blocks.11.mlp.fc"].weight.shape == (4 * 768, 768)
 
@@ -41,7 +42,7 @@ def test_lm_logits_shape_and_tied_head(tiny_lm):
     tokens = torch.randint(0, 256, (2, 10))
     logits = tiny_lm(tokens)  # (2, 10, 256)
     assert logits.shape == (2, 10, 256)
-    assert "head" not in dict(tiny_lm.named_parameters())  # the head *is* tok.weight
+    assert "head.weight" not in dict(tiny_lm.named_parameters())  # the head *is* tok.weight
     with torch.no_grad():
         tiny_lm.tok.weight[7].add_(1.0)
     assert not torch.allclose(tiny_lm(tokens)[..., 7], logits[..., 7])
@@ -89,6 +90,7 @@ def test_lm_computes_gpt2():
             # GPT-2's Conv1D stores (in, out); nn.Linear stores (out, in).
             ours[f"blocks.{i}.{mine}.weight"] = w.T if mine.startswith(("attn", "mlp")) else w
             ours[f"blocks.{i}.{mine}.bias"] = sd[f"transformer.h.{i}.{theirs}.bias"]
+    ours["head.weight"] = ours["tok.weight"]  # tied, as in GPT-2
     model.load_state_dict(ours)
     tokens = torch.randint(0, 256, (2, 20))
     with torch.no_grad():

@@ -1,0 +1,197 @@
+"""Apply, weight, swap and remove bundles on a loaded world.
+
+Every operation checks everything first (compatibility, layout, names, weights) and
+only then changes the world; if a change still fails midway, it is rolled back.
+
+Stacking is the exact weighted sum: each applied bundle is one named adapter in the
+bank of each host it touches, ``y = base(x) + Σ_a w_a·delta_a``. A weight may be one
+number or ``{block glob: weight}``; the first glob matching a slot's block (by any of
+its paths) sets that slot's weight, and slots no glob matches keep theirs (1.0 when
+applying).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..adapters.host import AdapterHost
+from ..adapters.kinds import KINDS, Adapter
+from ..adapters.plan import module_parents
+from ..errors import AlreadyAppliedError, FusedError, LayoutError, NotAppliedError, TargetError
+from ..world.paths import match_block
+from .resolve import ResolvedSlot, resolve, settings_of
+from .storage import Place, allocate, fill, fits, plan_layout, view
+
+if TYPE_CHECKING:
+    from ..world.tree import World
+
+Weight = float | dict[str, float]
+
+
+@dataclass
+class Applied:
+    """One bundle applied to a world: its adapters, their storage and where they sit."""
+
+    name: str
+    key: str  # the adapters' name in every host's bank
+    bundle: Any
+    slots: list[ResolvedSlot]
+    places: list[Place]
+    buffers: dict
+    adapters: dict[str, Adapter] = field(default_factory=dict)  # slot -> adapter
+
+
+def _weights(world: World, slots: list[ResolvedSlot], weight: Weight | None) -> dict[str, float]:
+    if weight is None:
+        return {}
+    if not isinstance(weight, dict):
+        return {rs.slot: float(weight) for rs in slots}
+    aliases: dict[str, list[str]] = {}
+    for path, canonical in world.block_paths().items():
+        aliases.setdefault(canonical, []).append(path)
+    out = {}
+    for rs in slots:
+        paths = aliases[rs.slot.partition(":")[0]]
+        hit = next((w for glob, w in weight.items() if any(match_block(p, glob) for p in paths)), None)
+        if hit is not None:
+            out[rs.slot] = float(hit)
+    unused = [g for g in weight if not any(match_block(p, g) for rs in slots for p in aliases[rs.slot.partition(":")[0]])]
+    if unused:
+        raise TargetError(f"weight glob {unused[0]!r} matches no block this bundle adapts", path=unused[0])
+    return out
+
+
+def _bank_key(world: World, name: str) -> str:
+    key = name.replace(".", "_")  # module names cannot hold dots
+    taken = {a.key for a in world.applied.values()}
+    n, candidate = 1, key
+    while candidate in taken:
+        n += 1
+        candidate = f"{key}~{n}"
+    return candidate
+
+
+def _host(world: World, rs: ResolvedSlot) -> AdapterHost:
+    block = world.block(rs.slot.partition(":")[0])
+    current = block.module.get_submodule(rs.entry.module)
+    if getattr(current, "is_adapter_host", False):
+        return current
+    host = AdapterHost(current, rs.geo)
+    for parent, attr in module_parents(block.module, current):
+        setattr(parent, attr, host)
+    return host
+
+
+def _unhost(world: World, slot: str, host: AdapterHost) -> None:
+    if host.adapters:
+        return
+    block = world.block(slot.partition(":")[0])
+    for parent, attr in module_parents(block.module, host):
+        setattr(parent, attr, host.base)
+
+
+def _not_fused(world: World, what: str) -> None:
+    if world.fused_state is not None:
+        raise FusedError(f"cannot {what} while the world is fused; call unfuse() first")
+
+
+@torch.no_grad()
+def apply(world: World, bundle: Any, weight: Weight = 1.0, *, name: str | None = None, strict: bool = False, reserve_rank: int = 0) -> Applied:
+    name = name or bundle.manifest.name
+    _not_fused(world, "apply")
+    if name in world.applied:
+        raise AlreadyAppliedError(f"{name} is applied already; swap() it or apply under another name", path=name)
+    slots = resolve(world, bundle.manifest, strict=strict)
+    weights = _weights(world, slots, weight if isinstance(weight, dict) else None)
+    default = 1.0 if isinstance(weight, dict) else float(weight)
+    places = plan_layout(slots, reserve_rank)
+    buffers = allocate(places)
+    applied = Applied(name, _bank_key(world, name), bundle, slots, places, buffers)
+    by_slot: dict[str, dict[str, torch.Tensor]] = {}
+    for place in places:
+        by_slot.setdefault(place.slot, {})[place.name] = view(buffers, place)
+    for rs in slots:
+        source = bundle.slot_tensors(rs.entry.slot)
+        for tensor_name, target in by_slot[rs.slot].items():
+            fill(target, source[tensor_name], tensor_name)
+    hosts: list[tuple[str, AdapterHost]] = []
+    try:
+        for rs in slots:
+            host = _host(world, rs)
+            hosts.append((rs.slot, host))
+            adapter = KINDS[rs.entry.kind](rs.geo, rs.settings, rs.layer, tensors=by_slot[rs.slot])
+            host.add(applied.key, adapter, weights.get(rs.slot, default))
+            applied.adapters[rs.slot] = adapter
+    except BaseException:
+        for slot, host in hosts:
+            host.adapters.pop(applied.key, None)
+            _unhost(world, slot, host)
+        raise
+    world.applied[name] = applied
+    return applied
+
+
+def _applied(world: World, name: str) -> Applied:
+    if name not in world.applied:
+        known = ", ".join(world.applied) or "none"
+        raise NotAppliedError(f"no bundle named {name!r} is applied (applied: {known})", path=name)
+    return world.applied[name]
+
+
+def remove(world: World, name: str) -> None:
+    """Take a bundle off; hosts left empty give their slot back to the untouched base layer."""
+    _not_fused(world, "remove a bundle")
+    applied = _applied(world, name)
+    for rs in applied.slots:
+        host = world.block(rs.slot.partition(":")[0]).module.get_submodule(rs.entry.module)
+        del host.adapters[applied.key]
+        _unhost(world, rs.slot, host)
+    del world.applied[name]
+
+
+@torch.no_grad()
+def set_weight(world: World, name: str, weight: Weight) -> None:
+    """Write new weights into the adapters' weight buffers: no allocation, no recompilation."""
+    _not_fused(world, "change weights")
+    applied = _applied(world, name)
+    weights = _weights(world, applied.slots, weight if isinstance(weight, dict) else float(weight))
+    for slot, w in weights.items():
+        applied.adapters[slot].mix_weight.fill_(w)
+
+
+@torch.no_grad()
+def swap(world: World, name: str, bundle: Any, *, strict: bool = False) -> None:
+    """Copy another bundle of the same layout into the applied storage, in place.
+
+    The new bundle must adapt the same slots with the same kinds; LoRA ranks may be
+    smaller than the stored rank (zero-padded, exact). Weights are kept.
+    """
+    _not_fused(world, "swap")
+    applied = _applied(world, name)
+    slots = resolve(world, bundle.manifest, strict=strict)
+    old = {rs.slot: rs for rs in applied.slots}
+    if [rs.slot for rs in slots] != [rs.slot for rs in applied.slots]:
+        missing = sorted(set(old) ^ {rs.slot for rs in slots})
+        raise LayoutError(f"{name}: the new bundle adapts other slots (first difference: {missing[0] if missing else 'order'})", path=name)
+    places = {(p.slot, p.name): p for p in applied.places}
+    for rs in slots:
+        if rs.entry.kind != old[rs.slot].entry.kind:
+            raise LayoutError(f"{rs.slot}: {old[rs.slot].entry.kind} applied, the new bundle has {rs.entry.kind}", path=rs.slot)
+        for tensor_name, shape in rs.shapes().items():
+            place = places.get((rs.slot, tensor_name))
+            if place is None or not fits(place, shape):
+                stored = place.shape if place else "nothing"
+                raise LayoutError(f"{rs.slot}: {tensor_name} {tuple(shape)} does not fit the stored {stored}", path=rs.slot)
+    for rs in slots:
+        source = bundle.slot_tensors(rs.entry.slot)
+        adapter = applied.adapters[rs.slot]
+        for tensor_name in rs.shapes():
+            fill(view(applied.buffers, places[(rs.slot, tensor_name)]), source[tensor_name], tensor_name)
+        adapter.settings = settings_of(rs.entry)
+        if hasattr(adapter, "scaling"):
+            adapter.scaling.fill_(adapter.settings.scaling)
+    applied.bundle = bundle
+    applied.slots = [ResolvedSlot(rs.entry, rs.slot, rs.layer, rs.geo, rs.settings) for rs in slots]

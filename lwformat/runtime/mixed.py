@@ -1,0 +1,45 @@
+"""Mixed-world batches: each sample of a batch runs with its own bundle, or none.
+
+Every host gets, per applied bundle, a selection vector (B,) with 1 where a sample
+chose that bundle; the host then adds only the chosen adapter's delta to each sample
+(see `AdapterHost`), gathering LoRA factors per sample so that one batched pass serves
+any number of distinct bundles.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..adapters.plan import iter_hosts
+from ..errors import FusedError, NotAppliedError, TargetError
+
+if TYPE_CHECKING:
+    from ..world.tree import World
+
+
+def run(world: World, state: dict[str, torch.Tensor], bundles: list[str | None]) -> dict[str, torch.Tensor]:
+    if world.fused_state is not None:
+        raise FusedError("a mixed batch needs unfused adapters; call unfuse() first")
+    for name in bundles:
+        if name is not None and name not in world.applied:
+            raise NotAppliedError(f"sample asks for {name!r}, which is not applied", path=name)
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] != len(bundles):
+            raise TargetError(f"state[{key!r}] has batch size {value.shape[0]}, but {len(bundles)} bundles were given", path=key)
+    chosen = {name: [float(b == name) for b in bundles] for name in set(bundles) - {None}}
+    keys = {world.applied[name].key: picks for name, picks in chosen.items()}
+    hosts = [host for _, host in iter_hosts(world)]
+    try:
+        for host in hosts:
+            like = host.base.weight
+            host.route = {
+                key: torch.tensor(picks, dtype=like.dtype, device=like.device)
+                for key, picks in keys.items()
+                if key in host.adapters
+            }
+        return world(state)
+    finally:
+        for host in hosts:
+            host.route = None

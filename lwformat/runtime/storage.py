@@ -1,0 +1,91 @@
+"""Packed adapter storage (decision 9): one flat buffer per dtype and device per applied bundle.
+
+Every adapter tensor of a bundle is a view into its buffer, laid out in the bundle's
+canonical order (slots in manifest order, tensors in the kind's declared order). A
+swap between bundles of one layout is then a copy per buffer, and nothing is allocated.
+
+Ranks may be reserved above a bundle's own (``reserve_rank``): LoRA factors are then
+stored zero-padded, A: (R, ...) with rows r.. zero and B: (out, R) with columns r.. zero,
+which leaves B·A, and so the output, exactly unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .resolve import ResolvedSlot
+
+RANKED = {"lora_A": 0, "lora_B": 1}  # tensor name -> the dimension that holds the rank
+
+
+@dataclass(frozen=True)
+class Place:
+    slot: str
+    name: str
+    shape: tuple[int, ...]  # as stored (rank possibly padded)
+    dtype: torch.dtype
+    device: torch.device
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def storage_shape(name: str, shape: tuple[int, ...], reserve_rank: int) -> tuple[int, ...]:
+    if name in RANKED and reserve_rank > shape[RANKED[name]]:
+        shape = list(shape)
+        shape[RANKED[name]] = reserve_rank
+        return tuple(shape)
+    return tuple(shape)
+
+
+def plan_layout(slots: list[ResolvedSlot], reserve_rank: int = 0) -> list[Place]:
+    places, ends = [], {}
+    for rs in slots:
+        like = rs.layer.weight
+        for name, shape in rs.shapes().items():
+            dtype = torch.int64 if name == "neuron_index" else like.dtype
+            key = (dtype, like.device)
+            stored = storage_shape(name, shape, reserve_rank)
+            place = Place(rs.slot, name, stored, dtype, like.device, ends.get(key, 0))
+            ends[key] = place.offset + place.numel
+            places.append(place)
+    return places
+
+
+def allocate(places: list[Place]) -> dict[tuple[torch.dtype, torch.device], torch.Tensor]:
+    sizes: dict[tuple[torch.dtype, torch.device], int] = {}
+    for p in places:
+        sizes[(p.dtype, p.device)] = max(sizes.get((p.dtype, p.device), 0), p.offset + p.numel)
+    return {key: torch.empty(n, dtype=key[0], device=key[1]) for key, n in sizes.items()}
+
+
+def view(buffers: dict, place: Place) -> torch.Tensor:
+    flat = buffers[(place.dtype, place.device)]
+    return flat[place.offset : place.offset + place.numel].view(place.shape)
+
+
+def fill(target: torch.Tensor, source: torch.Tensor, name: str) -> None:
+    """Copy `source` into `target`, zero-padding the rank dimension when `target` is larger."""
+    if target.shape == source.shape:
+        target.copy_(source)
+        return
+    target.zero_()
+    dim = RANKED[name]
+    target.narrow(dim, 0, source.shape[dim]).copy_(source)
+
+
+def fits(place: Place, shape: tuple[int, ...]) -> bool:
+    """Whether a tensor of `shape` can be stored at `place` (same shape, or a smaller rank)."""
+    if tuple(shape) == place.shape:
+        return True
+    if place.name not in RANKED or len(shape) != len(place.shape):
+        return False
+    dim = RANKED[place.name]
+    return all(a == b for i, (a, b) in enumerate(zip(shape, place.shape)) if i != dim) and shape[dim] <= place.shape[dim]
