@@ -1,0 +1,57 @@
+"""Real bundles on disk, written from customized reference worlds, for the runtime tests."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from lwformat import LightConfig
+from lwformat.bundle.read import Bundle
+from lwformat.bundle.write import write_bundle
+from lwformat.zoo import reference_world
+
+LM = "author/narrate/text/llm"
+_count = itertools.count()
+
+
+def trained_world(seed: int, *, kind: str = "lora", rank: int = 4, blocks=(LM,), slots=(), world_seed: int = 0):
+    world = reference_world("tiny", seed=world_seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # adapter initialisation draws from the global generator
+        world.customize(LightConfig(kind=kind, rank=rank, alpha=2 * rank, neurons=4, blocks=list(blocks), slots=list(slots)))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in world.adapter_parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return world
+
+
+def make_bundle(root: Path, seed: int, *, name: str = "author/noir", **kwargs) -> Bundle:
+    out = root / f"bundle-{next(_count)}"
+    write_bundle(trained_world(seed, **kwargs), out, name=name, version="1.0.0")
+    return Bundle.open(out)
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundles")
+    return {
+        "noir": make_bundle(root, 1, name="author/noir"),
+        "rain": make_bundle(root, 2, name="author/rain"),
+        "noir2": make_bundle(root, 3, name="author/noir"),  # same layout as noir
+        "small": make_bundle(root, 4, name="author/small", rank=2),
+        "big": make_bundle(root, 5, name="author/big", rank=8),
+        "creator": make_bundle(root, 6, name="creator/ink", rank=2, blocks=("creator/**",)),
+    }
+
+
+@pytest.fixture
+def world():
+    return reference_world("tiny", seed=0)
+
+
+def tokens(batch: int = 3, length: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,95 @@
+"""apply / stack / set_weight / remove against references built from scratch."""
+
+import pytest
+import torch
+
+from lwformat.errors import AlreadyAppliedError, BaseMismatchError, NotAppliedError, TargetError
+from lwformat.zoo import reference_world
+from tests.lwformat.runtime.conftest import LM, make_bundle, tokens, trained_world
+
+
+def lm_out(world, x):
+    with torch.no_grad():
+        return world.block(LM).module(x)
+
+
+def weighted_reference(seed, weight, **kwargs):
+    """The customized world the bundle was written from, its adapter at `weight`."""
+    world = trained_world(seed, **kwargs)
+    for p in world.modules():
+        if getattr(p, "is_adapter_host", False):
+            p.adapters["default"].mix_weight.fill_(weight)
+    return world
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3", "neuron", "bias"])
+def test_apply_equals_the_trained_world_and_weight_zero_is_base(tmp_path, world, kind):
+    bundle = make_bundle(tmp_path, 7, kind=kind)
+    x = tokens()
+    base = lm_out(world, x)
+    world.apply(bundle, weight=0.7)
+    torch.testing.assert_close(lm_out(world, x), lm_out(weighted_reference(7, 0.7, kind=kind), x), rtol=0, atol=1e-6)
+    world.set_weight("author/noir", 0.0)
+    assert torch.equal(lm_out(world, x), base)
+
+
+def test_stacking_is_the_exact_weighted_sum_per_layer(world, bundles):
+    noir, rain = bundles["noir"], bundles["rain"]
+    world.apply(noir, weight=0.7)
+    world.apply(rain, weight=0.3)
+    layer = world.block(LM).module.blocks[0].attn.qkv  # a host holding both adapters
+    x = torch.randn(2, 5, 64)
+    expected = layer.base(x)
+    for bundle, w in ((noir, 0.7), (rain, 0.3)):
+        t = bundle.slot_tensors(f"{LM}:blocks.0.attn.qkv")
+        expected = expected + w * (8 / 4) * (x @ t["lora_A"].T @ t["lora_B"].T)  # alpha/r = 8/4
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_per_block_weights(world, bundles):
+    world.apply(bundles["noir"], weight={"environment/**": 0.5})  # reaches the shared LLM through its alias
+    world.apply(bundles["creator"], weight={"creator/*/*/backbone": 0.25})
+    assert {a.mix_weight.item() for a in world.applied["author/noir"].adapters.values()} == {0.5}
+    creator = world.applied["creator/ink"].adapters
+    assert {s.split(":")[0] for s, a in creator.items() if a.mix_weight.item() == 0.25} == {"creator/render/t2i/backbone"}
+    assert {a.mix_weight.item() for s, a in creator.items() if "backbone" not in s} == {1.0}
+    world.set_weight("creator/ink", {"creator/render/t2i/codec": 0.0})
+    assert {a.mix_weight.item() for s, a in creator.items() if "codec" in s} == {0.0}
+    with pytest.raises(TargetError, match="matches no block"):
+        world.set_weight("creator/ink", {"author/**": 1.0})
+
+
+def test_remove_restores_the_base_bit_exactly(world, bundles):
+    x = tokens()
+    base, root = lm_out(world, x), world.root_digest()
+    qkv = world.block(LM).module.blocks[0].attn.qkv
+    world.apply(bundles["noir"], weight=0.7)
+    world.apply(bundles["rain"], weight=0.3)
+    world.remove("author/noir")
+    world.remove("author/rain")
+    assert world.block(LM).module.blocks[0].attn.qkv is qkv
+    assert torch.equal(lm_out(world, x), base) and world.root_digest() == root
+    assert not any(getattr(m, "is_adapter_host", False) for m in world.modules())
+
+
+def test_errors_are_typed_and_change_nothing(world, bundles, tmp_path):
+    world.apply(bundles["noir"])
+    before = repr(world)
+    with pytest.raises(AlreadyAppliedError):
+        world.apply(bundles["noir2"])
+    with pytest.raises(NotAppliedError):
+        world.remove("author/nope")
+    foreign = make_bundle(tmp_path, 1, name="author/foreign", world_seed=1)
+    with pytest.raises(BaseMismatchError) as err:
+        world.apply(foreign)
+    assert err.value.path == LM and err.value.expected != err.value.found
+    assert repr(world) == before and list(world.applied) == ["author/noir"]
+
+
+def test_apply_under_another_name_and_strict_mode(world, bundles):
+    world.apply(bundles["noir2"], name="author/noir-v2", strict=True)
+    other = reference_world("tiny", seed=0)
+    other.cycle.reverse()  # same blocks, another structure: fine per block, refused strictly
+    other.apply(bundles["noir"])
+    with pytest.raises(BaseMismatchError, match="strict"):
+        other.apply(bundles["rain"], strict=True)

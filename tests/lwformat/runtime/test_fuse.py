@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from lwformat import LightConfig
+from lwformat.bundle.read import Bundle
+from lwformat.bundle.write import write_bundle
+from lwformat.errors import FusedError
+from tests.conftest import small_world
+from tests.lwformat.runtime.conftest import LM, tokens
+
+
+def world_out(world, x):
+    with torch.no_grad():
+        return world({"tokens": x})
+
+
+def test_fuse_matches_unfused_and_unfuse_is_bit_exact(world, bundles):
+    x = tokens()
+    world.apply(bundles["noir"], weight=0.7)
+    world.apply(bundles["creator"], weight=0.5)
+    unfused = world_out(world, x)
+    base_weights = {k: v.clone() for k, v in world.state_dict().items()}
+    live = world.fuse()
+    assert live == [f"{LM}:tok", f"{LM}:head"]  # tied to each other: fusing would leak
+    fused = world_out(world, x)
+    for key in ("author.logits", "creator.image"):
+        torch.testing.assert_close(fused[key], unfused[key], rtol=1e-4, atol=1e-5)
+    world.unfuse()
+    assert all(torch.equal(world.state_dict()[k], v) for k, v in base_weights.items())
+    assert all(torch.equal(world_out(world, x)[k], unfused[k]) for k in unfused)
+
+
+def test_changes_while_fused_are_refused(world, bundles):
+    world.apply(bundles["noir"])
+    world.fuse()
+    for action in (
+        lambda: world.apply(bundles["rain"]),
+        lambda: world.set_weight("author/noir", 0.1),
+        lambda: world.swap("author/noir", bundles["noir2"]),
+        lambda: world.remove("author/noir"),
+        lambda: world.run({"tokens": tokens()}, ["author/noir"] * 3),
+        world.fuse,
+    ):
+        with pytest.raises(FusedError):
+            action()
+    world.unfuse()
+    with pytest.raises(FusedError, match="not fused"):
+        world.unfuse()
+
+
+def test_bias_adapter_on_a_layer_without_bias_cannot_fuse(tmp_path):
+    trained = small_world()
+    trained.customize(LightConfig(kind="bias", blocks=["author/narrate/text/llm"], slots=["fc", "head"]))
+    write_bundle(trained, tmp_path / "shift", name="author/shift", version="1.0.0")
+    world = small_world()
+    world.apply(Bundle.open(tmp_path / "shift"))
+    weights = {k: v.clone() for k, v in world.state_dict().items()}
+    with pytest.raises(FusedError) as err:
+        world.fuse()
+    assert err.value.path == "author/narrate/text/llm:head"  # nn.Linear(bias=False)
+    assert world.fused_state is None
+    assert all(torch.equal(world.state_dict()[k], v) for k, v in weights.items())

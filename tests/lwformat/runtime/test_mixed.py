@@ -1,0 +1,53 @@
+"""Mixed-world batches: sample i runs exactly as a world with only bundles[i] applied."""
+
+import pytest
+import torch
+
+from lwformat.errors import NotAppliedError, TargetError
+from lwformat.zoo import reference_world
+from tests.lwformat.runtime.conftest import tokens
+
+KEYS = ("author.logits", "environment.logits", "creator.image")
+
+
+def alone(bundle, weight, x):
+    world = reference_world("tiny", seed=0)
+    if bundle is not None:
+        world.apply(bundle, weight=weight)
+    with torch.no_grad():
+        return world({"tokens": x})
+
+
+def test_each_sample_gets_its_own_world(world, bundles):
+    chosen = {"author/noir": (bundles["noir"], 0.7), "author/rain": (bundles["rain"], 1.0),
+              "author/small": (bundles["small"], 0.5), "creator/ink": (bundles["creator"], 1.0)}  # fmt: skip
+    for name, (bundle, weight) in chosen.items():
+        world.apply(bundle, weight=weight)
+    picks = ["author/noir", None, "author/rain", "author/small", "creator/ink", "author/noir"]
+    x = tokens(batch=len(picks))
+    with torch.no_grad():
+        mixed = world.run({"tokens": x}, picks)
+    for i, name in enumerate(picks):
+        bundle, weight = chosen[name] if name else (None, 0)
+        expected = alone(bundle, weight, x[i : i + 1])
+        for key in KEYS:
+            torch.testing.assert_close(mixed[key][i : i + 1], expected[key], rtol=1e-5, atol=1e-5)
+
+
+def test_hosts_are_left_unrouted_and_the_stack_unchanged(world, bundles):
+    world.apply(bundles["noir"], weight=0.7)
+    world.apply(bundles["rain"], weight=0.3)
+    x = tokens()
+    with torch.no_grad():
+        stacked = world({"tokens": x})
+        world.run({"tokens": x}, ["author/noir", None, "author/rain"])
+        again = world({"tokens": x})
+    assert all(torch.equal(stacked[k], again[k]) for k in KEYS)
+
+
+def test_bad_requests(world, bundles):
+    world.apply(bundles["noir"])
+    with pytest.raises(NotAppliedError):
+        world.run({"tokens": tokens()}, ["author/noir", "author/ghost", None])
+    with pytest.raises(TargetError, match="batch size 3"):
+        world.run({"tokens": tokens()}, ["author/noir", None])
