@@ -1,6 +1,6 @@
 """The runtime: apply bundles to a loaded world, stack, weight, swap, fuse, mix per sample."""
 
-from .apply import Applied, apply, remove, set_weight, swap
+from .stack import Applied, apply, remove, set_weight, swap
 from .fuse import fuse, unfuse
 from .mixed import run
 

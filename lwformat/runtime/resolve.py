@@ -61,7 +61,7 @@ def check_base(world: World, manifest: Any, *, strict: bool = False) -> None:
 def resolve(world: World, manifest: Any, *, strict: bool = False) -> list[ResolvedSlot]:
     check_base(world, manifest, strict=strict)
     canonical = world.block_paths()
-    out, seen = [], set()
+    out, seen, eligible = [], set(), {}
     for entry in manifest.slots:
         if entry.block not in canonical:
             raise WorldPathError(f"{entry.block}: the bundle adapts a block this world does not have", path=entry.block)
@@ -70,7 +70,9 @@ def resolve(world: World, manifest: Any, *, strict: bool = False) -> list[Resolv
         if slot in seen:
             raise TargetError(f"{slot}: the bundle lists this slot twice", path=slot)
         seen.add(slot)
-        found = eligible_slots(world.block(block_path), where=block_path).get(entry.module)
+        if block_path not in eligible:
+            eligible[block_path] = eligible_slots(world.block(block_path), where=block_path)
+        found = eligible[block_path].get(entry.module)
         if found is None:
             raise UnsupportedLayerError(f"{slot}: no adaptable layer at this slot", path=slot)
         layer, geo = found

@@ -15,8 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..world.digest import DTYPE_NAMES
+
 from .resolve import ResolvedSlot
 
+TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 RANKED = {"lora_A": 0, "lora_B": 1}  # tensor name -> the dimension that holds the rank
 
 
@@ -89,3 +92,31 @@ def fits(place: Place, shape: tuple[int, ...]) -> bool:
         return False
     dim = RANKED[place.name]
     return all(a == b for i, (a, b) in enumerate(zip(shape, place.shape)) if i != dim) and shape[dim] <= place.shape[dim]
+
+
+def copy_packed(places: list[Place], buffers: dict, bundle) -> bool:
+    """One copy per buffer from the bundle's memory-mapped dtype runs, when the layouts agree.
+
+    They agree when nothing is padded and, for every buffer, the bundle's run of that
+    dtype lists the same tensors in the same order (the spec's canonical order). Returns
+    False, having copied nothing, otherwise.
+    """
+    spans = getattr(bundle, "spans", None)
+    if spans is None or len({p.device for p in places}) != 1:
+        return False
+    by_name = {(s.slot, s.name): s for s in spans}
+    runs: dict[torch.dtype, list[tuple[str, str]]] = {}
+    for p in places:
+        span = by_name.get((p.slot, p.name))
+        if span is None or tuple(span.shape) != p.shape or TORCH_DTYPES.get(span.dtype) != p.dtype:
+            return False
+        runs.setdefault(p.dtype, []).append((p.slot, p.name))
+    stored = {}
+    for s in spans:
+        stored.setdefault(TORCH_DTYPES[s.dtype], []).append((s.slot, s.name))
+    if stored != runs:
+        return False
+    packed = bundle.packed()
+    for (dtype, _), buffer in buffers.items():
+        buffer.copy_(packed[DTYPE_NAMES[dtype]])
+    return True

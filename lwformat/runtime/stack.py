@@ -1,4 +1,4 @@
-"""Apply, weight, swap and remove bundles on a loaded world.
+"""The stack of bundles on a loaded world: apply, weight, swap and remove.
 
 Every operation checks everything first (compatibility, layout, names, weights) and
 only then changes the world; if a change still fails midway, it is rolled back.
@@ -23,7 +23,7 @@ from ..adapters.plan import module_parents
 from ..errors import AlreadyAppliedError, FusedError, LayoutError, NotAppliedError, TargetError
 from ..world.paths import match_block
 from .resolve import ResolvedSlot, resolve, settings_of
-from .storage import Place, allocate, fill, fits, plan_layout, view
+from .storage import Place, allocate, copy_packed, fill, fits, plan_layout, view
 
 if TYPE_CHECKING:
     from ..world.tree import World
@@ -113,10 +113,11 @@ def apply(world: World, bundle: Any, weight: Weight = 1.0, *, name: str | None =
     by_slot: dict[str, dict[str, torch.Tensor]] = {}
     for place in places:
         by_slot.setdefault(place.slot, {})[place.name] = view(buffers, place)
-    for rs in slots:
-        source = bundle.slot_tensors(rs.entry.slot)
-        for tensor_name, target in by_slot[rs.slot].items():
-            fill(target, source[tensor_name], tensor_name)
+    if not copy_packed(places, buffers, bundle):
+        for rs in slots:
+            source = bundle.slot_tensors(rs.entry.slot)
+            for tensor_name, target in by_slot[rs.slot].items():
+                fill(target, source[tensor_name], tensor_name)
     hosts: list[tuple[str, AdapterHost]] = []
     try:
         for rs in slots:
@@ -185,11 +186,13 @@ def swap(world: World, name: str, bundle: Any, *, strict: bool = False) -> None:
             if place is None or not fits(place, shape):
                 stored = place.shape if place else "nothing"
                 raise LayoutError(f"{rs.slot}: {tensor_name} {tuple(shape)} does not fit the stored {stored}", path=rs.slot)
+    packed = copy_packed(applied.places, applied.buffers, bundle)
     for rs in slots:
-        source = bundle.slot_tensors(rs.entry.slot)
         adapter = applied.adapters[rs.slot]
-        for tensor_name in rs.shapes():
-            fill(view(applied.buffers, places[(rs.slot, tensor_name)]), source[tensor_name], tensor_name)
+        if not packed:
+            source = bundle.slot_tensors(rs.entry.slot)
+            for tensor_name in rs.shapes():
+                fill(view(applied.buffers, places[(rs.slot, tensor_name)]), source[tensor_name], tensor_name)
         adapter.settings = settings_of(rs.entry)
         if hasattr(adapter, "scaling"):
             adapter.scaling.fill_(adapter.settings.scaling)
