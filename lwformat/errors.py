@@ -24,12 +24,14 @@
     │   ├── IncompatibleError (ValueError)  a bundle that does not fit a world (`check`)
     │   └── SignatureError                  bundle.sig: missing, malformed, untrusted, or not the files
     │       ├── SigningKeyError (ValueError)        a key file that is not an ECDSA PEM key
+    │       ├── SigningError (ValueError)           a signature that cannot be made as asked
     │       ├── MissingSignatureError (FileNotFoundError)  no signature (or no bundle directory)
     │       ├── MalformedSignatureError (ValueError)  not a Sigstore bundle over a v1.0 statement
     │       ├── UntrustedSignatureError             verifies with none of the given keys
     │       └── SignedFileMismatchError             a file changed, missing, or not signed
     ├── BaseMismatchError (ValueError)  adapters made for another base: a block digest differs
     ├── InteropError (ValueError)       a PEFT or kohya adapter that cannot be imported or exported
+    ├── BlendError (ValueError)         bundles that cannot be blended: kinds, bases or shapes that disagree
     └── RuntimeStateError               applying, swapping, weighting or fusing on a loaded world
         ├── NotAppliedError (KeyError)      no bundle of that name is applied
         ├── AlreadyAppliedError (ValueError) that name is applied already
@@ -208,6 +210,10 @@ class SigningKeyError(SignatureError, ValueError):
     """A key file that is missing, unreadable, or not an ECDSA P-256/P-384/P-521 PEM key."""
 
 
+class SigningError(SignatureError, ValueError):
+    """A signature that cannot be made as asked: a shard size below 1, an empty file signed by shards."""
+
+
 class MissingSignatureError(SignatureError, FileNotFoundError):
     """The bundle directory, or its signature file, does not exist."""
 
@@ -261,3 +267,18 @@ class LayoutError(RuntimeStateError, ValueError):
 
 class FusedError(RuntimeStateError):
     """The world is fused: unfuse before changing its adapters, or cannot fuse this adapter."""
+
+
+# -- blending bundles (lwformat/runtime/blend.py) -----------------------------------------------
+
+
+class BlendError(LWFormatError, ValueError):
+    """Bundles that cannot be blended, or a blend request that makes no sense.
+
+    ``path`` names the slot (``block/path:module.path``) or block where the parents disagree
+    or no blending maths exists (DoRA, mixed kinds); ``parents`` names the bundles involved.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, parents: tuple[str, ...] = ()) -> None:
+        super().__init__(message, path=path)
+        self.parents = parents

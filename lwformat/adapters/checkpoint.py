@@ -30,12 +30,18 @@ FORMAT = "lwadapters/1"
 
 
 def adapter_tensors(world: World) -> dict[str, torch.Tensor]:
-    """The live adapter tensors, named ``<slot>.<tensor>``."""
+    """The live tensors of the world's trainable adapters (its customization), ``<slot>.<tensor>``.
+
+    Bundles applied on top (other names in the hosts' banks) are not part of it.
+    """
+    if world.customization is None:
+        return {}
+    name = world.customization[0].name
     return {
-        f"{slot}.{name}": t
+        f"{slot}.{tensor}": t
         for slot, host in iter_hosts(world)
-        for adapter in host.adapters.values()
-        for name, t in adapter.state_dict(keep_vars=True).items()
+        if name in host.adapters
+        for tensor, t in host.adapters[name].state_dict(keep_vars=True).items()
     }
 
 

@@ -15,7 +15,7 @@ import re
 
 from ..errors import WorldConfigError
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*\Z")
 DEPTH = 4  # stage / pipeline / graph / node
 
 

@@ -1,0 +1,167 @@
+"""Canonical JSON (spec/lwbundle-v1.md, "Canonical JSON"): one value, one byte string.
+
+    value    = object | array | string | integer | float | true | false | null
+    object   = "{" members sorted by key, compared by Unicode code point, "," between, "}"
+    member   = string ":" value           (no whitespace anywhere outside strings)
+    string   = '"' chars '"', UTF-8; escaped: '"' -> \\" , '\\' -> \\\\ , U+0008 \\b, U+0009 \\t,
+               U+000A \\n, U+000C \\f, U+000D \\r, other U+0000..U+001F -> \\u00xx (lowercase hex);
+               every other code point literal
+    integer  = decimal, no leading zeros, "-" for negatives;  |n| <= 2^53 - 1
+    float    = finite; the shortest decimal that reads back to the same binary64 value,
+               written as Python's repr: digits "." digits when 1e-4 <= |x| < 1e16
+               (at least one digit after the point), else d[.ddd]e(+|-)XX (two exponent digits at least)
+
+Readers accept any RFC 8259 JSON that is valid UTF-8 and refuse: duplicate keys, NaN and
+Infinity, numbers that overflow binary64, integers past 2^53 - 1, lone surrogates, and
+nesting deeper than 32. Writers emit canonical bytes and leave out optional fields that
+hold their default. A manifest's identity is the sha256 of the canonical bytes of its
+JSON value (unknown fields included), so a reader of an older minor version computes
+the same identity as the writer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from typing import Any
+
+import msgspec
+
+from ..errors import BundleFormatError, UnsupportedVersionError
+from . import limits
+from .manifest import MANIFEST, SPEC_MAJOR, Manifest
+from .rules import check_manifest
+
+_SPEC = re.compile(r"lwbundle/([0-9]{1,6})\.([0-9]{1,6})")
+_AT = re.compile(r" - at `(\$[^`]*)`$")
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {dup!r}")
+    return out
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} overflows binary64")
+    return value
+
+
+def check_value(value: Any, *, path: str | None = None, depth: int = 0, at: str = "$") -> None:
+    """Refuse what has no canonical form: see the module docstring."""
+    if depth > limits.MAX_JSON_DEPTH:
+        raise BundleFormatError(f"{at}: nested deeper than {limits.MAX_JSON_DEPTH}", path=path, field=at)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise BundleFormatError(f"{at}: object key {key!r} is not a string", path=path, field=at)
+            check_value(key, path=path, depth=depth, at=at)
+            check_value(item, path=path, depth=depth + 1, at=f"{at}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_value(item, path=path, depth=depth + 1, at=f"{at}[{i}]")
+    elif isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BundleFormatError(f"{at}: string holds a lone surrogate", path=path, field=at) from None
+    elif isinstance(value, bool) or value is None:
+        pass
+    elif isinstance(value, int):
+        if abs(value) > limits.MAX_JSON_INT:
+            raise BundleFormatError(f"{at}: integer {value} is beyond ±(2^53 - 1)", path=path, field=at)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise BundleFormatError(f"{at}: {value} is not a finite number", path=path, field=at)
+    else:
+        raise BundleFormatError(f"{at}: {type(value).__name__} is not a JSON value", path=path, field=at)
+
+
+def parse(data: bytes, *, path: str) -> Any:
+    """Strict JSON bytes -> Python value (dict, list, str, int, float, bool, None)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BundleFormatError(f"{path}: not UTF-8 (byte {exc.start})", path=path) from None
+    if text.startswith("\ufeff"):
+        raise BundleFormatError(f"{path}: starts with a byte order mark", path=path)
+    try:
+        value = json.loads(
+            text, object_pairs_hook=_refuse_duplicates, parse_constant=_refuse_constant, parse_float=_finite
+        )
+    except json.JSONDecodeError as exc:
+        raise BundleFormatError(f"{path}: invalid JSON at byte {exc.pos}: {exc.msg}", path=path) from None
+    except (ValueError, RecursionError) as exc:
+        raise BundleFormatError(f"{path}: invalid JSON: {exc or 'nested too deeply'}", path=path) from None
+    check_value(value, path=path)
+    return value
+
+
+def encode(value: Any, *, path: str | None = None) -> bytes:
+    """The canonical bytes of a JSON value."""
+    check_value(value, path=path)
+    # json.dumps with these options is exactly the canonical form: code-point key order,
+    # float repr, the short escapes plus \u00xx, every other character literal.
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return text.encode("utf-8")
+
+
+def canonicalize(data: bytes, *, path: str = MANIFEST) -> bytes:
+    """Any valid JSON bytes -> the canonical bytes of the same value."""
+    return encode(parse(data, path=path), path=path)
+
+
+def is_canonical(data: bytes) -> bool:
+    return canonicalize(data) == data
+
+
+def manifest_id(data: bytes) -> str:
+    """A manifest's identity: hex sha256 of its canonical bytes."""
+    return hashlib.sha256(canonicalize(data)).hexdigest()
+
+
+def check_version(value: Any) -> None:
+    """Refuse an unknown major version before looking at anything else."""
+    spec = value.get("spec") if isinstance(value, dict) else None
+    m = _SPEC.fullmatch(spec) if isinstance(spec, str) else None
+    if m and int(m[1]) != SPEC_MAJOR:
+        raise UnsupportedVersionError(
+            f"{MANIFEST}: spec {spec!r} has major version {int(m[1])}; this reader implements {SPEC_MAJOR}.x",
+            path=MANIFEST, found=spec, supported=SPEC_MAJOR,
+        )  # fmt: skip
+
+
+def typed(value: Any) -> Manifest:
+    """A JSON value -> a validated `Manifest` (schema, then the rules the schema cannot say)."""
+    try:
+        manifest = msgspec.convert(value, Manifest)
+    except msgspec.ValidationError as exc:
+        m = _AT.search(str(exc))
+        raise BundleFormatError(f"{MANIFEST}: {exc}", path=MANIFEST, field=m[1] if m else "$") from None
+    check_manifest(manifest)
+    return manifest
+
+
+def loads(data: bytes) -> Manifest:
+    """Manifest bytes (any valid JSON, canonical or not) -> `Manifest`."""
+    limits.ensure(len(data), limits.MAX_MANIFEST_BYTES, "MAX_MANIFEST_BYTES", "manifest size", path=MANIFEST)
+    value = parse(data, path=MANIFEST)
+    check_version(value)
+    return typed(value)
+
+
+def dumps(manifest: Manifest) -> bytes:
+    """`Manifest` -> its canonical bytes; refuses a manifest that breaks the spec."""
+    checked = typed(msgspec.to_builtins(manifest))  # also turns ints given for floats into floats
+    return encode(msgspec.to_builtins(checked), path=MANIFEST)

@@ -1,0 +1,58 @@
+"""The directory form on disk: a flat directory of regular files, read without following links."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import BinaryIO
+
+from ..errors import BundleFormatError, UnsafePathError
+from . import limits
+
+
+def open_member(root: Path, name: str) -> BinaryIO:
+    """Open ``root/name`` for reading; a link or a non-regular file is refused."""
+    try:
+        fd = os.open(root / name, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        if (root / name).is_symlink():
+            raise UnsafePathError(f"{name}: a link; bundle files are regular files", path=name) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafePathError(f"{name}: not a regular file", path=name)
+    return os.fdopen(fd, "rb")
+
+
+def read_member(root: Path, name: str, maximum: int, limit: str) -> bytes:
+    """A small file's bytes, its size bounded before it is read."""
+    with open_member(root, name) as f:
+        limits.ensure(os.fstat(f.fileno()).st_size, maximum, limit, "file size", path=name)
+        data = f.read(maximum + 1)  # the file may grow between fstat and read
+    limits.ensure(len(data), maximum, limit, "file size", path=name)
+    return data
+
+
+def list_members(root: Path) -> dict[str, int]:
+    """``{name: size}`` of every file in the bundle directory; links, devices, subdirectories refused."""
+    out: dict[str, int] = {}
+    with os.scandir(root) as entries:
+        for entry in entries:
+            limits.ensure(len(out) + 1, limits.MAX_MEMBERS, "MAX_MEMBERS", "file count", path=str(root))
+            if entry.is_symlink():
+                raise UnsafePathError(f"{entry.name}: a link; bundle files are regular files", path=entry.name)
+            if entry.is_dir(follow_symlinks=False):
+                raise BundleFormatError(f"{entry.name}: a subdirectory; a bundle is flat", path=entry.name)
+            if not entry.is_file(follow_symlinks=False):
+                raise UnsafePathError(f"{entry.name}: not a regular file", path=entry.name)
+            out[entry.name] = entry.stat(follow_symlinks=False).st_size
+    return out
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,191 @@
+"""Open a bundle, directory or archive, checking its structure before loading any tensor.
+
+`Bundle.open` reads and validates the manifest, lists the directory (regular files
+only: exactly manifest.json, the listed files and optionally bundle.sig), checks
+every listed file's size, and checks the weights header against the manifest. Only
+then are tensors read, lazily, through `safetensors.safe_open` (memory-mapped).
+
+An archive (a file) is first unpacked, safely, into a private temporary directory:
+memory-mapping needs a plain file, and zstd streams cannot be seeked. The copy is
+removed by `close()` (or when the `Bundle` is collected). Hashes are not checked
+here; `verify.verify_files` does that.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import BundleFormatError, BundleNotFoundError, IntegrityError, SlotNotFoundError
+from ..world.digest import DTYPE_NAMES
+from . import limits
+from .canonical import loads, manifest_id
+from .files import list_members, open_member, read_member
+from .layout import TensorSpan, check_header, read_prefix
+from .manifest import MANIFEST, SIGNATURE, WEIGHTS, Manifest, SlotEntry
+
+TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+_SAFE_STEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}")
+
+
+class Bundle:
+    """An open bundle: its manifest, and its tensors read lazily in canonical order.
+
+    ``path`` is the directory holding the files (a private copy for an archive),
+    ``source`` what was opened, ``spans`` every tensor in canonical order with its
+    offsets into the data section, which starts at byte ``data_offset`` of the weights file.
+    """
+
+    def __init__(self, path: Path, source: Path, manifest_bytes: bytes, manifest: Manifest,
+                 spans: list[TensorSpan], data_offset: int, tmp: Path | None = None) -> None:  # fmt: skip
+        self.path = path
+        self.source = source
+        self.manifest_bytes = manifest_bytes
+        self.manifest = manifest
+        self.spans = tuple(spans)
+        self.data_offset = data_offset
+        self._by_slot: dict[str, list[TensorSpan]] = {}
+        for span in self.spans:
+            self._by_slot.setdefault(span.slot, []).append(span)
+        self._file = None
+        self._cleanup = weakref.finalize(self, shutil.rmtree, tmp, True) if tmp is not None else None
+
+    # -- opening ---------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, tmp_dir: str | os.PathLike | None = None) -> Bundle:
+        """Open a bundle directory or a ``.lwb`` archive; raises a `BundleError` naming what is wrong."""
+        source = Path(path)
+        if source.is_dir():
+            return cls._open_dir(source, source)
+        if not source.is_file():
+            raise BundleNotFoundError(f"{source}: no bundle directory or archive here", path=str(source))
+        from .archive import unpack
+
+        tmp = Path(tempfile.mkdtemp(prefix="lwbundle-", dir=tmp_dir))
+        try:
+            # named after the archive, so the directory looks like the one that was packed
+            stem = source.name.removesuffix(".lwb")
+            folder = unpack(source, tmp / (stem if _SAFE_STEM.fullmatch(stem) else "bundle"))
+            return cls._open_dir(folder, source, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @classmethod
+    def _open_dir(cls, root: Path, source: Path, tmp: Path | None = None) -> Bundle:
+        present = list_members(root)
+        if MANIFEST not in present:
+            raise BundleFormatError(f"{root}: no {MANIFEST}", path=MANIFEST)
+        data = read_member(root, MANIFEST, limits.MAX_MANIFEST_BYTES, "MAX_MANIFEST_BYTES")
+        manifest = loads(data)
+        listed = {f.path: f for f in manifest.files}
+        for name in sorted(present):
+            if name not in listed and name not in (MANIFEST, SIGNATURE):
+                raise BundleFormatError(f"{name}: a file the manifest does not list", path=name)
+        if SIGNATURE in present:
+            sig = present[SIGNATURE]
+            limits.ensure(sig, limits.MAX_SIGNATURE_BYTES, "MAX_SIGNATURE_BYTES", "file size", path=SIGNATURE)
+        for name, entry in sorted(listed.items()):
+            if name not in present:
+                why = f"{name}: listed in the manifest but missing"
+                raise IntegrityError(why, path=name, expected=entry.size, found=None)
+            if present[name] != entry.size:
+                raise IntegrityError(
+                    f"{name}: {present[name]} bytes, the manifest says {entry.size}",
+                    path=name, expected=entry.size, found=present[name],
+                )  # fmt: skip
+        spans, data_offset = _check_weights(root, manifest, listed[WEIGHTS].size)
+        return cls(root, source, data, manifest, spans, data_offset, tmp)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    @property
+    def manifest_id(self) -> str:
+        """Hex sha256 of the canonical manifest bytes: the bundle's identity."""
+        return manifest_id(self.manifest_bytes)
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / WEIGHTS
+
+    @property
+    def signed(self) -> bool:
+        return (self.path / SIGNATURE).is_file()
+
+    @property
+    def slots(self) -> dict[str, SlotEntry]:
+        """``{"block/path:module.path": entry}`` in manifest order."""
+        return {s.slot: s for s in self.manifest.slots}
+
+    def _st(self):
+        if self._file is None:
+            self._file = safe_open(str(self.weights_path), framework="pt")
+        return self._file
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor by key (``<slot>.<name>``), in canonical order."""
+        f = self._st()
+        return {s.key: f.get_tensor(s.key) for s in self.spans}
+
+    def slot_tensors(self, slot: str) -> dict[str, torch.Tensor]:
+        """One slot's tensors by name (``lora_A``...)."""
+        if slot not in self._by_slot:
+            raise SlotNotFoundError(f"{slot}: no such slot in {self.manifest.name}", path=slot)
+        f = self._st()
+        return {s.name: f.get_tensor(s.key) for s in self._by_slot[slot]}
+
+    def packed(self) -> dict[str, torch.Tensor]:
+        """``{dtype name: 1-D tensor}``: each dtype's contiguous run of the data section.
+
+        The tensors map the file copy-on-write: no copy is made until one is written.
+        A span of dtype ``d`` is ``packed()[d][(begin - run_begin) // itemsize :][:numel]``.
+        """
+        runs: dict[str, tuple[int, int]] = {}
+        for s in self.spans:
+            b, e = runs.get(s.dtype, (s.begin, s.end))
+            runs[s.dtype] = (min(b, s.begin), max(e, s.end))
+        with open_member(self.path, WEIGHTS) as f:
+            size = os.fstat(f.fileno()).st_size
+            buf = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else b""
+        out = {}
+        for dtype, (b, e) in runs.items():
+            t = TORCH_DTYPES[dtype]
+            count = (e - b) // t.itemsize
+            if not count:  # frombuffer refuses empty views
+                out[dtype] = torch.empty(0, dtype=t)
+                continue
+            out[dtype] = torch.frombuffer(buf, dtype=t, count=count, offset=self.data_offset + b)  # (count,)
+        return out
+
+    def close(self) -> None:
+        self._file = None
+        if self._cleanup is not None:
+            self._cleanup()
+
+    def __enter__(self) -> Bundle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"Bundle({m.name}@{m.version}, {len(m.slots)} slots, {len(self.spans)} tensors, {str(self.source)!r})"
+
+
+def _check_weights(root: Path, manifest: Manifest, size: int) -> tuple[list[TensorSpan], int]:
+    with open_member(root, WEIGHTS) as f:
+        n = read_prefix(f.read(8), size)
+        header = f.read(n)
+    if len(header) != n:
+        raise BundleFormatError(f"{WEIGHTS}: header cut short", path=WEIGHTS)
+    return check_header(header, size - 8 - n, manifest), 8 + n

@@ -1,0 +1,126 @@
+"""Write a customized world's adapters as a bundle directory, all or nothing.
+
+The manifest is built and validated first, with the weights file's size and chunk
+count known from the layout, so a bad name or version fails before a byte is written.
+The files are written into a temporary sibling directory, flushed to disk, and the
+directory is renamed into place: a reader sees a whole bundle or none.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ..errors import BundleExistsError, BundleFormatError, BundleNotFoundError, TargetError
+from ..world.digest import DTYPE_NAMES, tensor_bytes
+from .canonical import dumps
+from .files import fsync_dir
+from .hashing import FileHasher
+from .layout import header_bytes, plan_layout
+from .manifest import (
+    DEFAULT_CHUNK,
+    MANIFEST,
+    SPEC,
+    WEIGHTS,
+    BaseBinding,
+    FileEntry,
+    Manifest,
+    Parent,
+    SlotEntry,
+    TensorEntry,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..adapters.plan import SlotPlan
+    from ..world.tree import World
+
+
+def _slot_entry(plan: SlotPlan, live: Mapping[str, torch.Tensor]) -> SlotEntry:
+    prefix = plan.slot + "."
+    tensors = {}
+    for key, t in live.items():
+        if key.startswith(prefix) and "." not in key[len(prefix):]:
+            if t.dtype not in DTYPE_NAMES:
+                raise BundleFormatError(f"{key}: dtype {t.dtype} has no safetensors name", path=WEIGHTS, field=key)
+            tensors[key[len(prefix):]] = TensorEntry(key=key, dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape))
+    return SlotEntry(
+        block=plan.block_path, module=plan.module_path, kind=plan.kind, layer=plan.layer, tensors=tensors,
+        rank=plan.rank, alpha=float(plan.alpha), rslora=plan.rslora,
+    )  # fmt: skip
+
+
+def build_manifest(world: World, *, name: str, version: str, chunk_size: int = DEFAULT_CHUNK,
+                   description: str = "", license: str = "", tags: Iterable[str] = (),
+                   provenance: Mapping[str, Any] | None = None, parents: Iterable[Parent] = ()) -> Manifest:  # fmt: skip
+    """The manifest of `world`'s adapters, its file list still empty."""
+    from ..adapters.checkpoint import adapter_tensors
+    from ..adapters.plan import iter_hosts
+
+    if world.customization is None:
+        raise TargetError("the world carries no adapters to write; call customize() first")
+    _, plan = world.customization
+    for slot, host in iter_hosts(world):
+        if len(host.adapters) != 1:  # adapter_tensors names tensors by slot: two adapters would collide
+            raise TargetError(f"{slot}: carries {len(host.adapters)} adapters; a bundle holds one per slot", path=slot)
+    live = adapter_tensors(world)
+    digests = world.digests()
+    return Manifest(
+        spec=SPEC, name=name, version=version,
+        base=BaseBinding(root=world.root_digest(), blocks={b: digests[b] for b in plan.blocks()}),
+        slots=[_slot_entry(s, live) for s in plan.slots], files=[], chunk_size=chunk_size,
+        description=description, license=license, tags=list(tags), provenance=dict(provenance or {}),
+        parents=list(parents),
+    )  # fmt: skip
+
+
+def write_bundle(world: World, out_dir: str | os.PathLike, *, name: str, version: str, description: str = "",
+                 license: str = "", tags: Iterable[str] = (), provenance: Mapping[str, Any] | None = None,
+                 parents: Iterable[Parent] = (), chunk_size: int = DEFAULT_CHUNK) -> Manifest:  # fmt: skip
+    """Write `world`'s adapters to the new directory `out_dir`; return the manifest written."""
+    from ..adapters.checkpoint import adapter_tensors
+
+    target = Path(out_dir)
+    if target.exists() or target.is_symlink():
+        raise BundleExistsError(f"{target}: already exists; bundles are never overwritten", path=str(target))
+    if not target.parent.is_dir():
+        raise BundleNotFoundError(f"{target.parent}: no such directory to write the bundle in", path=str(target.parent))
+    draft = build_manifest(world, name=name, version=version, chunk_size=chunk_size, description=description,
+                           license=license, tags=tags, provenance=provenance, parents=parents)  # fmt: skip
+    spans = plan_layout(draft)
+    header = header_bytes(spans)
+    size = len(header) + sum(s.nbytes for s in spans)
+    placeholder = FileEntry(path=WEIGHTS, size=size, sha256="0" * 64, chunks=["0" * 64] * -(-size // chunk_size))
+    dumps(msgspec.structs.replace(draft, files=[placeholder]))  # validates everything before writing
+    live = adapter_tensors(world)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        hasher = FileHasher(chunk_size)
+        with open(tmp / WEIGHTS, "xb") as f:
+            for piece in (header, *(tensor_bytes(live[s.key]) for s in spans)):
+                f.write(piece)
+                hasher.update(piece)
+            f.flush()
+            os.fsync(f.fileno())
+        if hasher.size != size:
+            raise BundleFormatError(f"{WEIGHTS}: wrote {hasher.size} bytes, the layout needs {size}", path=WEIGHTS)
+        manifest = msgspec.structs.replace(draft, files=[hasher.entry(WEIGHTS)])
+        with open(tmp / MANIFEST, "xb") as f:
+            f.write(dumps(manifest))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        fsync_dir(tmp)
+        os.rename(tmp, target)
+        fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest

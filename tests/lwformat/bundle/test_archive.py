@@ -1,0 +1,89 @@
+"""The archive form: exact ustar headers, standard tools in both directions, safe unpacking."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+
+import pytest
+import zstandard
+
+from lwformat.bundle.archive import pack, unpack
+from lwformat.bundle.read import Bundle
+from lwformat.errors import BundleExistsError, BundleFormatError, UnsafePathError
+
+from tests.lwformat.bundle.tiny import VECTORS, tree_bytes, write_tiny
+
+
+def _gnu_tar_with_zstd() -> bool:
+    if shutil.which("tar") is None or shutil.which("zstd") is None:
+        return False
+    return subprocess.run(["tar", "--help"], capture_output=True, text=True).stdout.count("--zstd") > 0
+
+
+needs_tar = pytest.mark.skipif(not _gnu_tar_with_zstd(), reason="needs GNU tar with --zstd and the zstd program")
+
+
+def test_archive_bytes_follow_the_spec(tmp_path):
+    folder = write_tiny(tmp_path)
+    pack(folder, tmp_path / "b.lwb")
+    data = (tmp_path / "b.lwb").read_bytes()
+    params = zstandard.get_frame_parameters(data)
+    tar_bytes = zstandard.ZstdDecompressor().decompress(data)
+    assert params.content_size == len(tar_bytes) and params.has_checksum and params.dict_id == 0
+    sizes = {p.name: p.stat().st_size for p in folder.iterdir()}
+    assert len(tar_bytes) == sum(512 + -(-s // 512) * 512 for s in sizes.values()) + 1024  # no record padding
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes), format=tarfile.USTAR_FORMAT) as archive:
+        members = archive.getmembers()
+        assert [m.name for m in members] == sorted(sizes)
+        for m in members:
+            assert (m.type, m.mode, m.uid, m.gid, m.uname, m.gname, m.mtime) == (tarfile.REGTYPE, 0o644, 0, 0, "", "", 0)
+            assert m.pax_headers == {} and m.size == sizes[m.name]
+            assert archive.extractfile(m).read() == (folder / m.name).read_bytes()
+    first = tar_bytes[:512]
+    assert first[257:265] == b"ustar\x0000" and first[100:108] == b"0000644\x00" and first[136:148] == b"0" * 11 + b"\x00"
+
+
+@needs_tar
+def test_gnu_tar_unpacks_our_archives(tmp_path):
+    folder = write_tiny(tmp_path)
+    pack(folder, tmp_path / "b.lwb")
+    (tmp_path / "out").mkdir()
+    subprocess.run(["tar", "--zstd", "-xf", str(tmp_path / "b.lwb"), "-C", str(tmp_path / "out")], check=True)
+    assert tree_bytes(tmp_path / "out") == tree_bytes(folder)
+
+
+@needs_tar
+def test_we_open_archives_made_by_gnu_tar(tmp_path):
+    folder = write_tiny(tmp_path)
+    names = sorted(os.listdir(folder))
+    subprocess.run(["tar", "--zstd", "--format=gnu", "-cf", str(tmp_path / "gnu.lwb"), "-C", str(folder), *names], check=True)
+    with Bundle.open(tmp_path / "gnu.lwb") as bundle:
+        assert tree_bytes(bundle.path) == tree_bytes(folder)
+
+
+def test_unpack_is_all_or_nothing(tmp_path):
+    # the bad member comes after good ones: manifest.json and adapters.safetensors are written first
+    with pytest.raises(UnsafePathError):
+        unpack(VECTORS / "device-member.lwb", tmp_path / "out")
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "out").mkdir()
+    with pytest.raises(BundleExistsError):
+        unpack(VECTORS / "valid.lwb", tmp_path / "out")
+    assert os.listdir(tmp_path / "out") == []
+    unpack(VECTORS / "valid.lwb", tmp_path / "fresh")
+    assert tree_bytes(tmp_path / "fresh") == tree_bytes(VECTORS / "valid-dir")
+
+
+def test_pack_refuses_an_invalid_bundle_and_an_existing_target(tmp_path):
+    folder = write_tiny(tmp_path)
+    (tmp_path / "b.lwb").write_bytes(b"")
+    with pytest.raises(BundleExistsError):
+        pack(folder, tmp_path / "b.lwb")
+    (folder / "stray.txt").write_text("not listed")
+    with pytest.raises(BundleFormatError, match="does not list"):
+        pack(folder, tmp_path / "c.lwb")
+    assert not (tmp_path / "c.lwb").exists()

@@ -1,0 +1,228 @@
+"""Canonical JSON and the manifest's bytes: golden strings written by hand, properties by hypothesis."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from decimal import ROUND_FLOOR, Decimal
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lwformat.bundle.canonical import canonicalize, dumps, encode, is_canonical, loads, manifest_id
+from lwformat.bundle.manifest import SPEC, BaseBinding, FileEntry, Manifest, Parent, SlotEntry, TensorEntry
+from lwformat.errors import BundleFormatError, BundleLimitError, UnsupportedVersionError
+
+H = "ab" * 32
+
+
+def small_manifest(**changes) -> Manifest:
+    slot = SlotEntry(
+        block="author/narrate/text/llm", module="blocks.0.attn", kind="lora", layer="linear", rank=2, alpha=4.0,
+        tensors={"lora_A": TensorEntry("author/narrate/text/llm:blocks.0.attn.lora_A", "F32", [2, 8])},
+    )  # fmt: skip
+    fields = dict(
+        spec=SPEC, name="author/noir", version="1.0.0",
+        base=BaseBinding(root="sha256:" + H, blocks={"author/narrate/text/llm": "sha256:" + H}),
+        slots=[slot], files=[FileEntry("adapters.safetensors", 10, H, [H])], chunk_size=1 << 16,
+    )  # fmt: skip
+    return Manifest(**{**fields, **changes})
+
+
+# -- the encoding, byte for byte ---------------------------------------------------------------
+
+
+def test_golden_encoding():
+    value = {"b": 1, "a": [1.0, 1e16, 1e-05, -0.0, 0.0001, 123.25, -7], "é": None, "Z": True, "s": "\u2028\x7f\x01é\"\\/\n\t"}
+    want = (
+        '{"Z":true,"a":[1.0,1e+16,1e-05,-0.0,0.0001,123.25,-7],"b":1,'
+        '"s":"\u2028\x7f\\u0001é\\"\\\\/\\n\\t","é":null}'
+    )
+    assert encode(value) == want.encode("utf-8")
+
+
+def test_keys_sort_by_code_point_not_utf16():
+    # U+FFFF < U+1F600 by code point; in UTF-16 units the emoji (0xD83D...) would come first
+    assert encode({"\U0001f600": 1, "\uffff": 2, "a": 3}) == '{"a":3,"\uffff":2,"\U0001f600":1}'.encode()
+
+
+def test_golden_manifest_bytes():
+    m = small_manifest(description="", tags=[])  # defaults are left out
+    want = (
+        '{"base":{"blocks":{"author/narrate/text/llm":"sha256:' + H + '"},"root":"sha256:' + H + '"},'
+        '"chunk_size":65536,"files":[{"chunks":["' + H + '"],"path":"adapters.safetensors","sha256":"' + H + '","size":10}],'
+        '"name":"author/noir","slots":[{"alpha":4.0,"block":"author/narrate/text/llm","kind":"lora","layer":"linear",'
+        '"module":"blocks.0.attn","rank":2,"tensors":{"lora_A":{"dtype":"F32",'
+        '"key":"author/narrate/text/llm:blocks.0.attn.lora_A","shape":[2,8]}}}],"spec":"lwbundle/1.0","version":"1.0.0"}'
+    )
+    assert dumps(m) == want.encode()
+    assert manifest_id(want.encode()) == hashlib.sha256(want.encode()).hexdigest()
+
+
+def _shortest(x: float) -> tuple[str, int]:
+    """Digits d1..dn and exponent e of the shortest decimal d1.d2..dn x 10^e reading back as x > 0:
+    of that length, the nearest to x, and of two equally near, the one ending in an even digit."""
+    exact = Decimal(x)
+    for n in range(1, 18):
+        e = exact.adjusted()
+        unit = Decimal(1).scaleb(e - n + 1)  # one unit in the n-th digit
+        low = (exact / unit).to_integral_value(ROUND_FLOOR)
+        found = [(abs(exact - c * unit), c % 2, c) for c in (low, low + 1) if float(c * unit) == x]
+        if found:
+            c = min(found)[2]
+            digits = str(c)
+            if len(digits) > n:  # rounding up carried into a new digit (9.99 -> 10.0)
+                digits, e = digits[:n], e + 1
+            return digits.rstrip("0") or "0", e
+    raise AssertionError(x)
+
+
+def _expected_float(x: float) -> str:
+    """The spec's float rule, re-implemented from its text."""
+    if x == 0:
+        return "-0.0" if math.copysign(1, x) < 0 else "0.0"
+    digits, e = _shortest(abs(x))
+    sign = "-" if x < 0 else ""
+    if -4 <= e <= 15:
+        point = e + 1
+        if point <= 0:
+            return f"{sign}0.{'0' * -point}{digits}"
+        whole, frac = digits[:point].ljust(point, "0"), digits[point:]
+        return f"{sign}{whole}.{frac or '0'}"
+    frac = f".{digits[1:]}" if len(digits) > 1 else ""
+    return f"{sign}{digits[0]}{frac}e{'-' if e < 0 else '+'}{abs(e):02d}"
+
+
+@pytest.mark.parametrize("x", [2.0**-24, 0.1, 1e16, 1e15, 9.999999999999999e22, 5e-324, 1.7976931348623157e308, 0.3])
+def test_float_edge_cases(x):
+    assert encode([x]).decode()[1:-1] == _expected_float(x)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_floats_follow_the_spec_rule(x):
+    out = encode([x]).decode()[1:-1]
+    assert out == _expected_float(x)
+    assert float(out) == x and math.copysign(1, float(out)) == math.copysign(1, x)
+
+
+# -- properties over manifests -----------------------------------------------------------------
+
+hexes = st.text("0123456789abcdef", min_size=64, max_size=64)
+json_leaf = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**53) + 1, 2**53 - 1),
+    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8),
+)  # fmt: skip
+json_value = st.recursive(json_leaf, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=5), kids, max_size=3), max_leaves=8)
+names = st.from_regex(r"\A[a-z0-9][a-z0-9_.\-]{0,6}/[a-z0-9][a-z0-9_.\-]{0,6}\Z")
+
+
+@st.composite
+def manifests(draw) -> Manifest:
+    size = draw(st.integers(0, 1 << 20))
+    chunk = draw(st.sampled_from([1 << 16, 1 << 20]))
+    return small_manifest(
+        name=draw(names),
+        version=f"{draw(st.integers(0, 99))}.{draw(st.integers(0, 99))}.{draw(st.integers(0, 99))}",
+        files=[FileEntry("adapters.safetensors", size, draw(hexes), [draw(hexes)] * -(-size // chunk))],
+        chunk_size=chunk,
+        description=draw(st.text(max_size=20)),
+        tags=draw(st.lists(st.text(max_size=5), max_size=3)),
+        provenance=draw(st.dictionaries(st.text(max_size=5), json_value, max_size=3)),
+        parents=draw(st.lists(st.builds(Parent, names, st.just("1.0.0"), st.floats(-2, 2), hexes), max_size=2)),
+    )  # fmt: skip
+
+
+@settings(max_examples=120, deadline=None)
+@given(manifests())
+def test_dumps_is_a_fixed_point_and_canonical(m):
+    data = dumps(m)
+    assert dumps(loads(data)) == data
+    assert is_canonical(data)
+    pairs: list[list[str]] = []
+    json.loads(data, object_pairs_hook=lambda kv: pairs.append([k for k, _ in kv]) or dict(kv))
+    assert all(keys == sorted(keys) for keys in pairs)
+
+
+@settings(max_examples=60, deadline=None)
+@given(manifests())
+def test_any_valid_spelling_reads_to_the_same_manifest_and_identity(m):
+    data = dumps(m)
+    pretty = json.dumps(json.loads(data), indent=3, ensure_ascii=True).encode()  # other order of bytes, escapes
+    assert loads(pretty) == loads(data)
+    assert canonicalize(pretty) == data and manifest_id(pretty) == manifest_id(data)
+
+
+# -- what readers refuse -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda d: d.replace(b'"name":"author/noir"', b'"name":"author/noir","name":"a/b"'), None),
+        (lambda d: d.replace(b'"alpha":4.0', b'"alpha":NaN'), None),
+        (lambda d: d.replace(b'"alpha":4.0', b'"alpha":Infinity'), None),
+        (lambda d: d.replace(b'"alpha":4.0', b'"alpha":1e400'), None),
+        (lambda d: d.replace(b'"chunk_size":65536', b'"chunk_size":9007199254740992'), "$.chunk_size"),
+        (lambda d: b"\xef\xbb\xbf" + d, None),
+        (lambda d: d.replace(b"noir", b"no\xffr"), None),
+        (lambda d: d.replace(b'"version":"1.0.0"', b'"version":"1.0.0","x":"\\ud800"'), "$.x"),
+        (lambda d: d.replace(b'"version":"1.0.0"', b'"version":"1.0.0","x":' + b"[" * 40 + b"]" * 40), None),
+        (lambda d: d.replace(b'"name":"author/noir"', b'"name":"author/noir\\n"'), "$.name"),
+        (lambda d: d.replace(b'"version":"1.0.0"', b'"version":"\\u0661.0.0"'), "$.version"),
+        (lambda d: d.replace(b'"rank":2', b'"rank":-1'), "$.slots[0].rank"),
+        (lambda d: d.replace(b'"shape":[2,8]', b'"shape":[2,8,1,1,1,1,1,1,1]'), "$.slots[0].tensors.lora_A.shape"),
+        (lambda d: d.replace(b'"spec":"lwbundle/1.0"', b'"spec":"lwbundle/01.0"'), "$.spec"),
+        (lambda d: d.replace(b'"size":10', b'"size":70000'), "$.files[0].chunks"),
+        (lambda d: d.replace(b'"path":"adapters.safetensors"', b'"path":"../adapters.safetensors"'), "$.files[0].path"),
+        (lambda d: b"[" + d + b"]", "$"),
+    ],
+)
+def test_loads_refuses(change, field):
+    data = change(dumps(small_manifest()))
+    with pytest.raises(BundleFormatError) as info:
+        loads(data)
+    assert info.value.path == "manifest.json"
+    if field is not None:
+        assert info.value.field is not None and info.value.field.startswith(field)
+
+
+def test_unknown_major_is_refused_before_anything_else():
+    with pytest.raises(UnsupportedVersionError) as info:
+        loads(b'{"spec":"lwbundle/2.0","name":"NOT VALID"}')
+    assert (info.value.found, info.value.supported, info.value.field) == ("lwbundle/2.0", 1, "$.spec")
+
+
+def test_manifest_size_is_bounded_before_parsing():
+    with pytest.raises(BundleLimitError) as info:
+        loads(b" " * ((4 << 20) + 1))
+    assert info.value.limit == "MAX_MANIFEST_BYTES"
+
+
+def test_newer_minor_is_read_and_its_unknown_fields_count_for_identity():
+    base = json.loads(dumps(small_manifest()))
+    newer = {**base, "spec": "lwbundle/1.7", "future": {"x": 1}}
+    newer_bytes = encode(newer)
+    m = loads(newer_bytes)
+    assert m.spec == "lwbundle/1.7" and m.name == "author/noir"
+    assert manifest_id(newer_bytes) == hashlib.sha256(newer_bytes).hexdigest()
+    assert manifest_id(newer_bytes) != manifest_id(encode({**newer, "future": {"x": 2}}))
+
+
+def test_integers_for_float_fields_are_read_and_written_as_floats():
+    data = dumps(small_manifest()).replace(b'"alpha":4.0', b'"alpha":4')
+    m = loads(data)
+    assert m.slots[0].alpha == 4.0 and b'"alpha":4.0' in dumps(m)
+    assert b'"alpha":4.0' in dumps(msgspec.structs.replace(m, slots=[msgspec.structs.replace(m.slots[0], alpha=4)]))
+
+
+def test_dumps_refuses_an_invalid_manifest():
+    with pytest.raises(BundleFormatError) as info:
+        dumps(small_manifest(name="Author/Noir"))
+    assert info.value.field == "$.name"
+    with pytest.raises(BundleFormatError) as info:
+        dumps(small_manifest(provenance={"loss": float("nan")}))
+    assert info.value.field == "$.provenance.loss"

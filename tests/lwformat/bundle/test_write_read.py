@@ -1,0 +1,130 @@
+"""World -> bundle directory -> archive -> open: round trips, determinism, all-or-nothing writes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from lwformat.adapters import LightConfig, LoRA, SlotSettings
+from lwformat.adapters.checkpoint import adapter_tensors
+from lwformat.bundle.archive import pack
+from lwformat.bundle.canonical import manifest_id
+from lwformat.bundle.manifest import Parent
+from lwformat.bundle.read import Bundle
+from lwformat.bundle.write import write_bundle
+from lwformat.errors import (
+    BundleExistsError,
+    BundleFormatError,
+    BundleNotFoundError,
+    SlotNotFoundError,
+    TargetError,
+    UnsafePathError,
+)
+
+from tests.lwformat.bundle.tiny import BACKBONE, LLM, tiny_custom_world, tiny_world, tree_bytes, write_tiny
+
+
+def test_round_trip_through_both_forms(tmp_path):
+    world = tiny_custom_world()
+    parent = Parent(name="author/plain", version="0.1.0", weight=0.5, manifest_sha256="ab" * 32)
+    m = write_bundle(world, tmp_path / "b", name="author/noir", version="1.2.3-rc.1", description="noir",
+                     license="Apache-2.0", tags=["style"], provenance={"steps": 10, "lr": 1e-4}, parents=[parent])  # fmt: skip
+    live = {k: t.detach() for k, t in adapter_tensors(world).items()}
+    digests = world.digests()
+    assert m.base.blocks == {LLM: digests[LLM], BACKBONE: digests[BACKBONE]}
+    assert m.base.root == world.root_digest()
+    assert [s.slot for s in m.slots] == [f"{LLM}:0", f"{LLM}:1", f"{BACKBONE}:0"]
+    pack(tmp_path / "b", tmp_path / "b.lwb")
+    for source in (tmp_path / "b", tmp_path / "b.lwb"):
+        with Bundle.open(source) as bundle:
+            assert bundle.manifest == m and bundle.source == source
+            assert bundle.manifest_id == manifest_id((tmp_path / "b" / "manifest.json").read_bytes())
+            tensors = bundle.tensors()
+            assert list(tensors) == [s.key for s in bundle.spans] and set(tensors) == set(live)
+            for key, t in tensors.items():
+                assert t.dtype == live[key].dtype and torch.equal(t, live[key]), key
+            slot = bundle.slot_tensors(f"{BACKBONE}:0")
+            assert set(slot) == {"lora_A", "lora_B"} and torch.equal(slot["lora_B"], live[f"{BACKBONE}:0.lora_B"])
+            with pytest.raises(SlotNotFoundError):
+                bundle.slot_tensors(f"{BACKBONE}:7")
+
+
+@pytest.mark.parametrize("kind", ["dora", "ia3", "bias", "neuron"])
+def test_every_kind_round_trips(tmp_path, kind):
+    world = tiny_world()
+    world.customize(LightConfig(kind=kind, rank=2, neurons=3))
+    write_bundle(world, tmp_path / "b", name="a/b", version="1.0.0")
+    live = adapter_tensors(world)
+    with Bundle.open(tmp_path / "b") as bundle:
+        assert {k: t.tolist() for k, t in bundle.tensors().items()} == {k: t.detach().tolist() for k, t in live.items()}
+        assert {s.kind for s in bundle.manifest.slots} == {kind}
+
+
+def test_writing_and_packing_are_deterministic(tmp_path):
+    a, b = write_tiny(tmp_path, "a"), write_tiny(tmp_path, "b")
+    assert tree_bytes(a) == tree_bytes(b)
+    pack(a, tmp_path / "a.lwb")
+    pack(b, tmp_path / "b.lwb")
+    assert (tmp_path / "a.lwb").read_bytes() == (tmp_path / "b.lwb").read_bytes()
+
+
+def test_archive_copy_is_removed_on_close(tmp_path):
+    pack(write_tiny(tmp_path), tmp_path / "b.lwb")
+    bundle = Bundle.open(tmp_path / "b.lwb", tmp_dir=tmp_path)
+    folder = bundle.path
+    assert folder.name == "b" and (folder / "adapters.safetensors").is_file()
+    bundle.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "b.lwb"]
+
+
+def test_write_refuses_what_it_cannot_do_and_writes_nothing(tmp_path):
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(BundleExistsError):
+        write_tiny(tmp_path, "taken")
+    with pytest.raises(TargetError):
+        write_bundle(tiny_world(), tmp_path / "x", name="a/b", version="1.0.0")
+    with pytest.raises(BundleFormatError) as info:
+        write_tiny(tmp_path, "y", version="v1")
+    assert info.value.field == "$.version"
+    with pytest.raises(BundleNotFoundError):
+        write_tiny(tmp_path / "missing", "z")
+    assert sorted(os.listdir(tmp_path)) == ["taken"] and not os.listdir(tmp_path / "taken")
+
+
+def test_a_slot_with_two_adapters_is_refused(tmp_path):
+    world = tiny_custom_world()
+    host = world.block(LLM).module[0]
+    host.add("second", LoRA(host.geo, SlotSettings("lora", rank=2, alpha=2.0), host.base))
+    with pytest.raises(TargetError) as info:
+        write_bundle(world, tmp_path / "b", name="a/b", version="1.0.0")
+    assert info.value.path == f"{LLM}:0" and os.listdir(tmp_path) == []
+
+
+def test_a_write_failing_midway_leaves_nothing(tmp_path):
+    world = tiny_custom_world()
+    adapter = world.block(BACKBONE).module[0].adapters["noir"]
+    # lora_B of the last slot is the last tensor written, so the file is half written when it fails:
+    # a parameter on the meta device (as lazy initialisation leaves it) has no data to write.
+    adapter.lora_B = nn.Parameter(torch.empty(adapter.lora_B.shape, dtype=adapter.lora_B.dtype, device="meta"))
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        write_bundle(world, tmp_path / "b", name="a/b", version="1.0.0")
+    assert os.listdir(tmp_path) == []
+
+
+def test_directory_form_refuses_links_and_subdirectories(tmp_path):
+    folder = write_tiny(tmp_path)
+    (folder / "sub").mkdir()
+    with pytest.raises(BundleFormatError, match="subdirectory"):
+        Bundle.open(folder)
+    (folder / "sub").rmdir()
+    weights = folder / "adapters.safetensors"
+    weights.rename(tmp_path / "elsewhere")
+    weights.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UnsafePathError) as info:
+        Bundle.open(folder)
+    assert info.value.path == "adapters.safetensors"
+    with pytest.raises(BundleNotFoundError):
+        Bundle.open(tmp_path / "nothing-here")

@@ -1,0 +1,146 @@
+"""kohya-style LoRA files, written by hand with safetensors, imported into one block."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+import pytest
+from lwformat import Block, World
+from lwformat.errors import BundleLimitError, InteropError
+from lwformat.interop import import_kohya
+
+PATH = "creator/render/t2i/backbone"
+
+
+class Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj_in = nn.Conv2d(4, 8, 3, padding=1)
+        self.to_q = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj_in(x)  # (B, 8, H, W)
+        return self.to_q(h.permute(0, 2, 3, 1))  # (B, H, W, 8)
+
+
+class UNetish(nn.Module):
+    """Module paths shaped like a diffusers UNet's, with underscores inside names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down_blocks = nn.ModuleList([nn.Module()])
+        self.down_blocks[0].attentions = nn.ModuleList([Attention()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_blocks[0].attentions[0](x)
+
+
+STEM = "lora_unet_down_blocks_0_attentions_0_"
+
+
+def kohya_file(tmp_path, *, alpha_q: float | None = 1.5, extra: dict | None = None):
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        STEM + "proj_in.lora_down.weight": torch.randn(2, 4, 3, 3, generator=g),  # (r, in, kh, kw)
+        STEM + "proj_in.lora_up.weight": torch.randn(8, 2, 1, 1, generator=g),  # (out, r, 1, 1)
+        STEM + "proj_in.alpha": torch.tensor(3.0),
+        STEM + "to_q.lora_down.weight": torch.randn(4, 8, generator=g),  # (r, in)
+        STEM + "to_q.lora_up.weight": torch.randn(8, 4, generator=g),  # (out, r)
+        # a text encoder's module: another block's, left alone by the "lora_unet_" rule
+        "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.randn(2, 5, generator=g),
+        "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.randn(5, 2, generator=g),
+    }
+    if alpha_q is not None:
+        tensors[STEM + "to_q.alpha"] = torch.tensor(alpha_q)
+    tensors.update(extra or {})
+    path = tmp_path / "style.safetensors"
+    save_file(tensors, str(path))
+    return path, tensors
+
+
+@pytest.fixture
+def unet() -> UNetish:
+    torch.manual_seed(0)
+    return UNetish()
+
+
+def world_of(module: nn.Module) -> World:
+    return World.from_blocks({PATH: Block(module, "backbone")})
+
+
+def test_imported_layers_compute_w_x_plus_scaled_up_down(unet, tmp_path):
+    file, t = kohya_file(tmp_path)
+    attn = unet.down_blocks[0].attentions[0]
+    W_in, b_in, W_q, b_q = (p.detach().clone() for p in (attn.proj_in.weight, attn.proj_in.bias, attn.to_q.weight, attn.to_q.bias))
+    world = world_of(unet)
+    plan = import_kohya(world, PATH, file, key_map="lora_unet_")
+    assert {(s.module_path, s.rank, s.alpha) for s in plan.slots} == {
+        ("down_blocks.0.attentions.0.proj_in", 2, 3.0),
+        ("down_blocks.0.attentions.0.to_q", 4, 1.5),
+    }
+    x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(1))  # (B, in, H, W)
+    down, up = t[STEM + "proj_in.lora_down.weight"], t[STEM + "proj_in.lora_up.weight"]
+    expected = F.conv2d(x, W_in, b_in, padding=1) + (3.0 / 2) * F.conv2d(F.conv2d(x, down, padding=1), up)
+    h = torch.randn(2, 5, 5, 8, generator=torch.Generator().manual_seed(2))  # (B, H, W, in)
+    down, up = t[STEM + "to_q.lora_down.weight"], t[STEM + "to_q.lora_up.weight"]
+    expected_q = h @ W_q.T + b_q + (1.5 / 4) * (h @ down.T @ up.T)
+    with torch.no_grad():
+        torch.testing.assert_close(attn.proj_in(x), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(attn.to_q(h), expected_q, atol=1e-5, rtol=0)
+
+
+def test_missing_alpha_means_alpha_equals_rank(unet, tmp_path):
+    file, _ = kohya_file(tmp_path, alpha_q=None)
+    plan = import_kohya(world_of(unet), PATH, file, key_map="lora_unet_")
+    assert {s.module_path: s.alpha for s in plan.slots}["down_blocks.0.attentions.0.to_q"] == 4.0
+
+
+def test_a_callable_key_map_picks_and_names_modules(unet, tmp_path):
+    file, _ = kohya_file(tmp_path)
+
+    def only_q(stem: str) -> str | None:
+        return "down_blocks.0.attentions.0.to_q" if stem.endswith("_to_q") else None
+
+    plan = import_kohya(world_of(unet), PATH, file, key_map=only_q)
+    assert [s.module_path for s in plan.slots] == ["down_blocks.0.attentions.0.to_q"]
+
+
+def test_unknown_parts_and_modules_are_refused(unet, tmp_path):
+    world = world_of(unet)
+    file, _ = kohya_file(tmp_path, extra={STEM + "to_q.dora_scale": torch.ones(1, 8)})
+    with pytest.raises(InteropError, match="to_q.dora_scale: not a kohya LoRA key"):
+        import_kohya(world, PATH, file, key_map="lora_unet_")
+    file, _ = kohya_file(tmp_path, extra={STEM + "to_k.lora_down.weight": torch.ones(2, 8)})
+    with pytest.raises(InteropError, match="to_k: no module of the block"):
+        import_kohya(world, PATH, file, key_map="lora_unet_")
+    with pytest.raises(InteropError, match="no key maps to a module"):
+        import_kohya(world, PATH, kohya_file(tmp_path)[0], key_map="lora_vae_")
+    file, _ = kohya_file(tmp_path, extra={STEM + "to_q.lora_up.weight": torch.ones(4, 8)})  # transposed
+    with pytest.raises(InteropError, match=r"to_q.lora_up.weight: shape \(4, 8\), this linear layer needs \(8, 4\)"):
+        import_kohya(world, PATH, file, key_map="lora_unet_")
+    assert world.customization is None
+
+
+def test_an_ambiguous_stem_is_refused(tmp_path):
+    module = nn.Module()
+    module.a_b = nn.Module()
+    module.a_b.c = nn.Linear(4, 4)  # "a_b.c" -> "a_b_c"
+    module.a = nn.Module()
+    module.a.b_c = nn.Linear(4, 4)  # "a.b_c" -> "a_b_c" too
+    save_file({"lora_unet_a_b_c.lora_down.weight": torch.ones(1, 4), "lora_unet_a_b_c.lora_up.weight": torch.ones(4, 1)}, str(tmp_path / "f.safetensors"))
+    with pytest.raises(InteropError, match=r"ambiguous.*\['a_b.c', 'a.b_c'\]"):
+        import_kohya(world_of(module), PATH, tmp_path / "f.safetensors", key_map="lora_unet_")
+    plan = import_kohya(world_of(module), PATH, tmp_path / "f.safetensors", key_map=lambda stem: "a.b_c")
+    assert [s.module_path for s in plan.slots] == ["a.b_c"]
+
+
+def test_a_truncated_file_is_a_clear_error(unet, tmp_path):
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00")
+    with pytest.raises(InteropError, match="not a safetensors file"):
+        import_kohya(world_of(unet), PATH, tmp_path / "bad.safetensors", key_map="lora_unet_")
+    (tmp_path / "huge.safetensors").write_bytes((1 << 40).to_bytes(8, "little") + b"{}")
+    with pytest.raises(BundleLimitError, match="MAX_HEADER_BYTES"):
+        import_kohya(world_of(unet), PATH, tmp_path / "huge.safetensors", key_map="lora_unet_")

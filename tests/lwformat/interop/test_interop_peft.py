@@ -1,0 +1,275 @@
+"""PEFT adapter directories: import into a block, export back, and PEFT itself as the judge."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lwformat import Block, LightConfig, World
+from lwformat.errors import InteropError
+from lwformat.interop import export_peft, import_peft
+
+import peft
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+PATH = "author/narrate/text/llm"
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(dim, 2 * dim)
+        self.down = nn.Linear(2 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.tanh(self.up(x)))
+
+
+class Tiny(nn.Module):
+    """Embedding, nested Linears, Conv1d and Conv2d: every layer kind both sides support."""
+
+    def __init__(self, vocab: int = 11, dim: int = 8) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList([MLP(dim), MLP(dim)])
+        self.mix = nn.Conv1d(dim, dim, 3, padding=1)
+        self.img = nn.Conv2d(2, 2, 3, padding=1)
+        self.head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.emb(tokens)  # (B, T, D)
+        for block in self.blocks:
+            h = h + block(h)  # (B, T, D)
+        h = self.mix(h.transpose(1, 2)).transpose(1, 2)  # (B, T, D)
+        B, T, D = h.shape
+        h = self.img(h.reshape(B, 2, T, D // 2)).reshape(B, T, D)  # (B, 2, T, D/2) -> (B, T, D)
+        return self.head(h)  # (B, T, V)
+
+
+LINEAR = ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down", "mix", "img"]
+
+
+def make_peft(base: nn.Module, tmp_path, *, dora: bool, rslora: bool, seed: int = 1):
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=LINEAR + ([] if dora else ["emb"]),
+        rank_pattern={"blocks.1.down": 2, "img": 1},
+        alpha_pattern={"mix": 3.0, r"blocks\.0\.up": 5},
+        use_dora=dora,
+        use_rslora=rslora,
+    )
+    model = get_peft_model(copy.deepcopy(base), config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:  # B too, so that every adapter changes the output
+                p.add_(0.3 * torch.randn_like(p))
+    model.eval()
+    out = tmp_path / "peft"
+    model.save_pretrained(out)
+    return model, out
+
+
+@pytest.fixture
+def base() -> nn.Module:
+    torch.manual_seed(0)
+    return Tiny().eval()
+
+
+def world_of(base: nn.Module) -> World:
+    return World.from_blocks({PATH: Block(copy.deepcopy(base), "llm")})
+
+
+TOKENS = torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize(("dora", "rslora"), [(False, False), (False, True), (True, False), (True, True)])
+def test_import_matches_peft_and_export_loads_in_peft_bit_exactly(base, tmp_path, dora, rslora):
+    model, saved = make_peft(base, tmp_path, dora=dora, rslora=rslora)
+    world = world_of(base)
+    plan = import_peft(world, PATH, saved)
+    assert {s.module_path for s in plan.slots} == set(LINEAR + ([] if dora else ["emb"]))
+    ranks = {s.module_path: (s.rank, s.alpha) for s in plan.slots}
+    assert ranks["blocks.1.down"] == (2, 8.0) and ranks["img"] == (1, 8.0)
+    assert ranks["mix"] == (4, 3.0) and ranks["blocks.0.up"] == (4, 5.0) and ranks["blocks.1.up"] == (4, 8.0)
+    with torch.no_grad():
+        expected = model(TOKENS)
+        torch.testing.assert_close(world.block(PATH)(TOKENS), expected, atol=1e-5, rtol=0)
+
+    export_peft(world, PATH, tmp_path / "out")
+    original, exported = load_file(saved / "adapter_model.safetensors"), load_file(tmp_path / "out/adapter_model.safetensors")
+    assert original.keys() == exported.keys()
+    for key, t in original.items():  # lossless: same dtype, shape and bits
+        assert exported[key].dtype == t.dtype and torch.equal(exported[key], t), key
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(TOKENS), expected, atol=1e-5, rtol=0)
+
+
+def test_export_of_our_own_customization_loads_in_peft(base, tmp_path):
+    world = world_of(base)
+    world.customize(LightConfig(rank=3, alpha=6, slots=["blocks.*.up", "head"], rank_pattern={"head": 2}))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in world.adapter_parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    export_peft(world, PATH, tmp_path / "out")
+    config = json.loads((tmp_path / "out/adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["use_dora"]) == (3, 6, False)
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out").eval()
+    targeted = sorted(n.removeprefix("base_model.model.") for n, m in reloaded.named_modules() if hasattr(m, "lora_A") and m.lora_A)
+    assert targeted == ["blocks.0.up", "blocks.1.up", "head"]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(TOKENS), world.block(PATH)(TOKENS), atol=1e-5, rtol=0)
+
+
+def test_targets_are_exact_when_a_name_is_a_suffix_of_another(tmp_path):
+    class Nested(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.inner = nn.Module()
+            self.inner.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.inner.fc(self.fc(x))
+
+    torch.manual_seed(0)
+    base = Nested()
+    world = World.from_blocks({PATH: Block(copy.deepcopy(base), "llm")})
+    world.customize(LightConfig(rank=2, slots=["fc"]))  # "fc" only, not "inner.fc"
+    export_peft(world, PATH, tmp_path / "out")
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out")
+    assert [n for n, m in reloaded.named_modules() if hasattr(m, "lora_A") and m.lora_A] == ["base_model.model.fc"]
+
+
+def rewrite(saved, change):
+    tensors = load_file(saved / "adapter_model.safetensors")
+    change(tensors)
+    save_file(tensors, saved / "adapter_model.safetensors")
+
+
+def test_refusals_leave_the_world_untouched(base, tmp_path):
+    _, saved = make_peft(base, tmp_path, dora=True, rslora=False)
+    world = world_of(base)
+    before = world.digests()
+
+    rewrite(saved, lambda t: t.update({"base_model.model.mix.lora_magnitude_vector": torch.ones(8)}))
+    with pytest.raises(InteropError, match=r"mix.lora_magnitude_vector: shape \(8,\), this conv1d layer needs \(1, 8, 1\)"):
+        import_peft(world, PATH, saved)
+
+    rewrite(saved, lambda t: t.update({"base_model.model.mix.lora_magnitude_vector": torch.ones(1, 8, 1)}))
+    rewrite(saved, lambda t: t.update({"base_model.model.mix.weird": torch.ones(2)}))
+    with pytest.raises(InteropError, match="mix.weird: not a PEFT LoRA/DoRA tensor key"):
+        import_peft(world, PATH, saved)
+
+    rewrite(saved, lambda t: t.pop("base_model.model.mix.weird") is not None and t.update(
+        {"base_model.model.nowhere.lora_A.weight": torch.ones(4, 8)}))  # fmt: skip
+    with pytest.raises(InteropError, match="module 'nowhere' .*no such module"):
+        import_peft(world, PATH, saved)
+
+    assert world.customization is None and world.digests() == before
+    assert all(p.requires_grad for p in world.parameters())
+
+
+def test_a_module_that_is_not_a_slot_is_refused(base, tmp_path):
+    _, saved = make_peft(base, tmp_path, dora=False, rslora=False)
+    rewrite(saved, lambda t: t.update({"base_model.model.blocks.0.lora_A.weight": torch.ones(4, 8)}))
+    with pytest.raises(InteropError, match="MLP is not a slot"):
+        import_peft(world_of(base), PATH, saved)
+
+
+def test_dora_on_an_embedding_is_refused(base, tmp_path):
+    _, saved = make_peft(base, tmp_path, dora=True, rslora=False)
+    emb = {"base_model.model.emb.lora_embedding_A": torch.ones(4, 11), "base_model.model.emb.lora_embedding_B": torch.ones(8, 4)}
+    rewrite(saved, lambda t: t.update(emb))
+    with pytest.raises(InteropError, match="dora does not support embedding"):
+        import_peft(world_of(base), PATH, saved)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"peft_type": "IA3"}, "only LORA"),
+        ({"modules_to_save": ["head"]}, "modules_to_save"),
+        ({"bias": "all"}, "bias='all'"),
+        ({"init_lora_weights": "pissa"}, "changes the base weights"),
+        ({"r": 5, "rank_pattern": {}}, "the config says 5"),
+    ],
+)
+def test_unsupported_configs_are_refused(base, tmp_path, change, message):
+    _, saved = make_peft(base, tmp_path, dora=False, rslora=False)
+    config = json.loads((saved / "adapter_config.json").read_text())
+    (saved / "adapter_config.json").write_text(json.dumps(config | change))
+    world = world_of(base)
+    with pytest.raises(InteropError, match=message):
+        import_peft(world, PATH, saved)
+    assert world.customization is None
+
+
+def test_a_pickled_adapter_is_never_loaded(base, tmp_path):
+    _, saved = make_peft(base, tmp_path, dora=False, rslora=False)
+    (saved / "adapter_model.safetensors").rename(saved / "adapter_model.bin")
+    with pytest.raises(InteropError, match="never loaded"):
+        import_peft(world_of(base), PATH, saved)
+
+
+def test_export_refuses_kinds_peft_cannot_hold(base, tmp_path):
+    world = world_of(base)
+    with pytest.raises(InteropError, match="no adapters"):
+        export_peft(world, PATH, tmp_path / "out")
+    world.customize(LightConfig(kind="ia3", slots=["head"]))
+    with pytest.raises(InteropError, match=r"\['ia3'\]"):
+        export_peft(world, PATH, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpt2_conv1d_layers_round_trip(tmp_path):
+    # GPT-2 stores Linear weights transposed (transformers' Conv1D): PEFT's fan_in_fan_out case.
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    base = GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)).eval()
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    model = get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "peft")
+    world = World.from_blocks({PATH: Block(copy.deepcopy(base), "llm")})
+    plan = import_peft(world, PATH, tmp_path / "peft")
+    assert {s.layer for s in plan.slots} == {"gpt2_conv1d"} and len(plan.slots) == 3
+    ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model.eval()(ids).last_hidden_state
+        torch.testing.assert_close(world.block(PATH)(ids).last_hidden_state, expected, atol=1e-5, rtol=0)
+    export_peft(world, PATH, tmp_path / "out")
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).last_hidden_state, expected, atol=1e-5, rtol=0)
+
+
+def test_an_imported_adapter_ships_as_a_signed_bundle(base, tmp_path):
+    from lwformat.bundle import keys, signing
+    from lwformat.bundle.read import Bundle
+    from lwformat.bundle.verify import verify
+    from lwformat.bundle.write import write_bundle
+
+    _, saved = make_peft(base, tmp_path, dora=True, rslora=False)
+    world = world_of(base)
+    import_peft(world, PATH, saved)
+    write_bundle(world, tmp_path / "bundle", name="community/tiny-dora", version="0.1.0")
+    private, public = keys.generate_keypair(tmp_path)
+    signing.sign_bundle(tmp_path / "bundle", private)
+    original = load_file(saved / "adapter_model.safetensors")
+    with Bundle.open(tmp_path / "bundle") as bundle:
+        assert verify(bundle, public)
+        lora_B = bundle.slot_tensors(f"{PATH}:mix")["lora_B"]  # (out, r): PEFT's (out, r, 1) without the 1
+        assert torch.equal(lora_B, original["base_model.model.mix.lora_B.weight"].squeeze(-1))
