@@ -1,0 +1,7 @@
+"""`python -m lwhub` runs the `lwhub` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

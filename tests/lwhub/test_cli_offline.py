@@ -1,0 +1,153 @@
+"""The offline verbs of `lwhub`, run on real bundles, keys and saved worlds."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lwformat import LightConfig
+from lwformat.bundle.archive import pack
+from lwformat.bundle.write import write_bundle
+from lwformat.zoo import reference_world
+from lwhub import cli
+
+NAME = "test/noir"
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> Path:
+    """A saved base world, an unsigned bundle made on it, and a key pair."""
+    root = tmp_path_factory.mktemp("cli")
+    world = reference_world("tiny", seed=0)
+    world.save(root / "world")
+    reference_world("tiny", seed=1).save(root / "other-world")
+    world.customize(LightConfig(rank=2, blocks=["author/**"]))
+    write_bundle(world, root / "bundle", name=NAME, version="1.2.0")
+    assert cli.main(["keygen", "--out", str(root)]) == 0
+    return root
+
+
+@pytest.fixture
+def bundle(made, tmp_path) -> Path:
+    copy = tmp_path / "bundle"
+    shutil.copytree(made / "bundle", copy)
+    return copy
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_keygen_writes_a_private_pair_and_never_overwrites(tmp_path, capsys):
+    code, out, _ = run(capsys, "keygen", "--out", tmp_path, "--name", "alice", "--json")
+    data = json.loads(out)
+    assert code == 0 and Path(data["private"]) == tmp_path / "alice.pem" and len(data["key_id"]) == 64
+    assert stat.S_IMODE((tmp_path / "alice.pem").stat().st_mode) == 0o600
+    code, _, err = run(capsys, "keygen", "--out", tmp_path, "--name", "alice")
+    assert code == 2 and "already exists" in err
+
+
+def test_sign_then_verify(bundle, made, capsys):
+    code, out, _ = run(capsys, "sign", bundle, "--key", made / "lwhub.pem")
+    assert code == 0 and (bundle / "bundle.sig").is_file() and f"signed {NAME}@1.2.0" in out
+    code, out, _ = run(capsys, "verify", bundle, "--key", made / "lwhub.pub", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["ok"] and data["signature_checked"] and data["name"] == NAME
+    # The stock OpenSSF tool agrees (spec/signature.md).
+    stock = [sys.executable, "-m", "model_signing", "verify", "key", str(bundle),
+             "--signature", str(bundle / "bundle.sig"), "--public_key", str(made / "lwhub.pub")]  # fmt: skip
+    assert subprocess.run(stock, capture_output=True, timeout=60).returncode == 0
+
+
+def test_verify_without_a_key_checks_hashes_only(bundle, capsys):
+    code, out, _ = run(capsys, "verify", bundle)
+    assert code == 0 and "not checked" in out
+
+
+def test_verify_fails_with_exit_1(bundle, made, tmp_path, capsys):
+    code, _, err = run(capsys, "verify", bundle, "--key", made / "lwhub.pub")
+    assert code == 1 and "not signed" in err and "hint:" in err
+    run(capsys, "sign", bundle, "--key", made / "lwhub.pem")
+    run(capsys, "keygen", "--out", tmp_path, "--name", "mallory")
+    code, out, _ = run(capsys, "verify", bundle, "--key", tmp_path / "mallory.pub", "--json")
+    assert code == 1 and json.loads(out)["error"]["type"] == "UntrustedSignatureError"
+    weights = bundle / "adapters.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    code, out, _ = run(capsys, "verify", bundle, "--key", made / "lwhub.pub", "--json")
+    assert code == 1 and json.loads(out)["error"] | {"message": ""} == {
+        "type": "IntegrityError", "path": "adapters.safetensors", "message": "", "exit_code": 1,
+    }  # fmt: skip
+
+
+def test_sign_refuses_a_bundle_whose_files_changed(bundle, made, capsys):
+    weights = bundle / "adapters.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x40  # inside the last tensor: the header still parses, the hash differs
+    weights.write_bytes(bytes(data))
+    code, _, err = run(capsys, "sign", bundle, "--key", made / "lwhub.pem")
+    assert code == 1 and "adapters.safetensors" in err
+    assert not (bundle / "bundle.sig").exists()
+
+
+def test_inspect_a_directory_and_an_archive(bundle, made, tmp_path, capsys):
+    run(capsys, "sign", bundle, "--key", made / "lwhub.pem")
+    code, out, _ = run(capsys, "inspect", bundle)
+    assert code == 0 and f"{NAME}@1.2.0" in out and "author/narrate/text/llm:blocks.0.attn.qkv" in out
+    assert "signature  present" in out
+    archive = pack(bundle, tmp_path / "noir.lwb")
+    code, out, _ = run(capsys, "inspect", archive, "--json")
+    data = json.loads(out)
+    assert code == 0 and data["manifest"]["name"] == NAME and data["signed"] is True
+    assert {s["block"] for s in data["manifest"]["slots"]} == {"author/narrate/text/llm"}
+    code, _, _ = run(capsys, "verify", archive, "--key", made / "lwhub.pub")
+    assert code == 0
+
+
+def test_check_against_the_right_and_a_wrong_world(bundle, made, capsys):
+    code, out, _ = run(capsys, "check", bundle, "--world", made / "world", "--strict")
+    assert code == 0 and "fits" in out
+    code, out, _ = run(capsys, "check", bundle, "--world", made / "other-world", "--json")
+    data = json.loads(out)
+    assert code == 3 and not data["ok"]
+    assert data["problems"][0]["path"] == "author/narrate/text/llm" and data["problems"][0]["outcome"] == "digest mismatch"
+
+
+def test_not_found_usage_and_format_errors(bundle, made, tmp_path, capsys):
+    code, _, err = run(capsys, "inspect", tmp_path / "nope")
+    assert code == 4 and "no such bundle" in err
+    code, _, _ = run(capsys, "check", bundle, "--world", tmp_path / "nope")
+    assert code == 4
+    code, _, err = run(capsys, "sign", bundle, "--key", tmp_path / "nope.pem")
+    assert code == 4 and "nope.pem" in err
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "manifest.json").write_text("{not json")
+    code, _, _ = run(capsys, "inspect", tmp_path / "junk")
+    assert code == 5
+    archive = pack(bundle, tmp_path / "b.lwb")
+    code, _, err = run(capsys, "sign", archive, "--key", made / "lwhub.pem")
+    assert code == 2 and "archive" in err
+    with pytest.raises(SystemExit) as info:
+        cli.main(["verify"])
+    assert info.value.code == 2
+
+
+def test_every_exit_code_is_in_the_documented_table():
+    documented = {int(line.split()[0]) for line in cli.__doc__.splitlines() if line[:6].strip().isdigit()}
+    assert {code for _, code, _ in cli.EXIT_CODES} | {0, cli.INTERNAL, cli.INTERRUPTED, cli.PIPE_CLOSED} == documented
+
+
+def test_python_dash_m_lwhub_runs(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "lwhub", "keygen", "--out", str(tmp_path), "--json"],
+                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[2])  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert Path(json.loads(done.stdout)["public"]).is_file()
