@@ -93,18 +93,20 @@ class CompatReport:
                           *(f"  {s}" for s in self.slots), "root", f"  {root}"])  # fmt: skip
 
 
-def _settings(entry: SlotEntry) -> SlotSettings:
+def slot_settings(entry: SlotEntry) -> SlotSettings:
     index = entry.tensors.get("neuron_index")  # a neuron adapter's size is its index's length
     neurons = tuple(range(index.shape[0])) if index is not None and index.shape else ()
     return SlotSettings(entry.kind, entry.rank, entry.alpha, entry.rslora, neurons)
 
 
-def _check_slot(world: World, paths: dict[str, str], entry: SlotEntry) -> Finding:
+def _check_slot(world: World, paths: dict[str, str], entry: SlotEntry, seen: dict) -> Finding:
     slot = entry.slot
     if entry.block not in paths:
         return Finding(slot, Outcome.MISSING_BLOCK, f"the world has no block {entry.block}")
     try:
-        eligible = eligible_slots(world.block(entry.block), where=entry.block)
+        if entry.block not in seen:  # one scan per block, not per slot
+            seen[entry.block] = eligible_slots(world.block(entry.block), where=entry.block)
+        eligible = seen[entry.block]
     except TargetError as exc:
         return Finding(slot, Outcome.MISSING_SLOT, str(exc))
     if entry.module not in eligible:
@@ -116,7 +118,7 @@ def _check_slot(world: World, paths: dict[str, str], entry: SlotEntry) -> Findin
     kind = KINDS.get(entry.kind)
     if kind is None:
         return Finding(slot, Outcome.UNKNOWN_KIND, f"adapter kind {entry.kind!r} (known: {', '.join(sorted(KINDS))})")
-    want = kind.shapes(geo, _settings(entry))
+    want = kind.shapes(geo, slot_settings(entry))
     for name, shape in want.items():
         stored = entry.tensors.get(name)
         if stored is None or tuple(stored.shape) != tuple(shape):
@@ -149,5 +151,6 @@ def check(bundle: Bundle | Manifest, world: World, *, strict: bool = False) -> C
     same = root == m.base.root
     detail = "" if same else f"expected {m.base.root}, found {root}"
     root_finding = Finding(ROOT, Outcome.OK if same else Outcome.ROOT_MISMATCH, detail, expected=m.base.root, found=root)
-    slots = tuple(_check_slot(world, paths, s) for s in m.slots)
+    seen: dict = {}
+    slots = tuple(_check_slot(world, paths, s, seen) for s in m.slots)
     return CompatReport(f"{m.name}@{m.version}", strict, root_finding, tuple(blocks), slots)

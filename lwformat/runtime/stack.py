@@ -22,7 +22,7 @@ from ..adapters.kinds import KINDS, Adapter
 from ..adapters.plan import module_parents
 from ..errors import AlreadyAppliedError, FusedError, LayoutError, NotAppliedError, TargetError
 from ..world.paths import match_block
-from .resolve import ResolvedSlot, resolve, settings_of
+from .resolve import ResolvedSlot, resolve
 from .storage import Place, allocate, copy_packed, fill, fits, plan_layout, view
 
 if TYPE_CHECKING:
@@ -193,8 +193,8 @@ def swap(world: World, name: str, bundle: Any, *, strict: bool = False) -> None:
             source = bundle.slot_tensors(rs.entry.slot)
             for tensor_name in rs.shapes():
                 fill(view(applied.buffers, places[(rs.slot, tensor_name)]), source[tensor_name], tensor_name)
-        adapter.settings = settings_of(rs.entry)
+        adapter.settings = rs.settings
         if hasattr(adapter, "scaling"):
             adapter.scaling.fill_(adapter.settings.scaling)
     applied.bundle = bundle
-    applied.slots = [ResolvedSlot(rs.entry, rs.slot, rs.layer, rs.geo, rs.settings) for rs in slots]
+    applied.slots = slots

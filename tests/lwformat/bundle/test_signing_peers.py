@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from lwformat.bundle import keys, signing
 from lwformat.errors import SignedFileMismatchError, UntrustedSignatureError
 
-import model_signing
+import model_signing  # noqa: F401  (a test dependency: fail loudly if missing)
 MODEL_SIGNING = [sys.executable, "-m", "model_signing"]
 OPENSSL = shutil.which("openssl")
 

@@ -14,7 +14,7 @@ from lwformat import Block, LightConfig, World
 from lwformat.errors import InteropError
 from lwformat.interop import export_peft, import_peft
 
-import peft
+import peft  # noqa: F401  (a test dependency: fail loudly if missing)
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 PATH = "author/narrate/text/llm"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lwformat.errors import AlreadyAppliedError, BaseMismatchError, NotAppliedError, TargetError
+from lwformat.errors import AlreadyAppliedError, IncompatibleError, NotAppliedError, TargetError
 from lwformat.zoo import reference_world
 from tests.lwformat.runtime.conftest import LM, make_bundle, tokens, trained_world
 
@@ -80,9 +80,10 @@ def test_errors_are_typed_and_change_nothing(world, bundles, tmp_path):
     with pytest.raises(NotAppliedError):
         world.remove("author/nope")
     foreign = make_bundle(tmp_path, 1, name="author/foreign", world_seed=1)
-    with pytest.raises(BaseMismatchError) as err:
+    with pytest.raises(IncompatibleError) as err:
         world.apply(foreign)
-    assert err.value.path == LM and err.value.expected != err.value.found
+    assert err.value.path == LM and err.value.outcome == "digest mismatch"
+    assert err.value.expected == foreign.manifest.base.blocks[LM] and err.value.found == world.digests()[LM]
     assert repr(world) == before and list(world.applied) == ["author/noir"]
 
 
@@ -91,5 +92,5 @@ def test_apply_under_another_name_and_strict_mode(world, bundles):
     other = reference_world("tiny", seed=0)
     other.cycle.reverse()  # same blocks, another structure: fine per block, refused strictly
     other.apply(bundles["noir"])
-    with pytest.raises(BaseMismatchError, match="strict"):
+    with pytest.raises(IncompatibleError, match="root mismatch"):
         other.apply(bundles["rain"], strict=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from lwformat import Block, LightConfig, World
+from lwformat import LightConfig, World
 from lwformat.errors import CheckpointError
 from lwformat.world import block_digest, tensor_digest
 from tests.conftest import small_world
