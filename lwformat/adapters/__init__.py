@@ -7,13 +7,13 @@ from .layers import Geometry, geometry
 from .plan import Plan, SlotPlan
 
 __all__ = [
-    "KINDS",
     "Adapter",
     "AdapterHost",
     "BiasDelta",
     "DoRA",
     "Geometry",
     "IA3",
+    "KINDS",
     "LightConfig",
     "LoRA",
     "NeuronDelta",
