@@ -8,6 +8,7 @@ bound to its base by content. See README.md for a tour.
 from .adapters import LightConfig, Plan
 from .bundle import Bundle, write_bundle
 from .errors import LWFormatError
+from .runtime import blend
 from .world import Block, Graph, Pipeline, Stage, World, register_block, register_flow
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "Plan",
     "Stage",
     "World",
+    "blend",
     "register_block",
     "register_flow",
     "write_bundle",

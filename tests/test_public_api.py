@@ -6,14 +6,15 @@ import pytest
 
 PUBLIC = {
     "lwformat": ["Block", "Bundle", "Graph", "LWFormatError", "LightConfig", "Pipeline", "Plan", "Stage", "World",
-                 "register_block", "register_flow", "write_bundle"],
+                 "blend", "register_block", "register_flow", "write_bundle"],
     "lwformat.adapters": ["Adapter", "AdapterHost", "BiasDelta", "DoRA", "Geometry", "IA3", "KINDS", "LightConfig",
                           "LoRA", "NeuronDelta", "Plan", "SlotPlan", "SlotSettings", "geometry"],
     "lwformat.bundle": ["Bundle", "CompatReport", "Manifest", "check", "generate_keypair", "key_id", "load_private_key",
                         "load_public_key", "pack", "sign_bundle", "unpack", "verify", "verify_files",
                         "verify_signature", "write_bundle"],
     "lwformat.interop": ["export_peft", "import_kohya", "import_peft", "prefix_rule"],
-    "lwformat.runtime": ["Applied", "apply", "fuse", "remove", "run", "set_weight", "swap", "unfuse"],
+    "lwformat.runtime": ["Applied", "Blend", "BlendReport", "SlotReport", "apply", "blend", "fuse", "remove", "run",
+                         "set_weight", "swap", "unfuse"],
     "lwformat.world": ["Block", "Graph", "Pipeline", "Stage", "World", "WorldSpec", "block_digest", "register_block",
                        "register_flow", "tensor_digest"],
     "lwformat.zoo": ["ConvCodec", "DecoderLM", "DiT", "HFBert", "TextEncoder", "byte_tokens", "hf_block", "load_text",

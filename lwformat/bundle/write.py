@@ -62,14 +62,10 @@ def build_manifest(world: World, *, name: str, version: str, chunk_size: int = D
                    provenance: Mapping[str, Any] | None = None, parents: Iterable[Parent] = ()) -> Manifest:  # fmt: skip
     """The manifest of `world`'s adapters, its file list still empty."""
     from ..adapters.checkpoint import adapter_tensors
-    from ..adapters.plan import iter_hosts
 
     if world.customization is None:
         raise TargetError("the world carries no adapters to write; call customize() first")
     _, plan = world.customization
-    for slot, host in iter_hosts(world):
-        if len(host.adapters) != 1:  # adapter_tensors names tensors by slot: two adapters would collide
-            raise TargetError(f"{slot}: carries {len(host.adapters)} adapters; a bundle holds one per slot", path=slot)
     live = adapter_tensors(world)
     digests = world.digests()
     return Manifest(
@@ -84,27 +80,35 @@ def build_manifest(world: World, *, name: str, version: str, chunk_size: int = D
 def write_bundle(world: World, out_dir: str | os.PathLike, *, name: str, version: str, description: str = "",
                  license: str = "", tags: Iterable[str] = (), provenance: Mapping[str, Any] | None = None,
                  parents: Iterable[Parent] = (), chunk_size: int = DEFAULT_CHUNK) -> Manifest:  # fmt: skip
-    """Write `world`'s adapters to the new directory `out_dir`; return the manifest written."""
+    """Write `world`'s adapters (its customization) to the new directory `out_dir`; return the manifest."""
     from ..adapters.checkpoint import adapter_tensors
 
+    draft = build_manifest(world, name=name, version=version, chunk_size=chunk_size, description=description,
+                           license=license, tags=tags, provenance=provenance, parents=parents)  # fmt: skip
+    return write_tensors(draft, adapter_tensors(world), out_dir)
+
+
+def write_tensors(draft: Manifest, tensors: Mapping[str, torch.Tensor], out_dir: str | os.PathLike) -> Manifest:
+    """Write a bundle from a manifest draft (its ``files`` ignored) and ``{key: tensor}``; all or nothing."""
     target = Path(out_dir)
     if target.exists() or target.is_symlink():
         raise BundleExistsError(f"{target}: already exists; bundles are never overwritten", path=str(target))
     if not target.parent.is_dir():
         raise BundleNotFoundError(f"{target.parent}: no such directory to write the bundle in", path=str(target.parent))
-    draft = build_manifest(world, name=name, version=version, chunk_size=chunk_size, description=description,
-                           license=license, tags=tags, provenance=provenance, parents=parents)  # fmt: skip
+    chunk_size = draft.chunk_size
     spans = plan_layout(draft)
+    missing = [s.key for s in spans if s.key not in tensors]
+    if missing:
+        raise BundleFormatError(f"{missing[0]}: the manifest lists a tensor that was not given", path=WEIGHTS, field=missing[0])
     header = header_bytes(spans)
     size = len(header) + sum(s.nbytes for s in spans)
     placeholder = FileEntry(path=WEIGHTS, size=size, sha256="0" * 64, chunks=["0" * 64] * -(-size // chunk_size))
     dumps(msgspec.structs.replace(draft, files=[placeholder]))  # validates everything before writing
-    live = adapter_tensors(world)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
         hasher = FileHasher(chunk_size)
         with open(tmp / WEIGHTS, "xb") as f:
-            for piece in (header, *(tensor_bytes(live[s.key]) for s in spans)):
+            for piece in (header, *(tensor_bytes(tensors[s.key]) for s in spans)):
                 f.write(piece)
                 hasher.update(piece)
             f.flush()

@@ -1,7 +1,21 @@
-"""The runtime: apply bundles to a loaded world, stack, weight, swap, fuse, mix per sample."""
+"""The runtime: apply bundles to a loaded world, stack, weight, swap, fuse, blend, mix per sample."""
 
-from .stack import Applied, apply, remove, set_weight, swap
+from .blend import Blend, BlendReport, SlotReport, blend
 from .fuse import fuse, unfuse
 from .mixed import run
+from .stack import Applied, apply, remove, set_weight, swap
 
-__all__ = ["Applied", "apply", "fuse", "remove", "run", "set_weight", "swap", "unfuse"]
+__all__ = [
+    "Applied",
+    "Blend",
+    "BlendReport",
+    "SlotReport",
+    "apply",
+    "blend",
+    "fuse",
+    "remove",
+    "run",
+    "set_weight",
+    "swap",
+    "unfuse",
+]

@@ -1,0 +1,63 @@
+"""Merging aligned task tensors: the weighted sum, TIES and DARE, as PEFT defines them.
+
+n task tensors of one shape are stacked as T: (n, *shape), with weights w: (n,):
+
+    linear  Σ_i w_i T_i
+    ties    trim:   T̃_i keeps the ⌊density · numel⌋ entries of T_i largest in magnitude, zero elsewhere
+            elect:  s = sign(Σ_i w_i T̃_i)   (+1 where the sum is 0)
+            merge:  Σ_i w_i T̃_i [sign T̃_i = s]  /  max(1, #{i : sign T̃_i = s})   (disjoint mean)
+    dare    T̃_i = T_i ⊙ m_i / density,  m_i ~ Bernoulli(density) per entry (seeded),  then Σ_i w_i T̃_i
+
+(Yadav et al., 2023, TIES-Merging; Yu et al., 2023, DARE.) One difference from PEFT's
+``ties``: the sign is elected over the weighted values, so a negative weight (negating a
+task) votes with the sign it contributes; for equal positive weights both rules agree.
+A zero entry (a parent without the slot, a trimmed or dropped entry) never votes and is
+never counted in the mean. ``density`` = 1 trims and drops nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def weighted_sum(T: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.tensordot(w, T, dims=1)  # (n,) · (n, *shape) -> shape
+
+
+def _per_task(w: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    return w.view(-1, *([1] * (T.ndim - 1)))  # (n, 1, ...) broadcasts against T
+
+
+def trim(T: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep each task's ⌊density · numel⌋ largest-magnitude entries."""
+    if density >= 1:
+        return T
+    flat = T.reshape(T.shape[0], -1)  # (n, numel)
+    k = int(density * flat.shape[1])
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep.scatter_(1, flat.abs().topk(k, dim=1).indices, True)  # (n, numel)
+    return (flat * keep).view(T.shape)
+
+
+def ties(T: torch.Tensor, w: torch.Tensor, density: float) -> torch.Tensor:
+    weighted = _per_task(w, T) * trim(T, density)  # (n, *shape)
+    elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).to(T.dtype)  # shape
+    agree = weighted.sign() == elected  # (n, *shape); zeros never agree
+    count = agree.sum(0).clamp(min=1)  # shape
+    return (weighted * agree).sum(0) / count
+
+
+def dare(T: torch.Tensor, w: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    if density >= 1:
+        return weighted_sum(T, w)
+    keep = torch.rand(T.shape, generator=generator, dtype=T.dtype, device=T.device) < density  # (n, *shape)
+    return weighted_sum(T * keep / density, w)
+
+
+def merge(T: torch.Tensor, w: torch.Tensor, method: str, density: float, generator: torch.Generator) -> torch.Tensor:
+    """Merge stacked task tensors T: (n, *shape) with weights w: (n,) by `method`."""
+    if method == "ties":
+        return ties(T, w, density)
+    if method == "dare":
+        return dare(T, w, density, generator)
+    return weighted_sum(T, w)

@@ -1,0 +1,348 @@
+"""Blending: exact linear sums, optimal svd re-ranks, TIES/DARE, parents, and refusals.
+
+Real bundles written to disk from a small world (embedding, linear and conv2d layers).
+Every expectation is computed here, densely or from the parents, never by the code under test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from lwformat import LightConfig
+from lwformat.bundle.read import Bundle
+from lwformat.bundle.write import write_bundle
+from lwformat.errors import BlendError
+from lwformat.runtime.blend import blend
+from lwformat.runtime.blend_kinds import TENSOR_ORDER
+from lwformat.runtime.blend_merge import dare, ties
+from lwformat.runtime.lowrank import lowrank_distance, rerank
+from lwformat.world import Block, World
+
+LM, CONV = "author/narrate/text/llm", "creator/render/t2i/backbone"
+_count = itertools.count()
+
+
+class TokenNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(32, 16)
+        self.fc1 = nn.Linear(16, 24)
+        self.fc2 = nn.Linear(24, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(self.emb(x))))
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.mix = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(torch.tanh(self.conv(x)))
+
+
+def make_world(seed: int = 0) -> World:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return World.from_blocks({LM: Block(TokenNet(), "llm"), CONV: Block(ConvNet(), "backbone")})
+
+
+def make_bundle(root, seed: int, *, world_seed: int = 0, name: str = "author/noir", **config) -> Bundle:
+    world = make_world(world_seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        world.customize(LightConfig(**config))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in world.adapter_parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    out = root / f"bundle-{next(_count)}"
+    write_bundle(world, out, name=name, version="1.0.0")
+    return Bundle.open(out)
+
+
+def outputs(world: World) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.randint(0, 32, (2, 7), generator=torch.Generator().manual_seed(0))
+    images = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return world.block(LM).module(tokens), world.block(CONV).module(images)
+
+
+def stacked(parts) -> tuple[torch.Tensor, torch.Tensor]:
+    world = make_world()
+    for i, (bundle, w) in enumerate(parts):
+        world.apply(bundle, weight=w, name=f"author/part{i}")
+    return outputs(world)
+
+
+def applied(result) -> tuple[torch.Tensor, torch.Tensor]:
+    world = make_world()
+    world.apply(result)
+    return outputs(world)
+
+
+def assert_same_outputs(a, b, atol=1e-5):
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=0, atol=atol)
+
+
+def dense(entry, tensors) -> torch.Tensor:
+    """A LoRA slot's delta as an (out, fan_in) float64 matrix, by the LoRA formula."""
+    A = tensors["lora_A"].double().reshape(entry.rank, -1)
+    scaling = entry.alpha / (math.sqrt(entry.rank) if entry.rslora else entry.rank)
+    return scaling * tensors["lora_B"].double() @ A
+
+
+def exact_sum(parts, slot) -> torch.Tensor:
+    return sum(w * dense(b.slots[slot], b.slot_tensors(slot)) for b, w in parts if slot in b.slots)
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    return {
+        "r2": make_bundle(root, 1, name="author/noir", rank=2, alpha=3.0),
+        "r3": make_bundle(root, 2, name="author/rain", rank=3, rslora=True, rank_pattern={"fc1": 5}),
+        "lm_only": make_bundle(root, 3, name="author/fog", rank=4, blocks=["author/**"]),
+    }
+
+
+# -- linear: the exact weighted sum --------------------------------------------------------------
+
+
+def test_linear_lora_is_the_stacked_sum_at_any_ranks(lora):
+    parts = [(lora["r2"], 0.7), (lora["r3"], -0.4), (lora["lm_only"], 1.3)]  # conv slots only in two parents
+    result = blend(parts)
+    assert_same_outputs(applied(result), stacked(parts))
+    assert result.report.relative_error == 0.0
+    ranks = {e.slot: e.rank for e in result.manifest.slots}
+    assert ranks[f"{LM}:fc1"] == 2 + 5 + 4 and ranks[f"{CONV}:conv"] == 2 + 3
+    assert tuple(result.slot_tensors(f"{CONV}:conv")["lora_A"].shape) == (5, 3, 3, 3)
+
+
+@pytest.mark.parametrize(
+    "kind, first, second",
+    [
+        ("ia3", {}, {}),
+        ("bias", {}, {}),
+        ("neuron", {"neurons": [0, 2, 3]}, {"neurons": [1, 2, 3, 7]}),  # unions to 5 channels
+    ],
+)
+def test_linear_is_exact_for_every_blendable_kind(tmp_path, kind, first, second):
+    blocks = ["author/**"] if kind == "neuron" else []
+    a = make_bundle(tmp_path, 4, name="author/a", kind=kind, blocks=blocks, **first)
+    b = make_bundle(tmp_path, 5, name="author/b", kind=kind, blocks=blocks, **second)
+    parts = [(a, 0.6), (b, 0.9)]
+    for method in ("linear", "svd"):  # nothing to re-rank: svd is the exact sum too
+        result = blend(parts, method=method)
+        assert_same_outputs(applied(result), stacked(parts))
+        assert result.report.relative_error == 0.0
+    if kind == "neuron":
+        assert result.slot_tensors(f"{LM}:fc1")["neuron_index"].tolist() == [0, 1, 2, 3, 7]
+
+
+def test_tensor_order_is_each_kinds_declared_order():
+    from lwformat.adapters.kinds import KINDS, SlotSettings
+    from lwformat.adapters.layers import Geometry
+
+    geo = Geometry("linear", 4, 4, (4,))
+    for kind, names in TENSOR_ORDER.items():
+        declared = tuple(KINDS[kind].shapes(geo, SlotSettings(kind, 2, 2.0, False, (0, 1))))
+        assert names[: len(declared)] == declared
+
+
+# -- svd: the Eckart–Young optimum, from the factors ----------------------------------------------
+
+
+def test_svd_error_is_the_eckart_young_optimum(lora):
+    parts = [(lora["r2"], 0.7), (lora["r3"], 0.5), (lora["lm_only"], -0.8)]
+    result = blend(parts, method="svd", rank=3)
+    errors, norms = [], []
+    for entry in result.manifest.slots:
+        exact = exact_sum(parts, entry.slot)
+        sigma = torch.linalg.svdvals(exact)
+        optimum = sigma[3:].square().sum().sqrt()
+        measured = (dense(entry, result.slot_tensors(entry.slot)) - exact).norm()
+        report = result.report.slots[entry.slot]
+        assert entry.rank == min(3, sigma.numel())
+        assert report.relative_error == pytest.approx(float(optimum / exact.norm()), abs=1e-5)
+        assert float(measured / exact.norm()) == pytest.approx(report.relative_error, abs=1e-5)
+        errors.append(measured)
+        norms.append(exact.norm())
+    total = float(torch.stack(errors).norm() / torch.stack(norms).norm())
+    assert 0 < result.report.relative_error == pytest.approx(total, abs=1e-5)
+
+
+def test_svd_at_the_summed_rank_is_exact(lora):
+    parts = [(lora["r2"], 0.7), (lora["r3"], 0.3)]
+    result = blend(parts, method="svd", rank=2 + 5)
+    assert result.report.relative_error == 0.0
+    assert_same_outputs(applied(result), stacked(parts))
+
+
+# -- ties and dare ---------------------------------------------------------------------------------
+
+
+def test_ties_trims_elects_and_takes_the_disjoint_mean():
+    T = torch.tensor([[3.0, -1.0, 0.5], [-2.0, -4.0, 1.0]])
+    # trimmed to 2 of 3: [3, -1, 0] and [-2, -4, 0]; elected signs +, -, + (a zero sum counts as +)
+    assert ties(T, torch.tensor([1.0, 1.0]), density=2 / 3).tolist() == [3.0, -2.5, 0.0]
+    # weights scale the values before the vote: weighted [1.5, -0.5, 0] and [-4, -8, 0];
+    # 1.5 − 4 < 0 elects − at the first entry, where only the second task agrees
+    assert ties(T, torch.tensor([0.5, 2.0]), density=2 / 3).tolist() == [-4.0, -4.25, 0.0]
+
+
+def test_dare_keeps_about_density_and_rescales():
+    T = torch.ones(1, 20000, dtype=torch.float64)
+    out = dare(T, torch.tensor([2.0], dtype=torch.float64), 0.25, torch.Generator().manual_seed(0))
+    assert set(out.unique().tolist()) == {0.0, 8.0}  # 2 · 1 / 0.25
+    assert (out != 0).double().mean().item() == pytest.approx(0.25, abs=0.02)
+
+
+@pytest.mark.parametrize("method, rank", [("ties", None), ("dare", None), ("ties", 2), ("dare", 2)])
+def test_ties_and_dare_are_seeded_and_report_honest_errors(lora, method, rank):
+    parts = [(lora["r2"], 0.7), (lora["r3"], 0.6)]
+    result = blend(parts, method=method, rank=rank, density=0.6, seed=1)
+    again = blend(parts, method=method, rank=rank, density=0.6, seed=1)
+    assert all(torch.equal(t, again.tensors()[k]) for k, t in result.tensors().items())
+    if method == "dare":
+        other = blend(parts, method=method, rank=rank, density=0.6, seed=2)
+        assert any(not torch.equal(t, other.tensors()[k]) for k, t in result.tensors().items())
+    for entry in result.manifest.slots:
+        exact = exact_sum(parts, entry.slot)
+        measured = (dense(entry, result.slot_tensors(entry.slot)) - exact).norm() / exact.norm()
+        assert result.report.slots[entry.slot].relative_error == pytest.approx(float(measured), abs=1e-5)
+        assert entry.rank == (rank or 5 if entry.slot == f"{LM}:fc1" else rank or 3)
+    assert result.report.relative_error > 0.01  # neither method is the exact sum
+    world = make_world()
+    world.apply(result)  # and the result is a valid bundle for the world
+
+
+# -- parents and base ------------------------------------------------------------------------------
+
+
+def test_parents_base_and_layout_are_recorded(lora):
+    parts = [(lora["lm_only"], 0.25), (lora["r2"], 0.75)]
+    result = blend(parts, method="svd", rank=2, version="2.0.0")
+    m = result.manifest
+    assert [(p.name, p.version, p.weight) for p in m.parents] == [("author/fog", "1.0.0", 0.25), ("author/noir", "1.0.0", 0.75)]
+    on_disk = [hashlib.sha256((b.path / "manifest.json").read_bytes()).hexdigest() for b, _ in parts]
+    assert [p.manifest_sha256 for p in m.parents] == on_disk  # writers write canonical bytes
+    world = make_world()
+    assert m.base.blocks == {LM: world.digests()[LM], CONV: world.digests()[CONV]}
+    assert m.version == "2.0.0" and m.files == [] and m.name.startswith("author/blend-")
+    assert [e.slot for e in m.slots] == [e.slot for e in lora["lm_only"].manifest.slots] + [
+        e.slot for e in lora["r2"].manifest.slots if e.block == CONV
+    ]
+    expected_keys = [f"{e.slot}.{n}" for e in m.slots for n in ("lora_A", "lora_B")]
+    assert list(result.tensors()) == expected_keys
+    assert blend(parts, method="svd", rank=2).manifest.name == m.name  # the default name is deterministic
+
+
+def test_a_blend_blends_again(lora):
+    inner = blend([(lora["r2"], 0.5), (lora["r3"], 0.5)])
+    outer = blend([(inner, 2.0), (lora["lm_only"], 1.0)], name="author/mix")
+    assert outer.manifest.parents[0].name == inner.manifest.name
+    assert_same_outputs(applied(outer), stacked([(lora["r2"], 1.0), (lora["r3"], 1.0), (lora["lm_only"], 1.0)]))
+
+
+# -- refusals ---------------------------------------------------------------------------------------
+
+
+def test_different_bases_are_refused_naming_the_block(tmp_path, lora):
+    other = make_bundle(tmp_path, 6, world_seed=1, name="author/other", rank=2, blocks=["creator/**"])
+    with pytest.raises(BlendError, match="different bases") as info:
+        blend([(lora["r2"], 0.5), (other, 0.5)])
+    assert info.value.path == CONV and info.value.parents == ("author/noir", "author/other")
+
+
+def test_dora_and_mixed_kinds_are_refused_naming_the_slot(tmp_path, lora):
+    dora = make_bundle(tmp_path, 7, name="author/dora", kind="dora", rank=2, slots=["fc2"])
+    with pytest.raises(BlendError, match="DoRA") as info:
+        blend([(lora["r2"], 0.5), (dora, 0.5)])
+    assert info.value.path == f"{LM}:fc2"
+    ia3 = make_bundle(tmp_path, 8, name="author/gain", kind="ia3", slots=["fc1"])
+    with pytest.raises(BlendError, match="different kinds") as info:
+        blend([(lora["r2"], 0.5), (ia3, 0.5)])
+    assert info.value.path == f"{LM}:fc1" and info.value.parents == ("author/noir", "author/gain")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"method": "cat"}, "unknown blend method"),
+        ({"rank": 4}, "linear blend is exact"),
+        ({"method": "svd", "rank": 0}, "positive integer"),
+        ({"method": "ties", "density": 0.0}, "density"),
+        ({"name": "no-owner"}, "no-owner"),
+        ({"version": "1.0"}, "1.0"),
+    ],
+)
+def test_bad_requests_are_refused(lora, kwargs, match):
+    with pytest.raises(BlendError, match=match):
+        blend([(lora["r2"], 1.0)], **kwargs)
+
+
+def test_bad_weights_are_refused(lora):
+    with pytest.raises(BlendError, match="finite"):
+        blend([(lora["r2"], math.nan)])
+    with pytest.raises(BlendError, match="at least one"):
+        blend([])
+
+
+# -- the factor maths, for random shapes and ranks ---------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    m=st.integers(1, 12),
+    n=st.integers(1, 12),
+    ranks=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+    keep=st.integers(1, 16),
+    seed=st.integers(0, 2**16),
+)
+def test_rerank_is_the_optimal_truncation(m, n, ranks, keep, seed):
+    gen = torch.Generator().manual_seed(seed)
+    B = torch.cat([torch.randn(m, r, generator=gen, dtype=torch.float64) for r in ranks], dim=1)  # (m, R)
+    A = torch.cat([torch.randn(r, n, generator=gen, dtype=torch.float64) for r in ranks])  # (R, n)
+    M = B @ A
+    sigma = torch.linalg.svdvals(M)
+    B_k, A_k, discarded, total = rerank(B, A, keep)
+    assert B_k.shape[1] == A_k.shape[0] == min(keep, m, n, sum(ranks))
+    scale = 1 + float(sigma[0])
+    measured = float((M - B_k @ A_k).norm())
+    optimum = float(sigma[keep:].square().sum().sqrt())
+    assert measured == pytest.approx(optimum, abs=1e-9 * scale)
+    assert float(discarded) == pytest.approx(optimum, abs=1e-9 * scale)
+    assert float(total) == pytest.approx(float(M.norm()), abs=1e-9 * scale)
+    naive = float((M - B[:, :keep] @ A[:keep]).norm())  # another rank-≤k candidate: the first factors
+    assert measured <= naive + 1e-9 * scale
+    # distances come from Gram matrices: accurate to about √ε of the matrices' size
+    assert float(lowrank_distance(B_k, A_k, B, A)) == pytest.approx(measured, abs=1e-7 * scale)
+
+
+def test_a_blend_saves_as_a_bundle_that_applies_like_the_blend(tmp_path, bundles):
+    from lwformat.bundle import Bundle, verify_files
+    from lwformat.zoo import reference_world
+
+    mix = blend([(bundles["noir"], 0.7), (bundles["rain"], 0.3)], method="svd", rank=4, name="me/noir-rain")
+    manifest = mix.save(tmp_path / "mix", version="1.0.0")
+    saved = Bundle.open(tmp_path / "mix")
+    verify_files(saved)
+    assert manifest.version == "1.0.0" and [p.name for p in saved.manifest.parents] == ["author/noir", "author/rain"]
+    a, b = reference_world("tiny", seed=0), reference_world("tiny", seed=0)
+    a.apply(mix)
+    b.apply(saved)
+    x = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(a({"tokens": x})["author.logits"], b({"tokens": x})["author.logits"])
