@@ -94,13 +94,15 @@ def test_write_refuses_what_it_cannot_do_and_writes_nothing(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["taken"] and not os.listdir(tmp_path / "taken")
 
 
-def test_a_slot_with_two_adapters_is_refused(tmp_path):
+def test_only_the_customization_is_written_when_a_host_holds_more(tmp_path):
     world = tiny_custom_world()
     host = world.block(LLM).module[0]
-    host.add("second", LoRA(host.geo, SlotSettings("lora", rank=2, alpha=2.0), host.base))
-    with pytest.raises(TargetError) as info:
-        write_bundle(world, tmp_path / "b", name="a/b", version="1.0.0")
-    assert info.value.path == f"{LLM}:0" and os.listdir(tmp_path) == []
+    host.add("second", LoRA(host.geo, SlotSettings("lora", rank=2, alpha=2.0), host.base))  # e.g. an applied bundle
+    manifest = write_bundle(world, tmp_path / "b", name="a/b", version="1.0.0")
+    bundle = Bundle.open(tmp_path / "b")
+    mine = host.adapters[world.customization[0].name]
+    assert torch.equal(bundle.slot_tensors(f"{LLM}:0")["lora_A"], mine.lora_A)
+    assert manifest.slots[0].rank == mine.settings.rank
 
 
 def test_a_write_failing_midway_leaves_nothing(tmp_path):
