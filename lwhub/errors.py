@@ -26,7 +26,8 @@
     │                                         no pinned key made
     ├── RollbackError                         a version older than one already seen
     ├── NotCachedError (FileNotFoundError)    offline, and the cache does not hold the bundle
-    └── PushError (ValueError)                a bundle that cannot be pushed as asked
+    ├── PushError (ValueError)                a bundle that cannot be pushed as asked
+    └── RefError (ValueError)                 not a reference 'owner/name[@version|@tag]'
 
 `ERROR_CODES` is the one table of the registry's codes: the server answers
 ``{"error": {"code": ..., "message": ..., "detail": {...}}}`` with the class's HTTP
@@ -203,3 +204,7 @@ class NotCachedError(LWHubError, FileNotFoundError):
 
 class PushError(LWHubError, ValueError):
     """A bundle that cannot be pushed as asked (a name or version other than its signed manifest's)."""
+
+
+class RefError(LWHubError, ValueError):
+    """A bundle reference that is not ``owner/name``, ``owner/name@1.2.3`` or ``owner/name@tag``."""

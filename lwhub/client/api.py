@@ -1,0 +1,194 @@
+"""`Client`: the registry's API over httpx, with a local cache and a trust store.
+
+Settings are passed in; nothing is read from the environment here (`settings.from_env`
+does that for the command line). The HTTP client is injectable (``http=``), so tests
+and callers choose transports, proxies and timeouts. Listings are generators that
+follow the registry's page tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+import msgspec
+
+from lwformat.bundle.keys import PublicKey, loads_public_key, public_pem
+
+from ..cache import Cache
+from ..errors import NotCachedError, TooLargeError
+from ..protocol import API, BlobInfo, BundleInfo, KeyInfo, NewToken, Page, TagRequest, TokenRequest, VersionInfo, Whoami, YankRequest
+from ..semver import is_valid
+from ..trust import TrustStore
+from . import pull as _pull
+from . import push as _push
+from .wire import decode, raise_for, reaching
+
+T = TypeVar("T")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lwhub"
+
+
+class Client:
+    """A registry client. ``offline=True`` serves pulls from the cache and never connects.
+
+    ``trust`` defaults to a `TrustStore` in ``<cache_dir>/trust``; ``streams`` is how
+    many connections a pull uses at most.
+    """
+
+    def __init__(self, url: str | None = None, *, token: str | None = None, cache_dir: str | os.PathLike | None = None,
+                 http: httpx.Client | None = None, trust: TrustStore | None = None, offline: bool = False,
+                 streams: int = 4, timeout: float = 60.0) -> None:  # fmt: skip
+        if url is None and not offline:
+            raise ValueError("a registry URL is needed (or offline=True to use only the cache)")
+        self.url = (url or "").rstrip("/")
+        self.token = token
+        self.offline = offline
+        self.streams = max(1, streams)
+        self.hashers = max(2, os.cpu_count() or 2)
+        self.cache = Cache(cache_dir if cache_dir is not None else default_cache_dir())
+        self.trust = trust if trust is not None else TrustStore(self.cache.root / "trust")
+        self._own_http = http is None
+        limits = httpx.Limits(max_connections=max(8, 2 * self.streams), max_keepalive_connections=max(8, 2 * self.streams))
+        self.http = http if http is not None else httpx.Client(timeout=timeout, limits=limits)
+
+    def close(self) -> None:
+        if self._own_http:
+            self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the wire ------------------------------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def _online(self) -> None:
+        if self.offline:
+            raise NotCachedError("this client is offline: only pulls of cached bundles work")
+
+    def get(self, path: str, kind: type[T], params: dict | None = None) -> T:
+        self._online()
+        with reaching(self.url):
+            return decode(self.http.get(self.url + path, params=params, headers=self._headers()), kind)
+
+    def post(self, path: str, body: object, kind: type[T], method: str = "POST") -> T:
+        self._online()
+        with reaching(self.url):
+            response = self.http.request(method, self.url + path, content=msgspec.json.encode(body),
+                                         headers=self._headers() | {"content-type": "application/json"})  # fmt: skip
+            return decode(response, kind)
+
+    def pages(self, path: str, kind: type[T], params: dict | None = None, page_size: int = 50) -> Iterator[T]:
+        params = dict(params or {}, limit=page_size)
+        while True:
+            page = self.get(path, Page[kind], params)
+            yield from page.items
+            if page.next is None:
+                return
+            params["page"] = page.next
+
+    def blob_url(self, hexdigest: str) -> str:
+        return f"{self.url}{API}/blobs/sha256:{hexdigest}"
+
+    def has_blob(self, hexdigest: str) -> bool:
+        self._online()
+        with reaching(self.url):
+            response = self.http.head(self.blob_url(hexdigest))
+        if response.status_code == 404:
+            return False
+        raise_for(response)
+        return True
+
+    def put_blob(self, hexdigest: str, content: Iterator[bytes] | bytes, size: int) -> BlobInfo:
+        self._online()
+        with reaching(self.url):
+            response = self.http.put(self.blob_url(hexdigest), content=content,
+                                     headers=self._headers() | {"content-length": str(size), "content-type": "application/octet-stream"})  # fmt: skip
+            return decode(response, BlobInfo)
+
+    def blob_bytes(self, digest: str, limit: int) -> bytes:
+        """A small blob (manifest, signature), refused past `limit` bytes."""
+        self._online()
+        with reaching(self.url), self.http.stream("GET", f"{self.url}{API}/blobs/{digest}") as response:
+            if not response.is_success:
+                response.read()
+                raise_for(response)
+            data = bytearray()
+            for piece in response.iter_bytes():
+                data += piece
+                if len(data) > limit:
+                    raise TooLargeError(f"blob {digest} is larger than the {limit} bytes allowed", code="too_large")
+            return bytes(data)
+
+    # -- accounts and keys -----------------------------------------------------------------
+
+    def whoami(self) -> Whoami:
+        return self.get(f"{API}/whoami", Whoami)
+
+    def new_token(self, scopes: list[str] | None = None, ttl: float | None = None) -> NewToken:
+        return self.post(f"{API}/tokens", TokenRequest(scopes, ttl), NewToken)
+
+    def keys(self, owner: str) -> list[KeyInfo]:
+        return list(self.pages(f"{API}/owners/{owner}/keys", KeyInfo))
+
+    def register_key(self, owner: str, key: PublicKey | bytes | str | os.PathLike) -> KeyInfo:
+        """Register a publisher public key (key object, PEM bytes or PEM path) for `owner`."""
+        if isinstance(key, (str, os.PathLike)):
+            key = Path(key).read_bytes()
+        pem = public_pem(key if isinstance(key, PublicKey) else loads_public_key(key))
+        return self.post(f"{API}/owners/{owner}/keys", {"pem": pem.decode()}, KeyInfo)
+
+    # -- bundles -------------------------------------------------------------------------------
+
+    def info(self, name: str) -> BundleInfo:
+        owner, short, _ = _pull.parse_ref(name)
+        return self.get(f"{API}/bundles/{owner}/{short}", BundleInfo)
+
+    def versions(self, name: str, *, page_size: int = 50) -> Iterator[VersionInfo]:
+        owner, short, _ = _pull.parse_ref(name)
+        return self.pages(f"{API}/bundles/{owner}/{short}/versions", VersionInfo, page_size=page_size)
+
+    def search(self, query: str = "", *, page_size: int = 50) -> Iterator[BundleInfo]:
+        return self.pages(f"{API}/bundles", BundleInfo, {"q": query}, page_size=page_size)
+
+    def resolve(self, ref: str) -> VersionInfo:
+        """``owner/name[@version|@tag]`` -> the version record (offline: from the cache)."""
+        owner, short, want = _pull.parse_ref(ref)
+        if not self.offline:
+            return self.get(f"{API}/bundles/{owner}/{short}/resolve/{want}", VersionInfo)
+        full = f"{owner}/{short}"
+        version = want if is_valid(want) else self.cache.cached_tag(full, want) or (self.cache.cached_latest(full) if want == "latest" else None)
+        info = self.cache.cached_version(full, version) if version else None
+        if info is None:
+            raise NotCachedError(f"{ref} is not in the cache at {self.cache.root} (offline)", path=str(self.cache.root))
+        return info
+
+    def yank(self, ref: str, *, reason: str = "", undo: bool = False) -> VersionInfo:
+        owner, short, version = _pull.parse_ref(ref)
+        if not is_valid(version):
+            raise ValueError(f"{ref!r}: yank needs an explicit version, 'owner/name@1.2.3'")
+        return self.post(f"{API}/bundles/{owner}/{short}/versions/{version}/yank", YankRequest(not undo, reason), VersionInfo)
+
+    def set_tag(self, name: str, tag: str, version: str) -> dict:
+        owner, short, _ = _pull.parse_ref(name)
+        return self.post(f"{API}/bundles/{owner}/{short}/tags/{tag}", TagRequest(version), dict, method="PUT")
+
+    def push(self, bundle_dir: str | os.PathLike, name: str | None = None, version: str | None = None,
+             *, progress: Callable[[int], None] | None = None) -> VersionInfo:  # fmt: skip
+        """Upload a signed bundle directory and publish it; returns the new version's record."""
+        return _push.push(self, Path(bundle_dir), name, version, progress=progress)
+
+    def pull(self, ref: str, *, tofu: bool = False, allow_rollback: bool = False,
+             progress: Callable[[int], None] | None = None) -> Path:  # fmt: skip
+        """Verified download into the cache; returns the bundle directory (`Bundle.open` reads it)."""
+        return _pull.pull(self, ref, tofu=tofu, allow_rollback=allow_rollback, progress=progress)

@@ -1,0 +1,195 @@
+"""Pull: resolve, check trust and rollback, fetch verified blobs, install a bundle directory.
+
+    1. resolve the ref (online: the registry; offline: the cache's records)
+    2. rollback: a tag that resolves below the highest version verified here is refused
+       (an explicit ``@version`` is what the user asked for, so it passes)
+    3. manifest and signature: from the cached bundle directory when their digests
+       match, else fetched by digest and hashed
+    4. the signature must verify with a key pinned for the owner (pinned on first use
+       only with ``tofu=True``) and list exactly the manifest's digests; this happens
+       before any large download, so an untrusted bundle costs two small requests
+    5. files: a cached bundle directory is re-hashed chunk by chunk in parallel; on any
+       mismatch it is dropped, and each file comes from a verified cached blob or is
+       downloaded (`download.Fetcher`)
+    6. the bundle directory is built in the cache's temp area and renamed into place;
+       the version is recorded (for offline use) and marked seen (for rollback checks)
+
+The files are bound to the signer through the chunk digests of the signed manifest,
+so they are not hashed a second time as whole files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lwformat.bundle.canonical import loads as load_manifest
+from lwformat.bundle.limits import MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES
+from lwformat.bundle.manifest import MANIFEST, SIGNATURE, Manifest
+from lwformat.bundle.signing import compare, open_signature, verify_signature
+from lwformat.errors import LWFormatError, SignatureError, SignedFileMismatchError, UntrustedSignatureError
+
+from ..errors import IntegrityError, NotCachedError, ProtocolError, RefError, RollbackError, TrustError
+from ..protocol import OWNER, TAG, VersionInfo, digest_hex
+from ..semver import is_valid, newer
+from .download import Fetcher, FileJob, verify_file
+
+if TYPE_CHECKING:
+    from .api import Client
+
+
+def parse_ref(ref: str) -> tuple[str, str, str]:
+    """``owner/name[@version|@tag]`` -> (owner, name, version or tag; "latest" by default)."""
+    full, _, want = ref.partition("@")
+    owner, _, name = full.partition("/")
+    want = want or "latest"
+    if not (OWNER.match(owner) and OWNER.match(name) and (is_valid(want) or TAG.match(want))):
+        raise RefError(f"{ref!r} is not a bundle reference 'owner/name', 'owner/name@1.2.3' or 'owner/name@tag' "
+                       "(lowercase letters, digits, '_', '.', '-')")  # fmt: skip
+    return owner, name, want
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_rollback(client: Client, full: str, want: str, version: str, allow: bool) -> None:
+    seen = client.cache.highest_seen(full)
+    if seen and newer(seen, version) and not allow and not is_valid(want):
+        raise RollbackError(
+            f"{full}@{want} resolves to {version}, older than {seen} which this client already verified "
+            f"(yanked upstream, or a rollback attack): pull {full}@{version} explicitly or allow_rollback=True",
+            name=full, version=version, seen=seen,
+        )  # fmt: skip
+
+
+def _trusted_keys(client: Client, owner: str, tofu: bool) -> list:
+    keys = client.trust.keys(owner)
+    if keys or not tofu:
+        if not keys:
+            raise TrustError(
+                f"no publisher key is pinned for {owner!r}: pin the owner's public key (TrustStore.pin, "
+                f"`lwhub trust add`) or pull with tofu=True to trust the registry's keys on first use", owner=owner,
+            )  # fmt: skip
+        return keys
+    if client.offline:
+        raise TrustError(f"no publisher key is pinned for {owner!r}, and offline the registry's keys cannot be fetched", owner=owner)
+    for key in client.keys(owner):
+        client.trust.pin(owner, key.pem.encode())
+    return client.trust.keys(owner)
+
+
+def check_signature(signature: bytes, manifest_bytes: bytes, manifest: Manifest, keys: list, owner: str) -> bool:
+    """Verify the envelope and what it lists against the manifest's digests; False when the
+    signature's shards are not the manifest's chunks, so only the files can settle it."""
+    full = f"{manifest.name}@{manifest.version}"
+    try:
+        signed = open_signature(signature, keys)
+    except UntrustedSignatureError as exc:
+        raise TrustError(f"{full}: signed by none of the keys pinned for {owner!r} ({exc})", owner=owner) from exc
+    except SignatureError as exc:
+        raise TrustError(f"{full}: {exc}", owner=owner) from exc
+    if signed.shard_size is None:
+        expected = {MANIFEST: _sha(manifest_bytes)} | {f.path: f.sha256 for f in manifest.files}
+    elif signed.shard_size == manifest.chunk_size:
+        size = manifest.chunk_size
+        pieces = range(0, len(manifest_bytes), size)
+        expected = {f"{MANIFEST}:{s}:{min(s + size, len(manifest_bytes))}": _sha(manifest_bytes[s : s + size]) for s in pieces}
+        for f in manifest.files:
+            expected |= {f"{f.path}:{i * size}:{min((i + 1) * size, f.size)}": c for i, c in enumerate(f.chunks)}
+    else:
+        return False
+    try:
+        compare(signed.resources, expected, sharded=signed.shard_size is not None)
+    except SignedFileMismatchError as exc:
+        raise IntegrityError(f"{full}: the signature does not match the manifest: {exc}", path=exc.path,
+                             expected=str(exc.expected), found=str(exc.found)) from exc  # fmt: skip
+    return True
+
+
+def _jobs(manifest: Manifest) -> list[FileJob]:
+    return [FileJob(f.path, f.sha256, f.size, tuple(f.chunks), manifest.chunk_size) for f in manifest.files]
+
+
+def _materials(client: Client, info: VersionInfo, mhex: str, shex: str) -> tuple[bytes, bytes]:
+    """The manifest and signature bytes: from the cached bundle directory when their digests match."""
+    folder = client.cache.bundle_dir(mhex)
+    try:
+        m, s = (folder / MANIFEST).read_bytes(), (folder / SIGNATURE).read_bytes()
+        if _sha(m) == mhex and _sha(s) == shex:
+            return m, s
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    if client.offline:
+        raise NotCachedError(f"{info.name}@{info.version} is not in the cache at {client.cache.root} (offline)", path=str(client.cache.root))
+    client.cache.drop_bundle(mhex)
+    return _fetch_small(client, info.manifest, MAX_MANIFEST_BYTES, MANIFEST), _fetch_small(client, info.signature, MAX_SIGNATURE_BYTES, SIGNATURE)
+
+
+def _fetch_small(client: Client, digest: str, limit: int, what: str) -> bytes:
+    data = client.blob_bytes(digest, limit)
+    if "sha256:" + _sha(data) != digest:
+        raise IntegrityError(f"{what}: the registry sent bytes that do not hash to {digest}", path=what, expected=digest, found="sha256:" + _sha(data))
+    return data
+
+
+def _manifest(data: bytes, info: VersionInfo) -> Manifest:
+    try:
+        manifest = load_manifest(data)
+    except LWFormatError as exc:
+        raise IntegrityError(f"{info.name}@{info.version}: {exc}", path=MANIFEST, expected=info.manifest, found="invalid") from exc
+    if (manifest.name, manifest.version) != (info.name, info.version):
+        raise IntegrityError(f"{info.name}@{info.version}: the manifest is {manifest.name}@{manifest.version}", path=MANIFEST,
+                             expected=f"{info.name}@{info.version}", found=f"{manifest.name}@{manifest.version}")  # fmt: skip
+    return manifest
+
+
+def _install(client: Client, info: VersionInfo, mhex: str, materials: tuple[bytes, bytes], jobs: list[FileJob], progress) -> Path:
+    """The verified bundle directory: the cached one if every file checks, else rebuilt from verified blobs."""
+    cache, folder = client.cache, client.cache.bundle_dir(mhex)
+    with ThreadPoolExecutor(max_workers=client.hashers) as pool:
+        broken = [job for job in jobs if verify_file(folder / job.path, job, pool) is not None] if folder.is_dir() else jobs
+        if not broken:
+            return folder
+        if client.offline:
+            raise IntegrityError(f"{info.name}@{info.version}: the cached copy is corrupt ({broken[0].path}) and offline it "
+                                 "cannot be fetched again", path=broken[0].path, expected=broken[0].hexdigest, found="corrupt")  # fmt: skip
+        cache.drop_bundle(mhex)
+        for job in jobs:  # a blob behind a broken file may be broken too (they are hard links)
+            if cache.blob(job.hexdigest).exists() and verify_file(cache.blob(job.hexdigest), job, pool) is not None:
+                cache.blob(job.hexdigest).unlink(missing_ok=True)
+        missing = [job for job in jobs if not cache.blob(job.hexdigest).exists()]
+        Fetcher(client.http, cache, client.blob_url, pool, streams=client.streams, progress=progress).fetch(missing)
+    files = {MANIFEST: materials[0], SIGNATURE: materials[1]} | {j.path: cache.blob(j.hexdigest) for j in jobs}
+    return cache.install_bundle(mhex, files)
+
+
+def pull(client: Client, ref: str, *, tofu: bool = False, allow_rollback: bool = False, progress=None) -> Path:
+    owner, name, want = parse_ref(ref)
+    full = f"{owner}/{name}"
+    info = client.resolve(ref)
+    if info.name != full or (is_valid(want) and info.version != want):
+        raise ProtocolError(f"asked for {ref}, the registry answered {info.name}@{info.version}")
+    check_rollback(client, full, want, info.version, allow_rollback)
+    mhex, shex = digest_hex(info.manifest), digest_hex(info.signature)
+    if mhex is None or shex is None:
+        raise ProtocolError(f"{full}@{info.version}: malformed digests in the registry's answer")
+    materials = _materials(client, info, mhex, shex)
+    manifest = _manifest(materials[0], info)
+    keys = _trusted_keys(client, owner, tofu)
+    settled = check_signature(materials[1], materials[0], manifest, keys, owner)  # before any large download
+    folder = _install(client, info, mhex, materials, _jobs(manifest), progress)
+    if not settled:
+        try:
+            verify_signature(folder, keys)
+        except SignatureError as exc:
+            client.cache.drop_bundle(mhex)
+            raise TrustError(f"{full}@{info.version}: {exc}", owner=owner) from exc
+    if not client.offline:
+        client.cache.record_version(info)
+        if not is_valid(want):
+            client.cache.record_tag(full, want, info.version)
+    client.cache.mark_seen(full, info.version)
+    return folder

@@ -1,0 +1,56 @@
+"""The one place where HTTP answers and transport failures become `lwhub` errors.
+
+    {"error": {"code", "message", "detail"}}  ->  lwhub.errors.error_for(code, ...)
+    any other non-2xx answer                  ->  ServerError ("internal_error") or BadRequestError
+    httpx.TransportError (refused, reset...)  ->  HubUnavailableError
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import httpx
+import msgspec
+
+from ..errors import HubUnavailableError, ProtocolError, error_for
+
+
+class _Answer(msgspec.Struct):
+    code: str
+    message: str
+    detail: dict = {}
+
+
+class _Envelope(msgspec.Struct):
+    error: _Answer
+
+
+def raise_for(response: httpx.Response) -> None:
+    """Raise the error a non-2xx answer carries (the body must have been read)."""
+    if response.is_success:
+        return
+    try:
+        answer = msgspec.json.decode(response.content, type=_Envelope).error
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        code = "internal_error" if response.status_code >= 500 else "invalid_request"
+        text = response.text[:200].strip() or response.reason_phrase
+        raise error_for(code, f"{response.request.method} {response.url}: HTTP {response.status_code}: {text}") from None
+    raise error_for(answer.code, answer.message, answer.detail)
+
+
+def decode(response: httpx.Response, kind: type):
+    raise_for(response)
+    try:
+        return msgspec.json.decode(response.content, type=kind)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"{response.request.method} {response.url}: unexpected answer: {exc}") from exc
+
+
+@contextlib.contextmanager
+def reaching(url: str) -> Iterator[None]:
+    """Turn a transport failure into `HubUnavailableError` naming the registry."""
+    try:
+        yield
+    except httpx.TransportError as exc:
+        raise HubUnavailableError(f"cannot reach the registry at {url}: {exc or type(exc).__name__}", url=url) from exc

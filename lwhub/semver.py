@@ -1,0 +1,51 @@
+"""Semantic versions (semver.org 2.0.0): parsing and precedence as a sortable string.
+
+Precedence: compare MAJOR, MINOR, PATCH numerically; a pre-release sorts before its
+release; pre-release identifiers compare left to right, numeric ones numerically and
+below alphanumeric ones (ASCII order), and a shorter list sorts first when it is a
+prefix of the longer. Build metadata (``+...``) does not count.
+
+`sort_key` encodes that order into a string whose plain byte order is precedence, so
+a database can ``ORDER BY`` it:
+
+    key  = N(major) N(minor) N(patch) ("0" ids "\\x00" | "1")     "1" = a release
+    ids  = id ("\\x01" id)*,  id = "0" N(numeric) | "1" alphanumeric
+    N(x) = x as 20 decimal digits
+"""
+
+from __future__ import annotations
+
+import re
+
+PATTERN = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-([0-9A-Za-z\-]+(?:\.[0-9A-Za-z\-]+)*))?(?:\+([0-9A-Za-z\-]+(?:\.[0-9A-Za-z\-]+)*))?$")
+_MAX = 10**20 - 1
+
+
+def is_valid(version: str) -> bool:
+    m = PATTERN.match(version)
+    return bool(m) and all(int(m.group(i)) <= _MAX for i in (1, 2, 3)) and not _leading_zero(m.group(4))
+
+
+def _leading_zero(pre: str | None) -> bool:
+    return any(p.isdigit() and len(p) > 1 and p[0] == "0" for p in (pre or "").split("."))
+
+
+def is_prerelease(version: str) -> bool:
+    m = PATTERN.match(version)
+    return bool(m and m.group(4))
+
+
+def sort_key(version: str) -> str:
+    m = PATTERN.match(version)
+    if not m or not is_valid(version):
+        raise ValueError(f"{version!r} is not a semantic version (MAJOR.MINOR.PATCH[-pre][+build])")
+    head = "".join(f"{int(m.group(i)):020d}" for i in (1, 2, 3))
+    if not m.group(4):
+        return head + "1"
+    ids = (f"0{int(p):020d}" if p.isdigit() else f"1{p}" for p in m.group(4).split("."))
+    return head + "0" + "\x01".join(ids) + "\x00"
+
+
+def newer(a: str, b: str) -> bool:
+    """Whether `a` has higher precedence than `b`."""
+    return sort_key(a) > sort_key(b)

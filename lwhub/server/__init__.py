@@ -1,0 +1,24 @@
+"""The lwhub registry server: an ASGI app over a metadata store and a content-addressed blob store.
+
+    app.py      the HTTP routes            store.py   metadata (SQLite)
+    blobs.py    blobs by sha256            auth.py    accounts and scoped tokens
+    publish.py  the publish transaction    run.py     recovery, Granian, `serve`
+    openapi.py  the API document          http.py    JSON answers, errors, pages, ranges
+
+Importing this package imports neither Starlette nor Granian; `create_app` does.
+"""
+
+from __future__ import annotations
+
+from .auth import create_account, create_token
+from .run import RunningServer, recover, run_server, serve
+
+
+def create_app(data_dir, *, instance: str = ""):
+    """The registry's ASGI app on `data_dir` (imports Starlette)."""
+    from .app import create_app as make
+
+    return make(data_dir, instance=instance)
+
+
+__all__ = ["RunningServer", "create_account", "create_app", "create_token", "recover", "run_server", "serve"]

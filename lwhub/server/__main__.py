@@ -1,0 +1,16 @@
+"""``python -m lwhub.server DATA_DIR [--host H] [--port P] [--workers N]``: run the registry."""
+
+from __future__ import annotations
+
+import argparse
+
+from .run import run_server
+
+parser = argparse.ArgumentParser(prog="python -m lwhub.server", description=__doc__)
+parser.add_argument("data_dir")
+parser.add_argument("--host", default="127.0.0.1")
+parser.add_argument("--port", type=int, default=8700)
+parser.add_argument("--workers", type=int, default=1)
+parser.add_argument("--instance", default="")
+args = parser.parse_args()
+run_server(args.data_dir, host=args.host, port=args.port, workers=args.workers, instance=args.instance)

@@ -1,0 +1,95 @@
+"""HTTP plumbing of the registry: JSON answers, error answers, bounded bodies, page tokens, ranges.
+
+An error answer is ``{"error": {"code", "message", "detail"}}`` with the HTTP status of
+the code's class in `lwhub.errors.ERROR_CODES`. A page token is the url-safe base64 of
+the store's cursor (the last item's sort key).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import msgspec
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+
+from ..errors import BadRequestError, NotFoundError, RangeError, RegistryError, ServerError, TooLargeError
+from ..protocol import MAX_PAGE
+
+RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def json_answer(obj: object, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json")
+
+
+def error_answer(exc: RegistryError) -> Response:
+    body = {"error": {"code": exc.code, "message": str(exc), "detail": exc.detail}}
+    headers = {"www-authenticate": "Bearer"} if exc.status == 401 else None
+    response = Response(msgspec.json.encode(body), status_code=exc.status, media_type="application/json", headers=headers)
+    if exc.code == "range_not_satisfiable":
+        response.headers["content-range"] = f"bytes */{exc.detail['size']}"
+    return response
+
+
+async def read_body(request: Request, kind: type, limit: int = 64 << 10):
+    data = bytearray()
+    async for piece in request.stream():
+        data += piece
+        if len(data) > limit:
+            raise TooLargeError(f"the request body is over {limit} bytes")
+    try:
+        return msgspec.json.decode(data or b"{}", type=kind)
+    except msgspec.ValidationError as exc:
+        raise BadRequestError(f"request body: {exc}", code="invalid_request") from exc
+    except msgspec.DecodeError as exc:
+        raise BadRequestError(f"request body is not JSON: {exc}", code="invalid_request") from exc
+
+
+def page_args(request: Request) -> tuple[str | None, int]:
+    token, limit = request.query_params.get("page"), request.query_params.get("limit", "50")
+    if not limit.isdigit() or not 1 <= int(limit) <= MAX_PAGE:
+        raise BadRequestError(f"limit must be an integer from 1 to {MAX_PAGE}", code="invalid_request")
+    if token is None:
+        return None, int(limit)
+    try:
+        return base64.urlsafe_b64decode(token.encode()).decode(), int(limit)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequestError("page is not a token this registry gave out", code="invalid_request") from None
+
+
+def page_token(cursor: str) -> str:
+    return base64.urlsafe_b64encode(cursor.encode()).decode()
+
+
+class BlobResponse(FileResponse):
+    chunk_size = 1 << 20  # ranges are read through Python: large reads keep that cheap
+
+
+def check_range(header: str, size: int) -> None:
+    """Refuse, with a JSON error, a single range that starts past the end (multi-range passes through)."""
+    m = RANGE.match(header.replace(" ", ""))
+    if m is None:
+        return
+    start, end = m.groups()
+    if (start and int(start) >= size) or (not start and (not end or int(end) == 0)) or (start and end and int(end) < int(start)):
+        raise RangeError(f"range {header!r} is outside the blob's {size} bytes", detail={"size": size})
+
+
+async def registry_error(request: Request, exc: RegistryError) -> Response:
+    return error_answer(exc)
+
+
+async def http_error(request: Request, exc: HTTPException) -> Response:
+    code = {404: "not_found", 405: "invalid_request"}.get(exc.status_code, "invalid_request")
+    error = (NotFoundError if exc.status_code == 404 else BadRequestError)(f"{request.method} {request.url.path}: {exc.detail}", code=code)
+    return error_answer(error)
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    return error_answer(ServerError(f"internal error ({type(exc).__name__}); the request changed nothing", code="internal_error"))
+
+
+HANDLERS = {RegistryError: registry_error, HTTPException: http_error, Exception: internal_error}

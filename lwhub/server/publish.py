@@ -1,0 +1,137 @@
+"""The publish transaction: verify everything, then make the version visible in one commit.
+
+Protocol (the client has uploaded every blob by digest first):
+
+    POST /v1/bundles/{owner}/{name}/versions/{version}
+         {"manifest": "sha256:...", "signature": "sha256:..."}
+
+Steps, each refusing with a stable code and leaving nothing visible:
+
+    1. the token's scopes cover owner/name                    namespace_forbidden
+    2. the version is new                                     version_exists
+    3. the owner has registered publisher keys                no_publisher_key
+    4. the manifest blob parses as a manifest                 manifest_invalid
+       naming this owner/name and version                     manifest_mismatch
+    5. every listed file is a stored blob of the right size   blob_missing, blob_mismatch
+    6. staged as a bundle directory (hard links to the blobs):
+       it opens under the spec's rules                        bundle_invalid, too_large
+       every size, sha256 and chunk digest matches            blob_mismatch
+       the signature verifies with one of the owner's keys
+       and covers exactly these files                         signature_invalid
+    7. one INSERT of the version and its blob references; the PRIMARY KEY makes
+       exactly one of racing publishes win                    version_exists
+
+Blobs are immutable and content-addressed, so nothing can change between the checks
+and the commit. A crash anywhere before step 7 leaves at most a staging directory in
+the temp area, removed at the next start.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+from lwformat.bundle.canonical import loads as load_manifest
+from lwformat.bundle.keys import loads_public_key
+from lwformat.bundle.limits import MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES
+from lwformat.bundle.manifest import MANIFEST, SIGNATURE, Manifest
+from lwformat.bundle.read import Bundle
+from lwformat.bundle.signing import verify_signature
+from lwformat.bundle.verify import verify_files
+from lwformat.errors import BundleLimitError, IntegrityError, LWFormatError, SignatureError
+
+from ..errors import BadRequestError, ConflictError, NotFoundError, PublishRejectedError, TooLargeError
+from ..protocol import PublishRequest, VersionInfo, digest_hex
+from ..semver import is_valid
+from .auth import Principal, authorize
+from .blobs import BlobStore
+from .store import Store
+
+
+def _reject(code: str, message: str, **detail: object) -> PublishRejectedError:
+    return PublishRejectedError(message, code=code, detail=detail)
+
+
+def _hex(digest: str, what: str) -> str:
+    hexdigest = digest_hex(digest)
+    if hexdigest is None:
+        raise BadRequestError(f"{what} {digest!r} is not a digest 'sha256:<64 hex>'", code="invalid_digest")
+    return hexdigest
+
+
+def _read(blobs: BlobStore, hexdigest: str, limit: int, what: str) -> bytes:
+    try:
+        return blobs.read(hexdigest, limit=limit)
+    except NotFoundError:
+        raise _reject("blob_missing", f"the {what} blob sha256:{hexdigest} was not uploaded", digest=f"sha256:{hexdigest}") from None
+
+
+def _parse(data: bytes) -> Manifest:
+    try:
+        return load_manifest(data)
+    except LWFormatError as exc:
+        raise _reject("manifest_invalid", f"{MANIFEST}: {exc}", field=getattr(exc, "field", None)) from exc
+
+
+def _check_blobs(blobs: BlobStore, manifest: Manifest) -> None:
+    for entry in manifest.files:
+        size = blobs.size(entry.sha256)
+        if size is None:
+            raise _reject("blob_missing", f"{entry.path}: blob sha256:{entry.sha256} was not uploaded", path=entry.path)
+        if size != entry.size:
+            raise _reject("blob_mismatch", f"{entry.path}: the manifest says {entry.size} bytes, the blob has {size}", path=entry.path)
+
+
+def _verify_staged(blobs: BlobStore, manifest_hex: str, signature_hex: str, manifest: Manifest, keys: list) -> str:
+    """Stage the bundle as a directory of hard links and verify it with lwformat; return the key id."""
+    stage = blobs.scratch() / "bundle"
+    try:
+        stage.mkdir()
+        blobs.materialize(manifest_hex, stage / MANIFEST)
+        blobs.materialize(signature_hex, stage / SIGNATURE)
+        for entry in manifest.files:
+            blobs.materialize(entry.sha256, stage / entry.path)
+        try:
+            with Bundle.open(stage) as bundle:
+                verify_files(bundle)
+            return verify_signature(stage, keys)
+        except IntegrityError as exc:
+            raise _reject("blob_mismatch", str(exc), path=exc.path, chunk=exc.chunk) from exc
+        except SignatureError as exc:
+            raise _reject("signature_invalid", f"{SIGNATURE}: {exc}", path=exc.path) from exc
+        except BundleLimitError as exc:
+            raise TooLargeError(str(exc), detail={"limit": exc.limit}) from exc
+        except LWFormatError as exc:
+            raise _reject("bundle_invalid", str(exc), path=exc.path) from exc
+    finally:
+        shutil.rmtree(stage.parent, ignore_errors=True)
+
+
+def publish(store: Store, blobs: BlobStore, principal: Principal, owner: str, name: str, version: str, request: PublishRequest) -> VersionInfo:
+    full = f"{owner}/{name}"
+    authorize(principal, owner, name)
+    if not is_valid(version):
+        raise BadRequestError(f"{version!r} is not a semantic version (MAJOR.MINOR.PATCH)", code="invalid_version")
+    if store.version(owner, name, version) is not None:
+        raise ConflictError(f"{full}@{version} exists already; versions are immutable, publish a new version", code="version_exists")
+    keys = [loads_public_key(k.pem.encode()) for k in store.keys(owner)]
+    if not keys:
+        raise _reject("no_publisher_key", f"owner {owner!r} has no publisher key: register one first (`lwhub keygen`)", owner=owner)
+    manifest_hex, signature_hex = _hex(request.manifest, "manifest"), _hex(request.signature, "signature")
+    manifest_bytes = _read(blobs, manifest_hex, MAX_MANIFEST_BYTES, MANIFEST)
+    _read(blobs, signature_hex, MAX_SIGNATURE_BYTES, SIGNATURE)  # present and bounded
+    manifest = _parse(manifest_bytes)
+    if (manifest.name, manifest.version) != (full, version):
+        raise _reject(
+            "manifest_mismatch", f"the manifest is {manifest.name}@{manifest.version}, published as {full}@{version}",
+            manifest_name=manifest.name, manifest_version=manifest.version,
+        )  # fmt: skip
+    _check_blobs(blobs, manifest)
+    key_id = _verify_staged(blobs, manifest_hex, signature_hex, manifest, keys)
+    info = VersionInfo(
+        name=full, version=version, manifest=request.manifest, signature=request.signature,
+        size=sum(f.size for f in manifest.files), key_id=key_id, created=time.time(),
+        description=manifest.description, tags=list(manifest.tags),
+    )  # fmt: skip
+    store.add_version(info, [f"sha256:{f.sha256}" for f in manifest.files])
+    return info

@@ -1,0 +1,142 @@
+"""Running the registry: recovery at start, the Granian HTTP server, and `serve` for tests and the CLI.
+
+Granian serves the ASGI app and implements the ``http.response.pathsend`` extension,
+so whole blobs go from the file to the socket without passing through Python.
+
+At every start, before the first request, `recover` removes what a crash can leave:
+temp files and staging directories, and blobs that no version references and that
+are older than `orphan_grace` seconds (younger ones may belong to a publish in flight).
+
+`serve` starts the server in a child process (its own process group, so it can be
+stopped or killed whole) and returns once it answers; ``port=0`` picks a free port.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from .blobs import DirBlobStore
+from .store import open_store
+
+ORPHAN_GRACE = 3600.0
+_DATA_ENV, _INSTANCE_ENV = "LWHUB_SERVER_DATA", "LWHUB_SERVER_INSTANCE"
+
+
+def recover(data_dir: str | Path, *, orphan_grace: float = ORPHAN_GRACE) -> dict[str, int]:
+    """Clean what a crash left in `data_dir`; returns counts of removed temp entries and orphan blobs."""
+    blobs, store = DirBlobStore(data_dir), open_store(data_dir)
+    temp = blobs.clean_temp()
+    referenced = store.referenced_blobs()
+    cutoff, orphans = time.time() - orphan_grace, 0
+    for hexdigest, mtime in list(blobs.digests()):
+        if f"sha256:{hexdigest}" not in referenced and mtime < cutoff:
+            blobs.delete(hexdigest)
+            orphans += 1
+    return {"temp": temp, "orphans": orphans}
+
+
+def worker_app():
+    """Granian's factory in each worker process: the app on the data dir `run_server` chose."""
+    from .app import create_app
+
+    return create_app(os.environ[_DATA_ENV], instance=os.environ.get(_INSTANCE_ENV, ""))
+
+
+def run_server(data_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8700, workers: int = 1, instance: str = "") -> None:
+    """Recover `data_dir`, then serve it until interrupted (blocking; what `lwhub serve` runs)."""
+    from granian import Granian
+
+    data = Path(data_dir).resolve()
+    recover(data)
+    os.environ[_DATA_ENV], os.environ[_INSTANCE_ENV] = str(data), instance
+    Granian(
+        "lwhub.server.run:worker_app", address=host, port=port, interface="asgi", factory=True,
+        workers=workers, log_level="warning", backlog=1024,
+    ).serve()  # fmt: skip
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    """A registry child process: `url`; `stop()` ends it gracefully, `kill()` at once."""
+
+    url: str
+    data_dir: Path
+    process: subprocess.Popen = field(repr=False)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: a crash, as far as the data dir can tell."""
+        self._signal(signal.SIGKILL)
+        self.process.wait()
+
+    def _signal(self, sig: int) -> None:
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve(data_dir: str | Path, host: str = "127.0.0.1", port: int = 0, *, workers: int = 1,
+          timeout: float = 60.0, preexec_fn=None) -> RunningServer:  # fmt: skip
+    """Start the registry on `data_dir` in a child process; return once it answers.
+
+    ``port=0`` picks a free port; a unique instance id in the health answer proves that
+    the server answering is this one, and a lost race for the port is retried.
+    """
+    for _ in range(5):
+        instance, chosen = secrets.token_hex(8), port or free_port(host)
+        cmd = [sys.executable, "-m", "lwhub.server", str(data_dir), "--host", host, "--port", str(chosen),
+               "--workers", str(workers), "--instance", instance]  # fmt: skip
+        process = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL, preexec_fn=preexec_fn)
+        server = RunningServer(f"http://{host}:{chosen}", Path(data_dir), process)
+        if _wait_ready(server, instance, timeout):
+            return server
+        server.kill()
+        if port:
+            break
+    raise RuntimeError(f"the registry on {data_dir} did not start on {host}:{port or 'a free port'}")
+
+
+def _wait_ready(server: RunningServer, instance: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    with httpx.Client(timeout=2.0) as http:
+        while time.monotonic() < deadline and server.process.poll() is None:
+            try:
+                if http.get(server.url + "/v1/health").json().get("instance") == instance:
+                    return True
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.05)
+    return False

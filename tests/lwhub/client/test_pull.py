@@ -1,0 +1,214 @@
+"""Pulls from a real registry: verification, trust, tampering, resume, cache repair, offline, rollback."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+
+import httpx
+import pytest
+
+from lwformat.bundle.keys import load_private_key
+from lwformat.bundle.manifest import MANIFEST, SIGNATURE, WEIGHTS
+from lwformat.bundle.read import Bundle
+from lwformat.bundle.signing import sign_bundle
+from lwformat.bundle.verify import verify
+from lwhub.client import Client
+from lwhub.errors import HubUnavailableError, IntegrityError, NotCachedError, RollbackError, TrustError
+
+CHUNK = 1 << 16
+
+
+class Counted(httpx.SyncByteStream):
+    def __init__(self, inner, entry: list, cut: CutNetwork | None = None) -> None:
+        self.inner, self.entry, self.cut = inner, entry, cut
+
+    def __iter__(self):
+        for piece in self.inner:
+            if self.cut is not None and self.entry[2] + len(piece) >= self.cut.budget:
+                piece = piece[: self.cut.budget - self.entry[2]]
+                self.entry[2] += len(piece)
+                yield piece
+                self.cut.down = True
+                raise httpx.ReadError("connection reset by peer")
+            self.entry[2] += len(piece)
+            yield piece
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class Recording(httpx.HTTPTransport):
+    """A real transport that logs [path, Range header, body bytes received] per request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[list] = []
+
+    def blob_bytes(self, hexdigest: str) -> int:
+        return sum(n for path, _, n in self.log if path.endswith(hexdigest))
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        entry = [request.url.path, request.headers.get("range"), 0]
+        self.log.append(entry)
+        stream = Counted(response.stream, entry, self.cut_for(request))
+        return httpx.Response(response.status_code, headers=response.headers, stream=stream, extensions=response.extensions)
+
+    def cut_for(self, request):
+        return None
+
+
+class CutNetwork(Recording):
+    """The network breaks after `budget` bytes of the blob `hexdigest`, and stays down."""
+
+    def __init__(self, hexdigest: str, budget: int) -> None:
+        super().__init__()
+        self.hexdigest, self.budget, self.down = hexdigest, budget, False
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self.down:
+            raise httpx.ConnectError("network is unreachable", request=request)
+        return super().handle_request(request)
+
+    def cut_for(self, request):
+        return self if request.url.path.endswith(self.hexdigest) else None
+
+
+@pytest.fixture
+def published(request, hub, tmp_path, make_bundle):
+    """alice/<test name>@1.0.0, ~1 MiB of weights in 16+ chunks; returns (name, folder, version info)."""
+    name = "alice/" + request.node.name.removeprefix("test_").replace("_", "-")[:60]
+    folder = make_bundle(tmp_path / "src", name, "1.0.0", hub.private, features=512, rank=256)
+    return name, folder, hub.client(tmp_path / "publisher").push(folder)
+
+
+def weights_hex(folder) -> str:
+    return Bundle.open(folder).manifest.files[0].sha256
+
+
+def server_blob(hub, hexdigest: str):
+    return hub.data / "blobs" / "sha256" / hexdigest[:2] / hexdigest
+
+
+def flip(path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x55
+    path.write_bytes(bytes(data))
+
+
+def test_a_pull_is_verified_and_a_second_pull_downloads_nothing(hub, published, tmp_path):
+    name, folder, info = published
+    net = Recording()
+    client = hub.client(tmp_path / "cache", token=None, http=httpx.Client(transport=net))
+    path = client.pull(name)
+    with Bundle.open(path) as bundle:
+        assert verify(bundle, [hub.public]) == info.key_id
+        assert bundle.manifest.name == name
+    assert (path / WEIGHTS).read_bytes() == (folder / WEIGHTS).read_bytes()
+    before = len(net.log)
+    assert client.pull(f"{name}@1.0.0") == path
+    assert all(p.endswith(("resolve/1.0.0",)) for p, _, _ in net.log[before:])  # one small request, no blob
+
+
+def test_a_blob_tampered_on_the_server_is_refused_at_pull(hub, published, tmp_path):
+    name, folder, _ = published
+    flip(server_blob(hub, weights_hex(folder)), 2 * CHUNK + 100)
+    client = hub.client(tmp_path / "cache")
+    with pytest.raises(IntegrityError) as caught:
+        client.pull(name)
+    assert caught.value.path == WEIGHTS and caught.value.chunk == 2
+    assert list((tmp_path / "cache" / "bundles").iterdir()) == [] and list((tmp_path / "cache" / "blobs").rglob("*.*")) == []
+    assert client.cache.highest_seen(name) is None
+
+
+def test_a_manifest_or_signature_tampered_on_the_server_is_refused_at_pull(hub, published, tmp_path):
+    name, folder, info = published
+    for what, digest in [(MANIFEST, info.manifest), (SIGNATURE, info.signature)]:
+        blob = server_blob(hub, digest.removeprefix("sha256:"))
+        original = blob.read_bytes()
+        flip(blob, 30)
+        with pytest.raises(IntegrityError) as caught:
+            hub.client(tmp_path / "cache").pull(name)
+        assert caught.value.path == what
+        blob.write_bytes(original)
+    assert hub.client(tmp_path / "cache").pull(name).is_dir()
+
+
+def test_a_signature_by_a_key_not_pinned_is_refused(hub, published, tmp_path, other_keys):
+    """A compromised registry swaps in a valid signature by another key over the same files."""
+    name, folder, info = published
+    sign_bundle(folder, load_private_key(other_keys[0]))
+    forged = (folder / SIGNATURE).read_bytes()
+    digest = "sha256:" + hashlib.sha256(forged).hexdigest()
+    assert httpx.put(f"{hub.url}/v1/blobs/{digest}", content=forged, headers={"authorization": f"Bearer {hub.token}"}).is_success
+    with sqlite3.connect(hub.data / "registry.sqlite3") as db:
+        db.execute("UPDATE versions SET signature = ? WHERE owner || '/' || name = ?", (digest, name))
+    with pytest.raises(TrustError) as caught:
+        hub.client(tmp_path / "cache").pull(name)
+    assert caught.value.owner == "alice"
+    assert list((tmp_path / "cache" / "bundles").iterdir()) == []
+
+
+def test_keys_are_pinned_per_owner_and_trusted_on_first_use_only_when_asked(hub, published, tmp_path):
+    name, _, info = published
+    client = hub.client(tmp_path / "cache", pin=False)
+    with pytest.raises(TrustError, match="no publisher key is pinned for 'alice'"):
+        client.pull(name)
+    assert client.pull(name, tofu=True).is_dir()
+    assert client.trust.key_ids("alice") == [info.key_id]
+
+
+def test_an_interrupted_pull_resumes_where_it_stopped(hub, published, tmp_path):
+    name, folder, _ = published
+    hexdigest, size = weights_hex(folder), (folder / WEIGHTS).stat().st_size
+    budget = 5 * CHUNK + 1234  # the connection breaks inside chunk 5
+    with pytest.raises(HubUnavailableError, match="pull again to resume"):
+        hub.client(tmp_path / "cache", http=httpx.Client(transport=CutNetwork(hexdigest, budget))).pull(name)
+    assert not (tmp_path / "cache" / "bundles").exists() or not any((tmp_path / "cache" / "bundles").iterdir())
+    net = Recording()  # a later run, a working network
+    path = hub.client(tmp_path / "cache", http=httpx.Client(transport=net)).pull(name)
+    blob_requests = [(r, n) for p, r, n in net.log if p.endswith(hexdigest)]
+    assert blob_requests == [(f"bytes={5 * CHUNK}-{size - 1}", size - 5 * CHUNK)]  # only the rest
+    assert (path / WEIGHTS).read_bytes() == (folder / WEIGHTS).read_bytes()
+
+
+def test_a_corrupt_cache_entry_is_detected_and_fetched_again(hub, published, tmp_path):
+    name, folder, _ = published
+    client = hub.client(tmp_path / "cache")
+    path = client.pull(name)
+    flip(path / WEIGHTS, 7 * CHUNK)
+    net = Recording()
+    again = hub.client(tmp_path / "cache", http=httpx.Client(transport=net)).pull(name)
+    assert net.blob_bytes(weights_hex(folder)) == (folder / WEIGHTS).stat().st_size
+    assert (again / WEIGHTS).read_bytes() == (folder / WEIGHTS).read_bytes()
+
+
+def test_offline_pulls_come_from_the_cache(hub, published, tmp_path):
+    name, folder, _ = published
+    hub.client(tmp_path / "cache").pull(name)
+    offline = Client(cache_dir=tmp_path / "cache", offline=True)  # no URL at all
+    for ref in (name, f"{name}@1.0.0"):
+        assert (offline.pull(ref) / WEIGHTS).read_bytes() == (folder / WEIGHTS).read_bytes()
+    with pytest.raises(NotCachedError):
+        offline.pull(f"{name}@2.0.0")
+    with pytest.raises(NotCachedError):
+        offline.pull("alice/never-pulled")
+    flip(offline.pull(name) / WEIGHTS, 100)
+    with pytest.raises(IntegrityError, match="cannot be fetched again"):
+        offline.pull(name)
+
+
+def test_a_registry_offering_an_older_latest_is_refused(hub, published, tmp_path, make_bundle):
+    name, _, _ = published
+    newer = make_bundle(tmp_path / "v2", name, "1.1.0", hub.private, features=32, rank=8)
+    publisher = hub.client(tmp_path / "publisher")
+    publisher.push(newer)
+    client = hub.client(tmp_path / "cache")
+    assert client.pull(name).is_dir() and client.cache.highest_seen(name) == "1.1.0"
+    publisher.yank(f"{name}@1.1.0")  # "latest" now resolves to 1.0.0
+    with pytest.raises(RollbackError) as caught:
+        client.pull(name)
+    assert (caught.value.version, caught.value.seen) == ("1.0.0", "1.1.0")
+    assert client.pull(f"{name}@1.0.0").is_dir()  # asked for by version: allowed
+    assert client.pull(name, allow_rollback=True).is_dir()

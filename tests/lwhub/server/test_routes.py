@@ -1,0 +1,133 @@
+"""The registry's HTTP API on a real server: auth, error codes, ranges, pages, tags, yanks, OpenAPI."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import httpx
+import pytest
+
+from lwhub.errors import ERROR_CODES, AuthError, ForbiddenError, NotFoundError
+from lwhub.server import create_account, create_token
+
+
+@pytest.fixture(scope="module")
+def published(hub, tmp_path_factory, make_bundle):
+    """alice/noir at 1.0.0, 1.1.0 and 2.0.0-rc.1, and alice/rain and alice/noir-night at 1.0.0."""
+    root = tmp_path_factory.mktemp("bundles")
+    client = hub.client(root / "cache")
+    out = {}
+    for name, version, desc in [("alice/noir", "1.0.0", "noir streets"), ("alice/noir", "1.1.0", "noir streets"),
+                                ("alice/noir", "2.0.0-rc.1", "noir streets"), ("alice/rain", "1.0.0", "falling rain"),
+                                ("alice/noir-night", "1.0.0", "night")]:  # fmt: skip
+        folder = make_bundle(root / f"{name.replace('/', '_')}-{version}", name, version, hub.private, features=64, rank=16, description=desc)
+        out[(name, version)] = client.push(folder)
+    return out
+
+
+def test_error_answers_carry_a_stable_code_from_the_one_table(hub):
+    r = httpx.get(f"{hub.url}/v1/bundles/alice/nothing-here")
+    assert r.status_code == 404
+    error = r.json()["error"]
+    assert error["code"] == "bundle_not_found" and "alice/nothing-here" in error["message"]
+    assert ERROR_CODES[error["code"]] is NotFoundError and NotFoundError.status == 404
+    assert httpx.get(f"{hub.url}/v1/no/such/route").json()["error"]["code"] == "not_found"
+
+
+def test_writes_refuse_missing_bad_and_expired_tokens(hub, tmp_path):
+    expired = create_token(hub.data, "alice", expires=time.time() - 1)
+    for token, code in [(None, "token_missing"), ("lwh_forged", "token_invalid"), (expired, "token_expired")]:
+        client = hub.client(tmp_path / "c", token=token)
+        with pytest.raises(AuthError) as caught:
+            client.register_key("alice", hub.public)
+        assert caught.value.code == code and caught.value.status == 401
+
+
+def test_publishing_outside_ones_namespace_is_forbidden(hub, tmp_path, make_bundle):
+    bob = create_account(hub.data, "bob")
+    folder = make_bundle(tmp_path / "b", "alice/stolen", "1.0.0", hub.private, features=32, rank=8)
+    client = hub.client(tmp_path / "c", token=bob)
+    with pytest.raises(ForbiddenError) as caught:
+        client.push(folder)
+    assert caught.value.code == "namespace_forbidden" and caught.value.detail["namespace"] == "alice/stolen"
+    with pytest.raises(ForbiddenError):
+        client.register_key("alice", hub.public)
+    with pytest.raises(NotFoundError):
+        client.info("alice/stolen")
+
+
+def test_a_narrow_token_reaches_only_its_bundle(hub, published, tmp_path):
+    narrow = hub.client(tmp_path / "c").new_token(scopes=["alice/rain"], ttl=60)
+    assert narrow.expires is not None and narrow.scopes == ["alice/rain"]
+    client = hub.client(tmp_path / "c", token=narrow.token)
+    assert client.yank("alice/rain@1.0.0", reason="test").yanked
+    assert not client.yank("alice/rain@1.0.0", undo=True).yanked
+    with pytest.raises(ForbiddenError):
+        client.yank("alice/noir@1.0.0")
+    with pytest.raises(ForbiddenError):
+        client.new_token(scopes=["alice"])  # no widening
+
+
+def test_blobs_answer_ranges(hub, published):
+    info = published[("alice/noir", "1.0.0")]
+    url = f"{hub.url}/v1/blobs/{info.manifest}"
+    whole = httpx.get(url)
+    assert whole.status_code == 200 and "sha256:" + hashlib.sha256(whole.content).hexdigest() == info.manifest
+    size = len(whole.content)
+    part = httpx.get(url, headers={"range": "bytes=10-109"})
+    assert part.status_code == 206 and part.content == whole.content[10:110]
+    assert part.headers["content-range"] == f"bytes 10-109/{size}"
+    assert httpx.get(url, headers={"range": "bytes=-7"}).content == whole.content[-7:]
+    assert httpx.get(url, headers={"range": f"bytes={size - 5}-"}).content == whole.content[-5:]
+    refused = httpx.get(url, headers={"range": f"bytes={size}-"})
+    assert refused.status_code == 416 and refused.json()["error"]["code"] == "range_not_satisfiable"
+    assert refused.headers["content-range"] == f"bytes */{size}"
+    assert httpx.head(url).headers["content-length"] == str(size)
+    assert httpx.get(f"{hub.url}/v1/blobs/sha256:{'0' * 64}").json()["error"]["code"] == "blob_not_found"
+    assert httpx.get(f"{hub.url}/v1/blobs/md5:abc").json()["error"]["code"] == "invalid_digest"
+
+
+def test_versions_and_search_paginate(hub, published, tmp_path):
+    client = hub.client(tmp_path / "c")
+    assert [v.version for v in client.versions("alice/noir", page_size=2)] == ["2.0.0-rc.1", "1.1.0", "1.0.0"]
+    first = httpx.get(f"{hub.url}/v1/bundles/alice/noir/versions", params={"limit": 2}).json()
+    assert len(first["items"]) == 2 and first["next"]
+    second = httpx.get(f"{hub.url}/v1/bundles/alice/noir/versions", params={"limit": 2, "page": first["next"]}).json()
+    assert [v["version"] for v in second["items"]] == ["1.0.0"] and second["next"] is None
+    assert [b.name for b in client.search("noir", page_size=1)] == ["alice/noir", "alice/noir-night"]
+    assert [b.name for b in client.search("falling")] == ["alice/rain"]
+    bad = httpx.get(f"{hub.url}/v1/bundles", params={"limit": 0})
+    assert bad.json()["error"]["code"] == "invalid_request"
+
+
+def test_latest_tags_and_yanks(hub, published, tmp_path):
+    client = hub.client(tmp_path / "c")
+    assert client.resolve("alice/noir").version == "1.1.0"  # the pre-release is not "latest"
+    assert client.info("alice/noir").latest == "1.1.0"
+    client.set_tag("alice/noir", "beta", "2.0.0-rc.1")
+    assert client.resolve("alice/noir@beta").version == "2.0.0-rc.1"
+    client.yank("alice/noir@1.1.0", reason="bad colors")
+    try:
+        assert client.resolve("alice/noir").version == "1.0.0"
+        assert client.resolve("alice/noir@1.1.0").yank_reason == "bad colors"  # still there, by version
+    finally:
+        client.yank("alice/noir@1.1.0", undo=True)
+    with pytest.raises(NotFoundError) as caught:
+        client.resolve("alice/noir@nightly")
+    assert caught.value.code == "tag_not_found"
+    with pytest.raises(NotFoundError) as caught:
+        client.resolve("alice/noir@9.0.0")
+    assert caught.value.code == "version_not_found"
+
+
+def test_the_openapi_document_lists_every_route(hub):
+    from lwhub.server.app import create_app
+
+    doc = httpx.get(f"{hub.url}/openapi.json").json()
+    assert doc["openapi"].startswith("3.")
+    app = create_app(hub.data)
+    for route in app.routes:
+        for method in route.methods - {"HEAD"}:
+            assert method.lower() in doc["paths"][route.path], f"{method} {route.path} is not documented"
+    assert set(doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"]) == set(ERROR_CODES)

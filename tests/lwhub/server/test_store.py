@@ -1,0 +1,100 @@
+"""The SQLite metadata store: immutability, precedence order, pagination, latest, search."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import pytest
+
+from lwhub.errors import ConflictError, NotFoundError
+from lwhub.protocol import VersionInfo
+from lwhub.server.store import SQLiteStore
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+def info(name: str, version: str, **kw) -> VersionInfo:
+    return VersionInfo(name=name, version=version, manifest=DIGEST, signature=DIGEST, size=1, key_id="k", created=1.0, **kw)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return SQLiteStore(tmp_path / "r.sqlite3")
+
+
+def test_versions_are_immutable(store):
+    store.add_version(info("alice/x", "1.0.0"), [DIGEST])
+    with pytest.raises(ConflictError) as caught:
+        store.add_version(info("alice/x", "1.0.0", description="other"), [DIGEST])
+    assert caught.value.code == "version_exists"
+    assert store.version("alice", "x", "1.0.0").description == ""
+
+
+def test_listing_is_newest_first_by_precedence_and_pages_cover_everything_once(store):
+    published = ["1.10.0", "1.2.0", "1.0.0-rc.1", "2.0.0-alpha", "1.0.0", "1.9.9"]
+    for v in published:
+        store.add_version(info("alice/x", v), [])
+    seen, after = [], None
+    while True:
+        page = store.versions("alice", "x", after=after, limit=4)
+        seen += [v.version for _, v in page]
+        if len(page) < 4:
+            break
+        after = page[-1][0]
+    assert seen == ["2.0.0-alpha", "1.10.0", "1.9.9", "1.2.0", "1.0.0", "1.0.0-rc.1"]
+
+
+def test_latest_skips_prereleases_and_yanked(store):
+    for v in ["1.0.0", "1.1.0", "2.0.0-rc.1"]:
+        store.add_version(info("alice/x", v), [])
+    assert store.latest("alice", "x").version == "1.1.0"
+    store.yank("alice", "x", "1.1.0", yanked=True, reason="broken")
+    assert store.latest("alice", "x").version == "1.0.0"
+    assert store.version("alice", "x", "1.1.0").yank_reason == "broken"
+    with pytest.raises(NotFoundError):
+        store.yank("alice", "x", "9.9.9", yanked=True, reason="")
+
+
+def test_search_matches_name_description_tags_literally(store):
+    store.add_version(info("alice/noir-style", "1.0.0", description="rainy streets"), [])
+    store.add_version(info("bob/sunny", "1.0.0", tags=["pastel"]), [])
+    store.add_version(info("carol/100pct", "1.0.0", description="100% real"), [])
+    names = lambda q: [b.name for b in store.search(q, after=None, limit=10)]  # noqa: E731
+    assert names("NOIR") == ["alice/noir-style"]
+    assert names("rainy") == ["alice/noir-style"]
+    assert names("pastel") == ["bob/sunny"]
+    assert names("0%") == ["carol/100pct"]  # '%' is a character here, not a wildcard
+    assert names("_") == []
+    assert [b.name for b in store.search("", after="alice/noir-style", limit=10)] == ["bob/sunny", "carol/100pct"]
+
+
+def test_bundle_description_follows_the_highest_version(store):
+    store.add_version(info("alice/x", "2.0.0", description="two"), [])
+    store.add_version(info("alice/x", "1.0.0", description="one"), [])
+    assert store.bundle("alice", "x").description == "two"
+    assert store.bundle("alice", "x").versions == 2
+
+
+def test_concurrent_inserts_of_one_version_have_one_winner(tmp_path):
+    path = tmp_path / "r.sqlite3"
+    SQLiteStore(path)
+    outcomes, barrier = [], threading.Barrier(6)
+
+    def publish(n: int) -> None:
+        store = SQLiteStore(path)  # as separate workers would
+        barrier.wait()
+        try:
+            store.add_version(info("alice/x", "1.0.0", description=str(n)), [])
+            outcomes.append("won")
+        except ConflictError:
+            outcomes.append("lost")
+
+    threads = [threading.Thread(target=publish, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["lost"] * 5 + ["won"]
+    rows = sqlite3.connect(path).execute("SELECT COUNT(*) FROM versions").fetchone()[0]
+    assert rows == 1

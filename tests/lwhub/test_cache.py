@@ -1,0 +1,39 @@
+"""The local cache: torn records, atomic installs, seen versions."""
+
+from __future__ import annotations
+
+import os
+
+from lwhub.cache import Cache
+
+
+def test_a_torn_done_record_is_ignored(tmp_path):
+    cache = Cache(tmp_path)
+    fd, record = cache.open_partial("ab" * 32, 1000)
+    for i in (0, 3, 7):
+        cache.mark_done(record, i)
+    os.write(record, b"\x09\x00")  # a crash in the middle of a record
+    os.close(fd)
+    os.close(record)
+    assert cache.done_chunks("ab" * 32) == {0, 3, 7}
+    assert os.path.getsize(cache.partial("ab" * 32)) == 1000
+
+
+def test_installing_a_bundle_that_another_process_installed_first(tmp_path):
+    cache = Cache(tmp_path)
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"weights")
+    first = cache.install_bundle("cd" * 32, {"manifest.json": b"{}", "adapters.safetensors": blob})
+    again = cache.install_bundle("cd" * 32, {"manifest.json": b"{}", "adapters.safetensors": blob})
+    assert first == again and sorted(p.name for p in first.iterdir()) == ["adapters.safetensors", "manifest.json"]
+    assert list(cache.tmp.iterdir()) == []
+    cache.drop_bundle("cd" * 32)
+    assert not first.exists() and list(cache.tmp.iterdir()) == []
+
+
+def test_seen_versions_only_grow_and_compare_by_precedence(tmp_path):
+    cache = Cache(tmp_path)
+    assert cache.highest_seen("alice/x") is None
+    for v in ["1.2.0", "1.10.0", "1.10.0-rc.1", "1.9.0"]:
+        cache.mark_seen("alice/x", v)
+    assert cache.highest_seen("alice/x") == "1.10.0"

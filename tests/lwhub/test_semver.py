@@ -1,0 +1,36 @@
+"""Semver precedence, checked against the ordering example of semver.org 2.0.0 (item 11)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from lwhub.semver import is_prerelease, is_valid, newer, sort_key
+
+SPEC_ORDER = [
+    "1.0.0-alpha", "1.0.0-alpha.1", "1.0.0-alpha.beta", "1.0.0-beta", "1.0.0-beta.2", "1.0.0-beta.11",
+    "1.0.0-rc.1", "1.0.0", "1.9.0", "1.10.0", "1.11.0", "2.0.0", "10.0.0",
+]  # fmt: skip
+
+
+def test_sort_key_orders_as_the_spec_does():
+    shuffled = SPEC_ORDER[:]
+    random.Random(0).shuffle(shuffled)
+    assert sorted(shuffled, key=sort_key) == SPEC_ORDER
+
+
+def test_build_metadata_does_not_count_and_newer_is_strict():
+    assert sort_key("1.0.0+build.1") == sort_key("1.0.0+zzz") == sort_key("1.0.0")
+    assert newer("1.0.1", "1.0.0") and not newer("1.0.0", "1.0.0") and not newer("1.0.0-rc.1", "1.0.0")
+
+
+@pytest.mark.parametrize("bad", ["1.0", "01.0.0", "1.0.0-01", "1.0.0-", "v1.0.0", "1.0.0-alpha..1", "latest"])
+def test_invalid_versions_are_refused(bad):
+    assert not is_valid(bad)
+    with pytest.raises(ValueError, match="not a semantic version"):
+        sort_key(bad)
+
+
+def test_prerelease():
+    assert is_prerelease("2.0.0-rc.1") and not is_prerelease("2.0.0+build")
