@@ -142,10 +142,11 @@ def main() -> None:
         rate = {name: size / case.median / 1e9 for name, case in result.items()}
         print(f"blob: {size / 1e6:.1f} MB in {len(entry.chunks)} chunks; loopback; medians of {args.rounds} rounds")
         print(f"push (upload, server-side verify, publish)   {push_s * 1e3:8.1f} ms  {size / push_s / 1e9:5.2f} GB/s")
+        spread = lambda case: f"(rounds {min(case.times) * 1e3:.0f}..{max(case.times) * 1e3:.0f} ms)"  # noqa: E731
         for name, label in [("curl", "curl -o FILE (unverified)"), ("httpx", "httpx 1 stream + sha256 + write"),
                             ("pull", "Client.pull, empty cache (verified)")]:  # fmt: skip
-            print(f"{label:44s} {result[name].median * 1e3:8.1f} ms  {rate[name]:5.2f} GB/s")
-        print(f"{'Client.pull, from the cache (re-verified)':44s} {cached.median * 1e3:8.1f} ms  {size / cached.median / 1e9:5.2f} GB/s")
+            print(f"{label:44s} {result[name].median * 1e3:8.1f} ms  {rate[name]:5.2f} GB/s  {spread(result[name])}")
+        print(f"{'Client.pull, from the cache (re-verified)':44s} {cached.median * 1e3:8.1f} ms  {size / cached.median / 1e9:5.2f} GB/s  {spread(cached)}")
         print(f"pull / curl  = {rate['pull'] / rate['curl']:.2f}x   (goal >= 0.8)")
         print(f"pull / httpx = {rate['pull'] / rate['httpx']:.2f}x   (goal >= 1.5)")
         ms = sorted(x * 1e3 for x in latencies)

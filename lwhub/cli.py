@@ -1,37 +1,55 @@
 """The `lwhub` command: one command for the whole project, one small function per verb.
 
-    lwhub keygen [--out DIR] [--name NAME]            write a P-256 key pair: NAME.pem (0600), NAME.pub
+Bundles on this machine (here):
+
+    lwhub keygen [--out DIR] [--name NAME] [--register]  a P-256 key pair: NAME.pem (0600), NAME.pub;
+                                                      --register: its public half, with the owner on the hub
     lwhub sign DIR --key PRIVATE.pem                  check DIR's hashes, then write DIR/bundle.sig
     lwhub verify BUNDLE [--key PUBLIC.pem ...]        hashes, then the signature against any given key
     lwhub inspect BUNDLE                              name, version, base, blocks, slots, files, signature
     lwhub check BUNDLE --world WORLD_DIR [--strict]   does the bundle fit a saved world, block by block?
 
+The hub: `cli_admin` (serve, account create, token create, login, whoami), `cli_hub` (key,
+trust, push, pull, search, info, yank, tag), `cli_blend` (blend); settings: `cli_config`.
+The verbs only wrap the API (`lwhub.client`, `lwhub.server`, `lwformat`).
+
 BUNDLE is a bundle directory or a ``.lwb`` archive. Every verb takes ``--json``: one JSON
-document on stdout, an error included (``{"error": {...}}``).
+document on stdout, an error included (``{"error": {...}}``, with the registry's ``code``
+when the hub refused). Transfers draw a progress bar on a terminal's stderr (``--quiet``: none).
 
 Exit codes, by error class; the first row that matches wins:
 
     code  meaning               raised as
     0     success
-    1     verification failed   IntegrityError, SignatureError: a file changed, the bundle is
-                                unsigned, or the signature matches none of the keys
-    2     usage                 bad arguments, UsageError, SigningKeyError (an unusable key file),
-                                SigningError (a signature that cannot be made as asked)
-    3     incompatible          IncompatibleError, BaseMismatchError; `check` finding problems
-    4     not found             FileNotFoundError: BundleNotFoundError, MissingPathError, ...
+    1     verification failed   IntegrityError (lwformat's, lwhub's), SignatureError, TrustError,
+                                PublishRejectedError, RollbackError: a file or download changed,
+                                the bundle is unsigned, no trusted key signed it, the hub refused
+                                to publish it, or the hub offers an older version than seen here
+    2     usage                 bad arguments, UsageError, PushError, RefError, BadRequestError,
+                                SigningKeyError (an unusable key file), SigningError (a signature
+                                that cannot be made as asked)
+    3     incompatible          IncompatibleError, BaseMismatchError, BlendError; `check` finding problems
+    4     not found             FileNotFoundError, NotFoundError: BundleNotFoundError, MissingPathError,
+                                NotCachedError, no such bundle, version or tag on the hub
     5     format                any other LWFormatError: a malformed bundle, world or adapter
-    6     hub                   any other LWHubError (the online verbs)
+    6     hub                   any other LWHubError: StorageError, ServerError, ProtocolError
     7     i/o                   any other OSError: permissions, a full disk
+    8     not allowed           AuthError, ForbiddenError: no token, a bad or expired one, or one
+                                whose scopes do not cover the namespace
+    9     exists                ConflictError: that version (or account) exists; versions are immutable
+    10    unreachable           HubUnavailableError: nothing answered at the hub's URL
     70    internal error        anything else: a bug; the traceback is printed
     130   interrupted           Ctrl-C
     141   output closed         the reader of a pipe stopped early (``lwhub inspect B | head``)
 
-To add a verb, write ``def name(args) -> int`` decorated with ``@verb("name", "help", arg(...))``.
+To add a verb, write ``def name(args) -> int`` decorated with ``@verb("name", "help", arg(...))``;
+a verb named ``"trust add"`` is ``add`` under the group ``trust`` (``group("trust", "help")``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -43,6 +61,7 @@ from typing import Any
 
 from lwformat.errors import (
     BaseMismatchError,
+    BlendError,
     IncompatibleError,
     IntegrityError,
     LWFormatError,
@@ -51,21 +70,57 @@ from lwformat.errors import (
     SigningKeyError,
 )
 
-from .errors import LWHubError, MissingPathError, UsageError
+from .errors import (
+    AuthError,
+    BadRequestError,
+    ConflictError,
+    ForbiddenError,
+    HubUnavailableError,
+    LWHubError,
+    MissingPathError,
+    NotCachedError,
+    NotFoundError,
+    PublishRejectedError,
+    PushError,
+    RefError,
+    RollbackError,
+    StorageError,
+    TrustError,
+    UsageError,
+)
+from .errors import IntegrityError as DownloadIntegrityError
 
+BASE_HINT = "this bundle was made for another base world; `lwhub inspect` shows the base it needs"
 EXIT_CODES: list[tuple[type[BaseException], int, str]] = [  # (error class, exit code, what to do)
     (SigningKeyError, 2, "give a usable PEM key: `lwhub keygen` makes a new pair; openssl-made keys work too"),
     (SigningError, 2, "sign by files (the default), or give a --shard-size of at least 1"),
     (SignatureError, 1, "do not use this bundle: fetch it again, or ask its author for the right public key"),
     (IntegrityError, 1, "do not use this bundle: a file changed since it was written; fetch it again"),
-    (IncompatibleError, 3, "this bundle was made for another base world; `lwhub inspect` shows the base it needs"),
-    (BaseMismatchError, 3, "this bundle was made for another base world; `lwhub inspect` shows the base it needs"),
+    (DownloadIntegrityError, 1, "nothing unverified was kept: pull again; if it persists, the hub holds bad bytes"),
+    (TrustError, 1, "pin the publisher's key (`lwhub trust add OWNER KEY.pub`), or pull with --tofu to trust the hub's keys once"),
+    (PublishRejectedError, 1, "nothing was published: `lwhub verify DIR --key KEY.pub` checks the bundle, and "
+                              "`lwhub key register KEY.pub` registers its key with the hub"),
+    (RollbackError, 1, "pull an explicit version (owner/name@1.2.3), or pass --allow-rollback if you expect the older one"),
+    (IncompatibleError, 3, BASE_HINT),
+    (BaseMismatchError, 3, BASE_HINT),
+    (BlendError, 3, "--method is linear, svd, ties or dare, and the parents must agree on every block they share"),
+    (ForbiddenError, 8, "use a token scoped to that namespace: an admin makes one with `lwhub token create ACCOUNT --scope OWNER`"),
+    (AuthError, 8, "log in with a valid token: `lwhub login --token lwh_...` (`lwhub token create` makes one)"),
+    (ConflictError, 9, "versions are immutable: push under a new --version"),
+    (HubUnavailableError, 10, "is the hub running? check --url, LWHUB_URL or `lwhub login --url`; `lwhub pull --offline` "
+                              "serves what is cached"),
     (UsageError, 2, "see `lwhub <verb> --help`"),
+    (PushError, 2, "see `lwhub push --help`"),
+    (RefError, 2, "name a bundle as owner/name, owner/name@1.2.3 or owner/name@tag"),
+    (BadRequestError, 2, "names are owner/name in lowercase, versions are semver (1.2.3), tags start with a letter"),
+    (NotCachedError, 4, "pull it once online (without --offline) first"),
+    (NotFoundError, 4, "`lwhub search WORD` finds names; `lwhub info OWNER/NAME` lists versions and tags"),
     (FileNotFoundError, 4, "check the path"),
     (LWFormatError, 5, "this is not a valid bundle, world or adapter; was it written by a compatible tool?"),
+    (StorageError, 6, "the hub could not store it (its disk is full or failing) and published nothing; try again later"),
     (LWHubError, 6, "see the message above"),
     (OSError, 7, "check permissions and free disk space"),
-]
+]  # fmt: skip
 INTERNAL, INTERRUPTED, PIPE_CLOSED, INCOMPATIBLE = 70, 130, 141, 3
 
 
@@ -85,6 +140,7 @@ class Verb:
 
 
 VERBS: dict[str, Verb] = {}
+GROUPS: dict[str, str] = {}  # "trust" -> help, for verbs named "trust add", "trust list", ...
 
 
 def arg(*flags: str, **options: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
@@ -97,6 +153,14 @@ def verb(name: str, help: str, *arguments: tuple[tuple[str, ...], dict[str, Any]
         return fn
 
     return register
+
+
+def group(name: str, help: str) -> None:
+    GROUPS[name] = help
+
+
+URL = arg("--url", help="the hub (default: LWHUB_URL, then the `lwhub login` one, then http://127.0.0.1:8700)")
+QUIET = arg("--quiet", "-q", action="store_true", help="no progress bar")
 
 
 def emit(args: argparse.Namespace, text: str, data: Any) -> None:
@@ -123,14 +187,25 @@ def existing(path: str, what: str) -> Path:
     "keygen", "write a new ECDSA P-256 key pair (PEM files)",
     arg("--out", default=".", help="directory for the files, or a path prefix (default: .)"),
     arg("--name", default="lwhub", help="file name stem when --out is a directory (default: lwhub)"),
+    arg("--register", action="store_true", help="register the public key with the owner on the hub"),
+    arg("--owner", help="with --register: the owner (default: the logged-in account)"), URL,
 )  # fmt: skip
 def keygen(args: argparse.Namespace) -> int:
     from lwformat.bundle.keys import generate_keypair, key_id, load_public_key
 
-    private, public = generate_keypair(args.out, name=args.name)
-    kid = key_id(load_public_key(public))
-    text = f"private key  {private}  (keep it secret)\npublic key   {public}  (share it)\nkey id       {kid}"
-    emit(args, text, {"private": str(private), "public": str(public), "key_id": kid})
+    from .cli_config import hub_client
+
+    with hub_client(args) if args.register else contextlib.nullcontext() as client:
+        owner = (args.owner or client.whoami().account) if client else None  # check the login before writing files
+        private, public = generate_keypair(args.out, name=args.name)
+        kid = key_id(load_public_key(public))
+        text = f"private key  {private}  (keep it secret)\npublic key   {public}  (share it)\nkey id       {kid}"
+        data = {"private": str(private), "public": str(public), "key_id": kid}
+        if client:
+            client.register_key(owner, public)
+            text += f"\nregistered   for {owner} on {client.url}"
+            data |= {"registered": {"owner": owner, "url": client.url}}
+    emit(args, text, data)
     return 0
 
 
@@ -231,28 +306,37 @@ def check(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import cli_admin, cli_blend, cli_hub  # noqa: F401 - their verbs join the table
+
     parser = argparse.ArgumentParser(
         prog="lwhub", description="Light custom worlds: bundles, signatures and the hub.",
         epilog="exit codes: 0 ok, 1 verification failed, 2 usage, 3 incompatible, 4 not found, 5 format, "
-        "6 hub, 7 i/o, 70 internal error",
+        "6 hub, 7 i/o, 8 not allowed, 9 exists, 10 unreachable, 70 internal error",
     )  # fmt: skip
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON document")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    groups: dict[str, Any] = {}
     for v in VERBS.values():
-        p = sub.add_parser(v.name, help=v.help, description=v.help, parents=[common])
+        head, _, leaf = v.name.rpartition(" ")
+        if head and head not in groups:
+            g = sub.add_parser(head, help=GROUPS[head], description=GROUPS[head])
+            groups[head] = g.add_subparsers(dest="action", metavar="ACTION", required=True)
+        p = (groups[head] if head else sub).add_parser(leaf, help=v.help, description=v.help, parents=[common])
         for flags, options in v.arguments:
             p.add_argument(*flags, **options)
-        p.set_defaults(run=v.run)
+        p.set_defaults(run=v.run, verb_name=v.name)
     return parser
 
 
 def report_error(args: argparse.Namespace, exc: BaseException, code: int, hint: str) -> None:
     if getattr(args, "json", False):
         error = {"type": type(exc).__name__, "message": str(exc), "path": getattr(exc, "path", None), "exit_code": code}
+        if registry_code := getattr(exc, "code", None):
+            error["code"] = registry_code
         print(json.dumps({"error": error}, indent=2, sort_keys=True))
         return
-    print(f"lwhub {args.verb}: error: {exc}", file=sys.stderr)
+    print(f"lwhub {args.verb_name}: error: {exc}", file=sys.stderr)
     if hint:
         print(f"  hint: {hint}", file=sys.stderr)
 
@@ -275,5 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m lwhub.cli`: the verb modules register into `lwhub.cli`, not `__main__`
+    from lwhub.cli import main as lwhub_main
+
+    sys.exit(lwhub_main())

@@ -19,7 +19,7 @@ import msgspec
 from lwformat.bundle.keys import PublicKey, loads_public_key, public_pem
 
 from ..cache import Cache
-from ..errors import NotCachedError, TooLargeError
+from ..errors import NotCachedError, RefError, TooLargeError
 from ..protocol import API, BlobInfo, BundleInfo, KeyInfo, NewToken, Page, TagRequest, TokenRequest, VersionInfo, Whoami, YankRequest
 from ..semver import is_valid
 from ..trust import TrustStore
@@ -176,7 +176,7 @@ class Client:
     def yank(self, ref: str, *, reason: str = "", undo: bool = False) -> VersionInfo:
         owner, short, version = _pull.parse_ref(ref)
         if not is_valid(version):
-            raise ValueError(f"{ref!r}: yank needs an explicit version, 'owner/name@1.2.3'")
+            raise RefError(f"{ref!r}: yank needs an explicit version, 'owner/name@1.2.3'", path=ref)
         return self.post(f"{API}/bundles/{owner}/{short}/versions/{version}/yank", YankRequest(not undo, reason), VersionInfo)
 
     def set_tag(self, name: str, tag: str, version: str) -> dict:

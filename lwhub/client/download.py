@@ -8,10 +8,11 @@ signed manifest gives its sha256, ``chunks[i]``. A download:
        segments of at least `min_segment` bytes;
     3. fetches every segment on its own thread: a plain GET when it covers the whole
        file (the server can then send the file without copying), else a Range GET;
-       bytes fill a chunk buffer, which is hashed as soon as it is full (hashlib drops
-       the GIL, so the cores hash in parallel), compared with the manifest, and only
-       then written at its offset and recorded;
-    4. retries a segment that breaks off from its first unverified chunk;
+       the socket reads fill a chunk buffer from a small reused pool; a full buffer goes
+       to the verify pool, which hashes it (hashlib drops the GIL, so one core receives
+       chunk k+1 while another hashes chunk k), compares it with the manifest, and only
+       then writes it at its offset (`os.pwrite` of the buffer: no copy) and records it;
+    4. retries a segment that breaks off, from its first chunk not yet handed over;
     5. renames the partial file to the blob once every chunk is verified.
 
 Wrong bytes are never written: a mismatch raises `IntegrityError` naming the file and
@@ -24,9 +25,12 @@ import hashlib
 import mmap
 import os
 import threading
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from http.client import HTTPConnection, HTTPException, HTTPResponse
 from pathlib import Path
 
 import httpx
@@ -106,32 +110,129 @@ def segments(missing: list[int], job: FileJob, streams: int, min_segment: int) -
     return out
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+class _BrokeOff(Exception):
+    """The answer ended, or the connection failed, before every asked-for byte arrived."""
+
+
+class _HttpxBody:
+    """An httpx answer: its pieces (at most 64 KiB each) are copied into the caller's buffer."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response, self.status = response, response.status_code
+        self._pieces, self._rest = response.iter_raw(), memoryview(b"")
+
+    def readinto(self, view: memoryview) -> int:
+        try:
+            while not self._rest:
+                if (piece := next(self._pieces, None)) is None:
+                    return 0
+                self._rest = memoryview(piece)
+        except httpx.TransportError as exc:
+            raise _BrokeOff(str(exc) or type(exc).__name__) from exc
+        n = min(len(view), len(self._rest))
+        view[:n], self._rest = self._rest[:n], self._rest[n:]
+        return n
+
+    def answer(self) -> httpx.Response:
+        self.response.read()
+        return self.response
+
+
+class _DirectBody:
+    """A plain-HTTP answer read by `http.client` straight into the caller's buffer: one
+    Python call per chunk, the socket reads (which release the GIL) landing in place."""
+
+    def __init__(self, response: HTTPResponse, request: httpx.Request) -> None:
+        self.response, self.request, self.status = response, request, response.status
+
+    def readinto(self, view: memoryview) -> int:
+        try:
+            return self.response.readinto(view)
+        except (OSError, HTTPException) as exc:
+            raise _BrokeOff(str(exc) or type(exc).__name__) from exc
+
+    def answer(self) -> httpx.Response:
+        content = self.response.read(1 << 20)  # an error answer: JSON, small
+        return httpx.Response(self.status, headers=self.response.getheaders(), content=content, request=self.request)
+
+
+@contextmanager
+def _httpx_answer(http: httpx.Client, url: str, headers: dict) -> Iterator[_HttpxBody]:
+    try:
+        with http.stream("GET", url, headers=headers) as response:
+            yield _HttpxBody(response)
+    except httpx.TransportError as exc:
+        raise _BrokeOff(str(exc) or type(exc).__name__) from exc
+
+
+@contextmanager
+def _direct_answer(url: httpx.URL, headers: dict, timeout: float | None) -> Iterator[_DirectBody]:
+    connection = HTTPConnection(url.host, url.port, timeout=timeout)
+    try:
+        try:
+            connection.request("GET", url.raw_path.decode("ascii"), headers=headers)
+            response = connection.getresponse()
+        except (OSError, HTTPException) as exc:
+            raise _BrokeOff(str(exc) or type(exc).__name__) from exc
+        yield _DirectBody(response, httpx.Request("GET", url, headers=headers))
+    finally:
+        connection.close()
+
+
+def _proxied(url: httpx.URL) -> bool:
+    """Whether httpx (which honours the proxy environment variables) would go through a proxy."""
+    proxies = urllib.request.getproxies_environment()
+    return bool(proxies.get(url.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass_environment(url.host, proxies)
+
+
+def _fill(body: _HttpxBody | _DirectBody, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = body.readinto(view[got:])
+        if n == 0:
+            raise _BrokeOff(f"the answer ended {len(view) - got} bytes early")
+        got += n
+
+
+BUFFER_BUDGET = 64 << 20  # bytes of chunk buffers one pull may hold at once (at least one chunk)
 
 
 class Fetcher:
     """Downloads blobs by digest into a `Cache` with `http`; `blob_url(hex)` gives the URL.
 
-    `streams` threads receive; the `verify` pool hashes and writes the chunks they hand
-    over (at most `in_flight` chunks wait at a time, which bounds memory).
+    `streams` threads receive, each into chunk buffers from a pool of `in_flight` (which
+    bounds memory and is reused, so no page is faulted in twice); the `verify` pool hashes
+    and writes the full buffers they hand over, so one core receives while the others hash.
+    With ``direct=True`` plain-HTTP answers are read with `http.client` straight into the
+    buffers (httpx reads 64 KiB pieces through several layers of Python); only set it
+    when `http` is an ordinary client (no custom transport): proxies from the environment
+    are honoured, everything else about `http` except its read timeout is not.
     """
 
     def __init__(self, http: httpx.Client, cache: Cache, blob_url: Callable[[str], str], verify: ThreadPoolExecutor,
-                 *, streams: int = 1, min_segment: int = 64 << 20, retries: int = 2, in_flight: int = 8,
-                 progress: Progress | None = None) -> None:  # fmt: skip
+                 *, streams: int = 1, min_segment: int = 64 << 20, retries: int = 2, in_flight: int = 4,
+                 direct: bool = False, progress: Progress | None = None) -> None:  # fmt: skip
         self.http, self.cache, self.blob_url, self.verify = http, cache, blob_url, verify
-        self.streams, self.min_segment, self.retries = streams, min_segment, retries
+        self.streams, self.min_segment, self.retries, self.direct = streams, min_segment, retries, direct
         self.progress = progress or (lambda n: None)
+        self.in_flight = in_flight
         self._slots = threading.Semaphore(in_flight)
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
         self._stop = threading.Event()
 
     def fetch(self, jobs: list[FileJob]) -> None:
         """Make every job's blob present and verified in the cache."""
         jobs = list({job.hexdigest: job for job in jobs}.values())  # two files, same bytes: one download
+        largest = max((job.chunk_size for job in jobs), default=1)
+        # Chunks may be up to 1 GiB: bound the buffers held at once by memory, not only by count.
+        self._slots = threading.Semaphore(max(1, min(self.in_flight, BUFFER_BUDGET // largest)))
         work, opened = [], []
         try:
             for job in jobs:
@@ -167,7 +268,7 @@ class Fetcher:
         while cursor[0] < last:
             try:
                 self._receive(job, fd, record, cursor, last)
-            except (httpx.TransportError, _ShortBody) as exc:
+            except _BrokeOff as exc:
                 attempt += 1
                 if attempt > self.retries or self._stop.is_set():
                     self._stop.set()
@@ -177,54 +278,59 @@ class Fetcher:
                 self._stop.set()
                 raise
 
+    def _answer(self, hexdigest: str, headers: dict):
+        url = self.blob_url(hexdigest)
+        parsed = httpx.URL(url)
+        if self.direct and parsed.scheme == "http" and not _proxied(parsed):
+            return _direct_answer(parsed, headers, self.http.timeout.read)
+        return _httpx_answer(self.http, url, headers)
+
     def _receive(self, job: FileJob, fd: int, record: int, cursor: list[int], last: int) -> None:
         """Fetch chunks [cursor[0], last), moving the cursor past each chunk handed over."""
         first = cursor[0]
         start, end = job.span(first)[0], job.span(last - 1)[1]
         whole = start == 0 and end == job.size
-        headers = {} if whole else {"range": f"bytes={start}-{end - 1}"}
-        handed: list = []  # (index, future) of chunks given to the verify pool
-        stopped = False
+        handed: list = []  # futures of the chunks given to the verify pool
         try:
-            with self.http.stream("GET", self.blob_url(job.hexdigest), headers=headers) as response:
-                if response.status_code != (200 if whole else 206):
-                    response.read()
-                    raise_for(response)
-                    raise ProtocolError(f"{job.path}: status {response.status_code} to a request for bytes {start}-{end - 1}")
-                i, fill, pieces = first, 0, []
-                want = job.span(i)[1] - job.span(i)[0]
-                for piece in response.iter_raw():
-                    view = memoryview(piece)
-                    while view:
-                        if i >= last:
-                            raise ProtocolError(f"{job.path}: the registry sent more than the {end - start} bytes asked for")
-                        take = min(len(view), want - fill)
-                        pieces.append(view[:take])
-                        fill, view = fill + take, view[take:]
-                        if fill == want:
-                            self._slots.acquire()
-                            handed.append((i, self.verify.submit(self._store, job, fd, record, i, pieces)))
-                            i, fill, pieces = i + 1, 0, []
-                            cursor[0] = i
-                            want = job.span(i)[1] - job.span(i)[0] if i < last else 0
+            with self._answer(job.hexdigest, {} if whole else {"range": f"bytes={start}-{end - 1}"}) as body:
+                if body.status != (200 if whole else 206):
+                    raise_for(body.answer())
+                    raise ProtocolError(f"{job.path}: status {body.status} to a request for bytes {start}-{end - 1}")
+                for i in range(first, last):
+                    buffer = self._take(job.chunk_size)
+                    view = memoryview(buffer)[: job.span(i)[1] - job.span(i)[0]]
+                    try:
+                        _fill(body, view)
+                    except BaseException:
+                        self._give(buffer)
+                        raise
+                    handed.append(self.verify.submit(self._store, job, fd, record, i, buffer, view))
+                    cursor[0] = i + 1
                     if self._stop.is_set():
-                        stopped = True
-                        break
-        finally:
-            for _, future in handed:
-                future.exception()  # wait: every handed chunk is stored or failed before we go on
-        for _, future in handed:
-            if (exc := future.exception()) is not None:
-                raise exc
-        if stopped:
-            raise _Stop()
-        if cursor[0] < last:
-            raise _ShortBody(f"the answer ended {end - job.span(cursor[0])[0] - fill} bytes early")
+                        raise _Stop()
+                if body.readinto(memoryview(bytearray(1))):
+                    raise ProtocolError(f"{job.path}: the registry sent more than the {end - start} bytes asked for")
+        finally:  # every handed chunk is stored or failed before we go on; its failure comes first
+            failed = [exc for future in handed if (exc := future.exception()) is not None]
+            if failed:
+                raise failed[0]
 
-    def _store(self, job: FileJob, fd: int, record: int, i: int, pieces: list[memoryview]) -> None:
+    def _take(self, size: int) -> bytearray:
+        self._slots.acquire()
+        with self._lock:
+            self._free = [b for b in self._free if len(b) == size]
+            if self._free:
+                return self._free.pop()
+        return bytearray(size)
+
+    def _give(self, buffer: bytearray) -> None:
+        with self._lock:
+            self._free.append(buffer)
+        self._slots.release()
+
+    def _store(self, job: FileJob, fd: int, record: int, i: int, buffer: bytearray, view: memoryview) -> None:
         try:
-            data = b"".join(pieces)  # one buffer: one GIL release each to hash it and to write it
-            found = hashlib.sha256(data).hexdigest()
+            found = hashlib.sha256(view).hexdigest()  # releases the GIL: the receiver goes on meanwhile
             if found != job.chunks[i]:
                 self._stop.set()
                 raise IntegrityError(
@@ -232,12 +338,8 @@ class Fetcher:
                     f"the signed manifest says {job.chunks[i]}; the registry serves corrupt data",
                     path=job.path, chunk=i, expected=job.chunks[i], found=found,
                 )  # fmt: skip
-            _pwrite_all(fd, data, job.span(i)[0])
+            _pwrite_all(fd, view, job.span(i)[0])
             self.cache.mark_done(record, i)
-            self.progress(len(data))
+            self.progress(len(view))
         finally:
-            self._slots.release()
-
-
-class _ShortBody(Exception):
-    """The response ended before every asked-for byte arrived."""
+            self._give(buffer)

@@ -161,7 +161,8 @@ def _install(client: Client, info: VersionInfo, mhex: str, materials: tuple[byte
             if cache.blob(job.hexdigest).exists() and verify_file(cache.blob(job.hexdigest), job, pool) is not None:
                 cache.blob(job.hexdigest).unlink(missing_ok=True)
         missing = [job for job in jobs if not cache.blob(job.hexdigest).exists()]
-        Fetcher(client.http, cache, client.blob_url, pool, streams=client.streams, progress=progress).fetch(missing)
+        direct = client._own_http  # a caller's own httpx client (a custom transport, say) is used as given
+        Fetcher(client.http, cache, client.blob_url, pool, streams=client.streams, direct=direct, progress=progress).fetch(missing)
     files = {MANIFEST: materials[0], SIGNATURE: materials[1]} | {j.path: cache.blob(j.hexdigest) for j in jobs}
     return cache.install_bundle(mhex, files)
 

@@ -1,0 +1,75 @@
+"""Re-name a bundle: the same adapters under another ``owner/name`` or version.
+
+Name and version live inside the manifest, and the manifest is one of the signed files,
+so a renamed bundle is a new bundle: new manifest bytes, hence a new manifest identity,
+and no signature until it is signed again (`signing.sign_bundle`).
+
+    renamed(manifest bytes, name, version) -> canonical manifest bytes   pure
+    write_renamed(source dir, new dir, name, version) -> Manifest        the file shell
+
+Only the two fields change: the rest of the JSON value, fields this reader does not know
+included (a newer minor version's), is kept as it was, and the result is validated again.
+
+The shell never touches the source: it builds the copy in a temporary sibling of the
+target (weights hard-linked where the file system allows, else copied), without the old
+``bundle.sig``, and renames it into place, so a reader sees a whole bundle or none.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import BundleExistsError, BundleNotFoundError
+from .canonical import encode, loads, parse, typed
+from .files import fsync_dir, read_member
+from .limits import MAX_MANIFEST_BYTES
+from .manifest import MANIFEST, Manifest
+
+
+def renamed(manifest_bytes: bytes, *, name: str | None = None, version: str | None = None) -> bytes:
+    """The canonical bytes of the manifest under the new name and/or version (validated)."""
+    loads(manifest_bytes)  # the input must be a manifest this reader accepts
+    changes = {k: v for k, v in (("name", name), ("version", version)) if v is not None}
+    value = parse(manifest_bytes, path=MANIFEST) | changes
+    typed(value)  # refuses a name or version the spec does not allow
+    return encode(value, path=MANIFEST)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)  # bundle files are never changed in place: sharing the inode is safe and free
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def write_renamed(source_dir: str | os.PathLike, out_dir: str | os.PathLike, *, name: str | None = None,
+                  version: str | None = None) -> Manifest:  # fmt: skip
+    """Write a renamed, unsigned copy of the bundle directory `source_dir` as the new directory `out_dir`."""
+    source, target = Path(source_dir), Path(out_dir)
+    if not source.is_dir():
+        raise BundleNotFoundError(f"{source}: no bundle directory here", path=str(source))
+    if target.exists() or target.is_symlink():
+        raise BundleExistsError(f"{target}: already exists; bundles are never overwritten", path=str(target))
+    if not target.parent.is_dir():
+        raise BundleNotFoundError(f"{target.parent}: no such directory to write the bundle in", path=str(target.parent))
+    data = renamed(read_member(source, MANIFEST, MAX_MANIFEST_BYTES, "MAX_MANIFEST_BYTES"), name=name, version=version)
+    manifest = loads(data)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        for entry in manifest.files:
+            _link_or_copy(source / entry.path, tmp / entry.path)
+        with open(tmp / MANIFEST, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        fsync_dir(tmp)
+        os.rename(tmp, target)
+        fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest

@@ -1,0 +1,76 @@
+"""The command line's saved login, and the hub client each online verb talks through.
+
+    $LWHUB_HOME/config.json    (else $XDG_CONFIG_HOME/lwhub/config.json, else ~/.config/lwhub/config.json)
+    {"token": "lwh_...", "url": "http://127.0.0.1:8700"}     mode 0600: it holds a secret
+
+`lwhub login` writes it after the hub has accepted the token. Everything is read when
+a command runs, never at import. Each setting comes from the first of: the command's
+flag, the environment (LWHUB_URL, LWHUB_TOKEN, LWHUB_CACHE), this file, the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+ENVIRONMENT = {"url": "LWHUB_URL", "token": "LWHUB_TOKEN", "cache_dir": "LWHUB_CACHE"}
+
+
+def config_path() -> Path:
+    if home := os.environ.get("LWHUB_HOME"):
+        return Path(home) / "config.json"
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "lwhub" / "config.json"
+
+
+def load_config() -> dict[str, Any]:
+    path = config_path()
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as exc:
+        raise UsageError(f"{path}: not a JSON settings file ({exc}); delete it and `lwhub login` again", path=str(path)) from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{path}: not a JSON object; delete it and `lwhub login` again", path=str(path))
+    return value
+
+
+def save_config(settings: dict[str, Any]) -> Path:
+    """Write the settings atomically, readable by their owner only (0600 from the first byte)."""
+    path = config_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config.", suffix=".tmp")  # mkstemp creates it 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(settings, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The client settings for this command: flag, then environment, then the saved login."""
+    saved, chosen = load_config(), {}
+    for key, env in ENVIRONMENT.items():
+        flag = getattr(args, key, None)
+        if flag:
+            chosen[key] = flag
+        elif not os.environ.get(env) and saved.get(key):
+            chosen[key] = saved[key]
+    return chosen
+
+
+def hub_client(args: argparse.Namespace, **overrides: Any):
+    """A `lwhub.client.Client` for this command (use it in a ``with``); keyword settings win."""
+    from .client import from_env
+
+    return from_env(**(settings(args) | {k: v for k, v in overrides.items() if v is not None}))

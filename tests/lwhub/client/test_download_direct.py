@@ -1,0 +1,103 @@
+"""The direct (http.client) receive path: breaks off cleanly, resumes, never keeps unverified bytes.
+
+A small real HTTP server on 127.0.0.1 serves one blob and can cut the connection, flip a
+byte, or answer 404, so each failure happens for real on the socket.
+"""
+
+import hashlib
+import os
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from lwhub.cache import Cache
+from lwhub.client.download import Fetcher, FileJob
+from lwhub.errors import HubUnavailableError, IntegrityError, NotFoundError
+
+CHUNK = 1 << 16
+DATA = os.urandom(20 * CHUNK + 123)
+HEX = hashlib.sha256(DATA).hexdigest()
+JOB = FileJob("adapters.safetensors", HEX, len(DATA), tuple(
+    hashlib.sha256(DATA[i : i + CHUNK]).hexdigest() for i in range(0, len(DATA), CHUNK)), CHUNK)  # fmt: skip
+
+
+class Blob(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    faults: dict = {}
+    ranges: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.ranges.append(self.headers.get("range"))
+        if self.faults.get("missing"):
+            body = b'{"error": {"code": "blob_not_found", "message": "no such blob", "detail": {}}}'
+            self.send_response(404)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        a, b = 0, len(DATA)
+        if rng := self.headers.get("range"):
+            m = re.match(r"bytes=(\d+)-(\d+)", rng)
+            a, b = int(m[1]), int(m[2]) + 1
+        body = bytearray(DATA[a:b])
+        if (at := self.faults.get("corrupt")) is not None and a <= at < b:
+            body[at - a] ^= 1
+        self.send_response(206 if rng else 200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        cut = self.faults.get("cut")
+        self.wfile.write(body if cut is None else body[:cut])
+        if cut is not None:
+            self.wfile.flush()
+            self.connection.shutdown(2)
+
+
+@pytest.fixture
+def server():
+    Blob.faults, Blob.ranges = {}, []
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Blob)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_port}/blob/"
+    srv.shutdown()
+
+
+def fetch(url, cache):
+    with ThreadPoolExecutor(2) as pool, httpx.Client() as http:
+        Fetcher(http, cache, lambda h: url + h, pool, direct=True, retries=0, min_segment=1).fetch([JOB])
+
+
+def test_cut_connection_keeps_verified_chunks_and_resumes_with_the_rest(server, tmp_path):
+    cache = Cache(tmp_path)
+    Blob.faults["cut"] = 5 * CHUNK + 1234
+    with pytest.raises(HubUnavailableError):
+        fetch(server, cache)
+    assert sorted(cache.done_chunks(HEX)) == [0, 1, 2, 3, 4]
+    Blob.faults.clear()
+    Blob.ranges.clear()
+    fetch(server, cache)
+    assert Blob.ranges == [f"bytes={5 * CHUNK}-{len(DATA) - 1}"]  # only the rest
+    assert cache.blob(HEX).read_bytes() == DATA
+
+
+def test_a_corrupt_chunk_is_never_written(server, tmp_path):
+    cache = Cache(tmp_path)
+    Blob.faults["corrupt"] = 7 * CHUNK + 5
+    with pytest.raises(IntegrityError) as err:
+        fetch(server, cache)
+    assert err.value.chunk == 7 and 7 not in cache.done_chunks(HEX)
+    assert set(cache.partial(HEX).read_bytes()[7 * CHUNK : 8 * CHUNK]) <= {0}  # its bytes stay unwritten
+
+
+def test_error_answers_are_typed(server, tmp_path):
+    Blob.faults["missing"] = True
+    with pytest.raises(NotFoundError):
+        fetch(server, Cache(tmp_path))
+    with pytest.raises(HubUnavailableError):
+        fetch("http://127.0.0.1:1/blob/", Cache(tmp_path))

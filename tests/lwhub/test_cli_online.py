@@ -1,0 +1,311 @@
+"""The online verbs of `lwhub`, run in-process against a real registry on a loopback port.
+
+Settings come only from this module's home (LWHUB_HOME, LWHUB_CACHE) and the flags;
+accounts are made with the CLI on the live registry's data directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import lwhub
+from lwformat import Block, LightConfig, World
+from lwformat.bundle.keys import load_private_key
+from lwformat.bundle.read import Bundle
+from lwformat.bundle.signing import sign_bundle, verify_signature
+from lwformat.bundle.write import write_bundle
+from lwhub import cli
+from lwhub.server.run import free_port
+
+DEAD_URL = "http://127.0.0.1:9"  # the discard port: nothing answers
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_json(capsys, *argv) -> tuple[int, dict]:
+    code, out, _ = run(capsys, *argv, "--json")
+    return code, json.loads(out)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def adapter_bundle(dest: Path, name: str, version: str, key: Path | None, *, adapter_seed: int, rank: int = 4,
+                   description: str = "") -> Path:  # fmt: skip
+    """A real bundle of one LoRA slot on one fixed base (seed 0), adapters drawn from `adapter_seed`."""
+    torch.manual_seed(0)
+    world = World.from_blocks({"author/narrate/text/llm": Block(nn.Sequential(nn.Linear(32, 32)), "llm")})
+    world.customize(LightConfig(rank=rank))
+    torch.manual_seed(adapter_seed)
+    for p in world.parameters():
+        if p.requires_grad:
+            nn.init.normal_(p)  # LoRA's B starts at zero: fill it so the delta is not zero
+    write_bundle(world, dest, name=name, version=version, description=description)
+    if key is not None:
+        sign_bundle(dest, load_private_key(key))
+    return dest
+
+
+@pytest.fixture(scope="module", autouse=True)
+def home(tmp_path_factory):
+    """This module's settings: a config home and a cache of its own, nothing from the environment."""
+    root = tmp_path_factory.mktemp("cli-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LWHUB_HOME", str(root / "config"))
+        mp.setenv("LWHUB_CACHE", str(root / "cache"))
+        mp.delenv("LWHUB_URL", raising=False)
+        mp.delenv("LWHUB_TOKEN", raising=False)
+        yield root
+
+
+@pytest.fixture(scope="module")
+def carol(hub, home) -> Path:
+    """The account cli-carol, logged in, with a key pair made by `keygen --register`: returns the key directory."""
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()):
+        assert cli.main(["account", "create", "cli-carol", "--data", str(hub.data)]) == 0
+        token = out.getvalue().strip()
+        assert cli.main(["login", "--url", hub.url, "--token", token]) == 0
+        assert cli.main(["keygen", "--out", str(home), "--name", "carol", "--register"]) == 0
+    return home
+
+
+def test_account_token_and_login(hub, home, capsys, monkeypatch):
+    code, out, err = run(capsys, "account", "create", "cli-bob", "--data", hub.data)
+    token = out.strip()
+    assert code == 0 and token.startswith("lwh_") and "shown once" in err and token not in err
+    code, out, err = run(capsys, "login", "--url", hub.url, "--token", token)
+    assert code == 0 and "logged in as cli-bob" in out and token not in out
+    config = home / "config" / "config.json"
+    assert json.loads(config.read_text()) == {"url": hub.url, "token": token}
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    code, who = run_json(capsys, "whoami")  # the URL and the token come from the saved login
+    assert code == 0 and who["account"] == "cli-bob" and who["scopes"] == ["cli-bob"] and who["url"] == hub.url
+
+    code, made = run_json(capsys, "token", "create", "cli-bob", "--data", hub.data, "--scope", "cli-bob/one", "--ttl", 3600)
+    assert code == 0 and made["scopes"] == ["cli-bob/one"] and made["expires"] > 0
+    with monkeypatch.context() as env:
+        env.setenv("LWHUB_TOKEN", made["token"])  # the environment wins over the saved login
+        code, who = run_json(capsys, "whoami")
+        assert code == 0 and who["scopes"] == ["cli-bob/one"]
+        code, asked = run_json(capsys, "token", "create", "--scope", "cli-bob/one", "--ttl", 60)  # from the hub
+        assert code == 0 and asked["account"] == "cli-bob" and asked["token"] != made["token"]
+        code, out, err = run(capsys, "token", "create", "--scope", "cli-bob")  # wider than the token's own scope
+        assert code == 8 and "cli-bob" in err and "hint:" in err
+
+    code, out, err = run(capsys, "account", "create", "cli-bob", "--data", hub.data)
+    assert code == 9 and "exists" in err
+    code, out, err = run(capsys, "token", "create", "cli-nobody", "--data", hub.data)
+    assert code == 4 and "cli-nobody" in err
+
+
+def test_a_bad_token_is_refused_and_not_saved(hub, home, capsys):
+    config = home / "config" / "config.json"
+    before = config.read_bytes() if config.exists() else None
+    code, out, err = run(capsys, "login", "--url", hub.url, "--token", "lwh_" + "x" * 43)
+    assert code == 8 and "unknown token" in err and "lwhub login --token" in err
+    assert (config.read_bytes() if config.exists() else None) == before
+    code, out, err = run(capsys, "whoami", "--url", DEAD_URL)
+    assert code == 10 and "cannot reach" in err and "--url" in err
+
+
+def test_keygen_register_then_push_and_pull(hub, carol, capsys, tmp_path):
+    code, listed = run_json(capsys, "key", "list", "cli-carol")
+    assert code == 0 and len(listed["keys"]) == 1
+    folder = adapter_bundle(tmp_path / "noir", "cli-carol/noir", "1.0.0", carol / "carol.pem", adapter_seed=1)
+    code, out, _ = run(capsys, "push", folder)
+    assert code == 0 and "pushed cli-carol/noir@1.0.0" in out
+    assert f"sha256:{sha256(folder / 'manifest.json')}" in out
+    assert listed["keys"][0]["key_id"] in out  # the registered key signed it
+
+    code, out, err = run(capsys, "pull", "cli-carol/noir")  # no key pinned for cli-carol on this machine
+    assert code == 1 and "cli-carol" in err and "lwhub trust add" in err
+    code, _, _ = run(capsys, "trust", "add", "cli-carol", carol / "carol.pub")
+    assert code == 0
+    code, pinned = run_json(capsys, "trust", "list")
+    assert pinned["pinned"]["cli-carol"] == [listed["keys"][0]["key_id"]]
+    code, out, _ = run(capsys, "pull", "cli-carol/noir")
+    path = Path(out.strip())
+    assert code == 0 and (path / "adapters.safetensors").read_bytes() == (folder / "adapters.safetensors").read_bytes()
+    assert verify_signature(path, [carol / "carol.pub"]) == listed["keys"][0]["key_id"]
+    code, pulled = run_json(capsys, "pull", "cli-carol/noir@1.0.0", "--offline", "--url", DEAD_URL)
+    assert code == 0 and Path(pulled["path"]) == path and pulled["version"] == "1.0.0"
+    code, out, err = run(capsys, "pull", "cli-carol/never-pulled", "--offline")
+    assert code == 4 and "without --offline" in err
+    code, out, err = run(capsys, "pull", "cli-carol/noir", "--url", DEAD_URL)
+    assert code == 10 and "--offline" in err
+
+
+def test_push_as_another_name_and_version_writes_a_resigned_copy(hub, carol, capsys, tmp_path):
+    folder = adapter_bundle(tmp_path / "src", "cli-carol/draft", "0.0.1", carol / "carol.pem", adapter_seed=2)
+    originals = {p.name: p.read_bytes() for p in folder.iterdir()}
+    code, out, err = run(capsys, "push", folder, "--as", "cli-carol/renamed", "--version", "2.0.0")
+    assert code == 2 and "--key" in err
+    code, out, err = run(capsys, "push", folder, "--as", "Carol/Renamed", "--key", carol / "carol.pem")
+    assert code == 2 and "--as Carol/Renamed" in err
+    code, pushed = run_json(capsys, "push", folder, "--as", "cli-carol/renamed", "--version", "2.0.0", "--key", carol / "carol.pem")
+    assert code == 0 and (pushed["name"], pushed["version"]) == ("cli-carol/renamed", "2.0.0")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == originals  # the source is untouched
+    run(capsys, "trust", "add", "cli-carol", carol / "carol.pub")
+    code, out, _ = run(capsys, "pull", "cli-carol/renamed@2.0.0")
+    with Bundle.open(out.strip()) as bundle:
+        assert (bundle.manifest.name, bundle.manifest.version) == ("cli-carol/renamed", "2.0.0")
+        assert pushed["manifest"] == f"sha256:{hashlib.sha256(bundle.manifest_bytes).hexdigest()}"
+        assert (bundle.path / "adapters.safetensors").read_bytes() == originals["adapters.safetensors"]
+    unsigned = adapter_bundle(tmp_path / "unsigned", "cli-carol/unsigned", "1.0.0", None, adapter_seed=3)
+    code, out, err = run(capsys, "push", unsigned)
+    assert code == 2 and "not signed" in err
+    code, out, _ = run(capsys, "push", unsigned, "--key", carol / "carol.pem")
+    assert code == 0 and (unsigned / "bundle.sig").is_file() and "pushed cli-carol/unsigned@1.0.0" in out
+    code, out, err = run(capsys, "push", unsigned)  # versions are immutable
+    assert code == 9 and "new --version" in err
+
+
+def test_search_info_yank_and_tag(hub, carol, capsys, tmp_path):
+    for i, version in enumerate(["1.0.0", "1.1.0"]):
+        folder = adapter_bundle(tmp_path / version, "cli-carol/rain", version, carol / "carol.pem", adapter_seed=10 + i,
+                                description="rainy neon streets")  # fmt: skip
+        assert run(capsys, "push", folder)[0] == 0
+    code, found = run_json(capsys, "search", "neon street")
+    assert code == 0 and [b["name"] for b in found["bundles"]] == ["cli-carol/rain"]
+    assert found["bundles"][0]["latest"] == "1.1.0" and found["bundles"][0]["versions"] == 2
+    code, _, _ = run(capsys, "yank", "cli-carol/rain@1.1.0", "--reason", "wrong colours")
+    assert code == 0
+    code, info = run_json(capsys, "info", "cli-carol/rain")
+    yanked = {v["version"]: (v["yanked"], v["yank_reason"]) for v in info["versions"]}
+    assert code == 0 and yanked == {"1.0.0": (False, ""), "1.1.0": (True, "wrong colours")}
+    assert info["bundle"]["latest"] == "1.0.0"
+    code, out, _ = run(capsys, "info", "cli-carol/rain")
+    assert "yanked: wrong colours" in out
+    assert run(capsys, "tag", "cli-carol/rain", "stable", "1.0.0")[0] == 0
+    assert run(capsys, "yank", "cli-carol/rain@1.1.0", "--undo")[0] == 0
+    code, info = run_json(capsys, "info", "cli-carol/rain")
+    assert info["bundle"]["latest"] == "1.1.0" and info["bundle"]["named_tags"] == {"stable": "1.0.0"}
+    code, out, err = run(capsys, "yank", "cli-carol/rain")
+    assert code == 2 and "exact version" in err
+
+
+def test_not_found_forbidden_and_json_errors(hub, carol, capsys, tmp_path):
+    code, out, err = run(capsys, "info", "cli-carol/nope")
+    assert code == 4 and "no bundle cli-carol/nope" in err and "lwhub search" in err
+    code, out, _ = run(capsys, "pull", "cli-carol/nope", "--json")
+    assert code == 4 and json.loads(out)["error"]["code"] == "bundle_not_found"
+    folder = adapter_bundle(tmp_path / "b", "alice/not-carols", "1.0.0", carol / "carol.pem", adapter_seed=4)
+    code, out, err = run(capsys, "push", folder)
+    assert code == 8 and "alice" in err and "--scope" in err
+    code, out, _ = run(capsys, "push", folder, "--json", "--url", hub.url)
+    assert code == 8 and json.loads(out)["error"]["code"] == "namespace_forbidden"
+    code, out, err = run(capsys, "pull", "Not A Ref")
+    assert code == 2 and "owner/name" in err
+
+
+def _delta(bundle: Bundle) -> torch.Tensor:
+    """s · B @ A of the bundle's one LoRA slot, from its stored tensors and manifest (s = alpha / rank)."""
+    (slot,) = bundle.manifest.slots
+    t = bundle.slot_tensors(slot.slot)
+    return slot.alpha / slot.rank * (t["lora_B"].double() @ t["lora_A"].double())  # (out, in)
+
+
+def test_blend_pulls_blends_signs_and_pushes_with_parents(hub, carol, capsys, tmp_path):
+    run(capsys, "trust", "add", "cli-carol", carol / "carol.pub")
+    parents = {}
+    for name, seed in [("cli-carol/sky", 20), ("cli-carol/sea", 21)]:
+        parents[name] = adapter_bundle(tmp_path / name.split("/")[1], name, "1.0.0", carol / "carol.pem", adapter_seed=seed)
+        assert run(capsys, "push", parents[name])[0] == 0
+    argv = ["blend", "cli-carol/sky:0.7", "cli-carol/sea@1.0.0:0.3", "--method", "svd", "--rank", "4", "--as", "cli-carol/sky-sea"]
+    code, out, err = run(capsys, *argv)  # no --key: refused before anything is pulled
+    assert code == 2 and "--key" in err
+    code, out, err = run(capsys, "blend", "cli-carol/sky:lots", "--no-push")
+    assert code == 2 and "REF[:WEIGHT]" in err
+    code, made = run_json(capsys, *argv, "--key", carol / "carol.pem")
+    assert code == 0 and made["pushed"]["name"] == "cli-carol/sky-sea" and made["signed"]
+
+    code, out, _ = run(capsys, "pull", "cli-carol/sky-sea@0.1.0")
+    sky_dir, sea_dir = parents["cli-carol/sky"], parents["cli-carol/sea"]
+    with Bundle.open(out.strip()) as blended, Bundle.open(sky_dir) as sky, Bundle.open(sea_dir) as sea:
+        recorded = [(p.name, p.version, p.weight, p.manifest_sha256) for p in blended.manifest.parents]
+        assert recorded == [("cli-carol/sky", "1.0.0", 0.7, sha256(sky.path / "manifest.json")),
+                            ("cli-carol/sea", "1.0.0", 0.3, sha256(sea.path / "manifest.json"))]  # fmt: skip
+        exact = 0.7 * _delta(sky) + 0.3 * _delta(sea)  # (32, 32), rank 8: re-ranked to 4, so not exact
+        error = torch.linalg.norm(_delta(blended) - exact) / torch.linalg.norm(exact)
+        assert blended.manifest.slots[0].rank == 4 and 0 < error.item() < 1
+        assert made["relative_error"] == pytest.approx(error.item(), rel=1e-4)
+    assert f"{made['relative_error']:.3e}" in run(capsys, *argv, "--version", "0.2.0", "--key", carol / "carol.pem")[1]
+    code, made = run_json(capsys, "blend", "cli-carol/sky:0.5", "cli-carol/sea:0.5", "--method", "linear", "--as",
+                          "cli-carol/even", "--no-push", "--out", tmp_path / "even")  # fmt: skip
+    assert code == 0 and made["pushed"] is None and made["relative_error"] == 0.0
+    assert not (tmp_path / "even" / "bundle.sig").exists() and (tmp_path / "even" / "manifest.json").is_file()
+
+
+def test_pull_draws_a_progress_bar_only_on_a_terminal(hub, carol, capsys, tmp_path, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    folder = adapter_bundle(tmp_path / "bar", "cli-carol/bar", "1.0.0", carol / "carol.pem", adapter_seed=30)
+    assert run(capsys, "push", folder)[0] == 0
+    monkeypatch.setenv("LWHUB_CACHE", str(tmp_path / "fresh-cache"))  # the trust store lives in the cache
+    run(capsys, "trust", "add", "cli-carol", carol / "carol.pub")
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert cli.main(["pull", "cli-carol/bar"]) == 0
+    size = (folder / "adapters.safetensors").stat().st_size
+    assert "pull cli-carol/bar" in terminal.getvalue() and "100%" in terminal.getvalue()
+    assert f"{size / 1e6:.1f}/{size / 1e6:.1f} MB" in terminal.getvalue()
+    monkeypatch.setenv("LWHUB_CACHE", str(tmp_path / "quiet-cache"))
+    run(capsys, "trust", "add", "cli-carol", carol / "carol.pub")
+    quiet = Terminal()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    assert cli.main(["pull", "cli-carol/bar", "--quiet"]) == 0 and quiet.getvalue() == ""
+
+
+def test_public_api_is_pinned():
+    assert lwhub.__all__ == sorted(lwhub.__all__) == ["Client", "pull"]
+    from lwhub.client import Client, pull
+
+    assert (lwhub.Client, lwhub.pull) == (Client, pull)
+
+
+def test_the_installed_console_script_runs():
+    command = [shutil.which("lwhub")] if shutil.which("lwhub") else [sys.executable, "-m", "lwhub"]
+    done = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert all(v in done.stdout for v in ("push", "pull", "blend", "login", "trust", "exit codes"))
+
+
+def test_serve_runs_a_hub_until_interrupted(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LWHUB_HOME", str(tmp_path / "home"))  # this login is not the module's
+    data, port = tmp_path / "data", free_port()
+    token = run(capsys, "account", "create", "dana", "--data", data)[1].strip()  # bootstrap, before the hub runs
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "lwhub", "serve", "--data", str(data), "--port", str(port)],
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60  # the child imports torch before it listens
+        while (code := run(capsys, "login", "--url", url, "--token", token)[0]) == 10 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert code == 0
+        code, who = run_json(capsys, "whoami")
+        assert code == 0 and who["account"] == "dana" and who["url"] == url
+    finally:
+        server.send_signal(signal.SIGINT)
+        _, err = server.communicate(timeout=30)
+    assert server.returncode == 0 and f"serving {data} at {url}" in err
