@@ -294,7 +294,7 @@ def check(args: argparse.Namespace) -> int:
 
     world = World.load(existing(args.world, "world directory"))
     with Bundle.open(existing(args.bundle, "bundle")) as bundle:
-        report = check_bundle(bundle, world, strict=args.strict)
+        report = check_bundle(bundle, world, strict=args.strict, root=True)
     found = [asdict(f) for f in (*report.blocks, *report.slots, report.root)]
     data = {"bundle": report.bundle, "strict": report.strict, "ok": report.ok, "findings": found,
             "problems": [asdict(f) for f in report.problems]}  # fmt: skip

@@ -51,9 +51,12 @@ class AdapterHost(nn.Module):
             return y
         if self.route is not None:
             return self._routed(x, y)
+        # Without autograd, sums accumulate in place: into y itself when no adapter reads it.
+        inplace = not torch.is_grad_enabled()
+        reads_y = any(type(a) is not LoRA for a in self.adapters.values())
         out = y
         for adapter in self.adapters.values():
-            out = out + adapter.mix_weight * adapter.delta(x, y, self.base)
+            out = adapter.add_to(out, x, y, self.base, inplace=inplace and (out is not y or not reads_y))
         return out
 
     def _routed(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

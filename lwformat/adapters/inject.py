@@ -16,7 +16,7 @@ from .config import LightConfig
 from .host import AdapterHost
 from .kinds import KINDS
 from .layers import geometry
-from .plan import Plan, iter_hosts, module_parents, plan
+from .plan import Plan, iter_hosts, parent_index, plan, replace_module
 
 if TYPE_CHECKING:
     from ..world.tree import World
@@ -29,13 +29,15 @@ def customize(world: World, config: LightConfig) -> Plan:
     grads = grad_flags(world)
     try:
         world.requires_grad_(False)
+        indexes: dict[str, dict] = {}
         for slot in the_plan.slots:
             block = world.block(slot.block_path)
+            if slot.block_path not in indexes:
+                indexes[slot.block_path] = parent_index(block.module)
             layer = block.module.get_submodule(slot.module_path)
             host = AdapterHost(layer, geometry(layer))
             host.add(the_plan.name, KINDS[slot.kind](host.geo, slot.settings, layer))
-            for parent, attr in module_parents(block.module, layer):
-                setattr(parent, attr, host)
+            replace_module(indexes[slot.block_path], layer, host)
     except BaseException:
         decustomize(world)
         restore_grad_flags(world, grads)
@@ -46,10 +48,12 @@ def customize(world: World, config: LightConfig) -> Plan:
 
 def decustomize(world: World) -> None:
     """Put every wrapped base layer back in place of its host (the same object, untouched)."""
+    indexes: dict[str, dict] = {}
     for slot, host in list(iter_hosts(world)):
-        block = world.block(slot.partition(":")[0])
-        for parent, attr in module_parents(block.module, host):
-            setattr(parent, attr, host.base)
+        block_path = slot.partition(":")[0]
+        if block_path not in indexes:
+            indexes[block_path] = parent_index(world.block(block_path).module)
+        replace_module(indexes[block_path], host, host.base)
     world.customization = None
 
 

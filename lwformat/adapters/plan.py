@@ -200,11 +200,24 @@ def iter_hosts(world: World):
                 yield f"{path}:{module_path}", module
 
 
-def module_parents(root: nn.Module, target: nn.Module) -> list[tuple[nn.Module, str]]:
-    """Every (parent, attribute) through which `root` reaches `target` (shared layers have several)."""
-    return [
-        (parent, name)
-        for _, parent in root.named_modules(remove_duplicate=False)
-        for name, child in parent._modules.items()
-        if child is target
-    ]
+def parent_index(root: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """``{id(module): [(parent, attribute), ...]}`` for every module under `root`, in one walk.
+
+    A shared layer has several entries. Build it once per block, then look layers up.
+    """
+    index: dict[int, list[tuple[nn.Module, str]]] = {}
+    for _, parent in root.named_modules(remove_duplicate=False):
+        for name, child in parent._modules.items():
+            if child is not None:
+                entry = index.setdefault(id(child), [])
+                if (parent, name) not in entry:
+                    entry.append((parent, name))
+    return index
+
+
+def replace_module(index: dict[int, list[tuple[nn.Module, str]]], old: nn.Module, new: nn.Module) -> None:
+    """Put `new` wherever `old` sits (every parent of a shared layer), keeping `index` current."""
+    places = index.pop(id(old), [])
+    for parent, attr in places:
+        setattr(parent, attr, new)
+    index[id(new)] = places

@@ -38,10 +38,11 @@ class Outcome(StrEnum):
     UNKNOWN_KIND = "unknown kind"
     SHAPE_MISMATCH = "shape mismatch"
     DTYPE_CONVERSION = "dtype conversion needed"
+    NOT_COMPARED = "not compared"
 
     @property
     def is_problem(self) -> bool:
-        return self not in (Outcome.OK, Outcome.DTYPE_CONVERSION)
+        return self not in (Outcome.OK, Outcome.DTYPE_CONVERSION, Outcome.NOT_COMPARED)
 
 
 @dataclass(frozen=True)
@@ -104,9 +105,10 @@ def _check_slot(world: World, paths: dict[str, str], entry: SlotEntry, seen: dic
     if entry.block not in paths:
         return Finding(slot, Outcome.MISSING_BLOCK, f"the world has no block {entry.block}")
     try:
-        if entry.block not in seen:  # one scan per block, not per slot
-            seen[entry.block] = eligible_slots(world.block(entry.block), where=entry.block)
-        eligible = seen[entry.block]
+        block = paths[entry.block]  # canonical: a shared block is scanned once, under one key
+        if block not in seen:  # one scan per block, not per slot
+            seen[block] = eligible_slots(world.block(block), where=block)
+        eligible = seen[block]
     except TargetError as exc:
         return Finding(slot, Outcome.MISSING_SLOT, str(exc))
     if entry.module not in eligible:
@@ -133,24 +135,33 @@ def _check_slot(world: World, paths: dict[str, str], entry: SlotEntry, seen: dic
     return Finding(slot, Outcome.OK)
 
 
-def check(bundle: Bundle | Manifest, world: World, *, strict: bool = False) -> CompatReport:
-    """Compare the bundle's (or a manifest's) base binding and slots with `world`."""
+def check(bundle: Bundle | Manifest, world: World, *, strict: bool = False, root: bool | None = None,
+          scans: dict | None = None) -> CompatReport:  # fmt: skip
+    """Compare the bundle's (or a manifest's) base binding and slots with `world`.
+
+    Only the bound blocks are hashed (or read from the digest cache). The root is compared
+    when ``root`` is true, by default only in strict mode, where it counts. ``scans`` may
+    carry a dict that keeps each block's slot scan for the caller to reuse.
+    """
     m = bundle.manifest if isinstance(bundle, Bundle) else bundle
     paths = world.block_paths()  # any path -> the canonical path of the block there
-    digests = world.digests()
     blocks = []
     for path, expected in m.base.blocks.items():
         if path not in paths:
             blocks.append(Finding(path, Outcome.MISSING_BLOCK, "the world has no block here", expected=expected))
             continue
-        found = digests[paths[path]]
+        found = world.digest(paths[path])
         outcome = Outcome.OK if found == expected else Outcome.DIGEST_MISMATCH
         detail = "" if found == expected else f"expected {expected}, found {found}"
         blocks.append(Finding(path, outcome, detail, expected=expected, found=found))
-    root = world.root_digest()
-    same = root == m.base.root
-    detail = "" if same else f"expected {m.base.root}, found {root}"
-    root_finding = Finding(ROOT, Outcome.OK if same else Outcome.ROOT_MISMATCH, detail, expected=m.base.root, found=root)
-    seen: dict = {}
+    if root if root is not None else strict:
+        found_root = world.root_digest()
+        same = found_root == m.base.root
+        detail = "" if same else f"expected {m.base.root}, found {found_root}"
+        outcome = Outcome.OK if same else Outcome.ROOT_MISMATCH
+        root_finding = Finding(ROOT, outcome, detail, expected=m.base.root, found=found_root)
+    else:
+        root_finding = Finding(ROOT, Outcome.NOT_COMPARED, "not strict", expected=m.base.root)
+    seen = scans if scans is not None else {}
     slots = tuple(_check_slot(world, paths, s, seen) for s in m.slots)
     return CompatReport(f"{m.name}@{m.version}", strict, root_finding, tuple(blocks), slots)

@@ -36,9 +36,10 @@ class ResolvedSlot:
 
 
 def resolve(world: World, manifest: Any, *, strict: bool = False) -> list[ResolvedSlot]:
-    check(manifest, world, strict=strict).raise_for_problems()
+    eligible: dict = {}  # each block's slot scan, shared with the check
+    check(manifest, world, strict=strict, scans=eligible).raise_for_problems()
     canonical = world.block_paths()
-    out, seen, eligible = [], set(), {}
+    out, seen = [], set()
     for entry in manifest.slots:
         block_path = canonical[entry.block]
         slot = f"{block_path}:{entry.module}"

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from ..adapters.host import AdapterHost
 from ..adapters.kinds import KINDS, Adapter
-from ..adapters.plan import module_parents
+from ..adapters.plan import parent_index, replace_module
 from ..errors import AlreadyAppliedError, FusedError, LayoutError, NotAppliedError, TargetError
 from ..world.paths import match_block
 from .resolve import ResolvedSlot, resolve
@@ -74,23 +75,33 @@ def _bank_key(world: World, name: str) -> str:
     return candidate
 
 
-def _host(world: World, rs: ResolvedSlot) -> AdapterHost:
-    block = world.block(rs.slot.partition(":")[0])
-    current = block.module.get_submodule(rs.entry.module)
+class _Parents:
+    """Parent indexes of the blocks an operation touches, each built once (one walk per block)."""
+
+    def __init__(self, world: World) -> None:
+        self.world, self.indexes = world, {}
+
+    def of(self, slot: str) -> tuple[nn.Module, dict]:
+        block_path = slot.partition(":")[0]
+        block = self.world.block(block_path)
+        if block_path not in self.indexes:
+            self.indexes[block_path] = parent_index(block.module)
+        return block.module, self.indexes[block_path]
+
+
+def _host(parents: _Parents, rs: ResolvedSlot) -> AdapterHost:
+    root, index = parents.of(rs.slot)
+    current = root.get_submodule(rs.entry.module)
     if getattr(current, "is_adapter_host", False):
         return current
     host = AdapterHost(current, rs.geo)
-    for parent, attr in module_parents(block.module, current):
-        setattr(parent, attr, host)
+    replace_module(index, current, host)
     return host
 
 
-def _unhost(world: World, slot: str, host: AdapterHost) -> None:
-    if host.adapters:
-        return
-    block = world.block(slot.partition(":")[0])
-    for parent, attr in module_parents(block.module, host):
-        setattr(parent, attr, host.base)
+def _unhost(parents: _Parents, slot: str, host: AdapterHost) -> None:
+    if not host.adapters:
+        replace_module(parents.of(slot)[1], host, host.base)
 
 
 def _not_fused(world: World, what: str) -> None:
@@ -119,9 +130,10 @@ def apply(world: World, bundle: Any, weight: Weight = 1.0, *, name: str | None =
             for tensor_name, target in by_slot[rs.slot].items():
                 fill(target, source[tensor_name], tensor_name)
     hosts: list[tuple[str, AdapterHost]] = []
+    parents = _Parents(world)
     try:
         for rs in slots:
-            host = _host(world, rs)
+            host = _host(parents, rs)
             hosts.append((rs.slot, host))
             adapter = KINDS[rs.entry.kind](rs.geo, rs.settings, rs.layer, tensors=by_slot[rs.slot])
             host.add(applied.key, adapter, weights.get(rs.slot, default))
@@ -129,7 +141,7 @@ def apply(world: World, bundle: Any, weight: Weight = 1.0, *, name: str | None =
     except BaseException:
         for slot, host in hosts:
             host.adapters.pop(applied.key, None)
-            _unhost(world, slot, host)
+            _unhost(parents, slot, host)
         raise
     world.applied[name] = applied
     return applied
@@ -146,10 +158,11 @@ def remove(world: World, name: str) -> None:
     """Take a bundle off; hosts left empty give their slot back to the untouched base layer."""
     _not_fused(world, "remove a bundle")
     applied = _applied(world, name)
+    parents = _Parents(world)
     for rs in applied.slots:
         host = world.block(rs.slot.partition(":")[0]).module.get_submodule(rs.entry.module)
         del host.adapters[applied.key]
-        _unhost(world, rs.slot, host)
+        _unhost(parents, rs.slot, host)
     del world.applied[name]
 
 

@@ -110,18 +110,20 @@ def structure(world: World) -> dict[str, Any]:
     }
 
 
+def cached_block_digest(world: World, path: str, block: nn.Module, *, recompute: bool = False) -> str:
+    """One block's digest, from the world's cache unless one of its base tensors changed since."""
+    tensors = base_tensors(block.module)
+    key = _version_key(tensors)
+    hit = world._digest_cache.get(path)
+    if recompute or hit is None or hit[0] != key:
+        hit = (key, PREFIX + block_digest_raw(tensors).hex())
+        world._digest_cache[path] = hit
+    return hit[1]
+
+
 def world_digests(world: World, *, recompute: bool = False) -> dict[str, Any]:
     """``{"root": digest, "blocks": {canonical path: digest}}``, reusing cached block digests."""
-    cache = world._digest_cache
-    blocks = {}
-    for path, block in world.blocks().items():
-        tensors = base_tensors(block.module)
-        key = _version_key(tensors)
-        hit = cache.get(path)
-        if recompute or hit is None or (hit[0] is not None and hit[0] != key):
-            hit = (key, PREFIX + block_digest_raw(tensors).hex())
-            cache[path] = hit
-        blocks[path] = hit[1]
+    blocks = {path: cached_block_digest(world, path, block, recompute=recompute) for path, block in world.blocks().items()}
     h = hashlib.sha256(b"lwworld/1\0")
     h.update(hashlib.sha256(msgspec.json.encode(structure(world), order="sorted")).digest())
     for path in sorted(blocks, key=lambda p: p.encode()):

@@ -245,6 +245,15 @@ class World(nn.Module):
 
         return world_digests(self)["blocks"]
 
+    def digest(self, path: str) -> str:
+        """The digest of the block at `path` (any of its paths), computing only that block."""
+        from .digest import cached_block_digest
+
+        canonical = self.block_paths().get(path)
+        if canonical is None:
+            raise WorldPathError(f"no block at {path!r}", path=path)
+        return cached_block_digest(self, canonical, self.block(canonical))
+
     def root_digest(self) -> str:
         from .digest import world_digests
 

@@ -81,6 +81,13 @@ class Adapter(nn.Module, abc.ABC):
     def delta_weight(self, base: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(dW, db) in the base's own layouts, such that merging reproduces `delta` exactly."""
 
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, base: nn.Module, *, inplace: bool) -> torch.Tensor:
+        """``out + w · delta(x, y)``, where ``w`` is this adapter's weight in its host.
+
+        With ``inplace`` the sum may be written into `out` (no autograd, `out` not needed again).
+        """
+        return out + self.mix_weight * self.delta(x, y, base)
+
     def extra_repr(self) -> str:
         s = self.settings
         return f"kind={s.kind!r}, layer={self.geo.layer!r}" + (f", rank={s.rank}, alpha={s.alpha}" if self.uses_rank else "")

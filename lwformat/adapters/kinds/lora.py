@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..layers import Geometry
@@ -49,6 +50,17 @@ class LoRA(Adapter):
 
     def delta(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
         return self.lora_delta(x, base)
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, base: nn.Module, *, inplace: bool) -> torch.Tensor:
+        if self.geo.layer not in ("linear", "gpt2_conv1d") or type(self) is not LoRA:
+            return super().add_to(out, x, y, base, inplace=inplace)
+        # Scale the small (..., r) side and fuse the up-projection with the sum: one pass over `out`.
+        h = F.linear(x, self.lora_A) * (self.mix_weight * self.scaling)  # (..., r)
+        h2 = h.reshape(-1, h.shape[-1])  # (N, r)
+        if inplace and out.is_contiguous():
+            out.view(-1, out.shape[-1]).addmm_(h2, self.lora_B.t())  # (N, out) += (N, r) @ (r, out)
+            return out
+        return torch.addmm(out.reshape(-1, out.shape[-1]), h2, self.lora_B.t()).view(out.shape)  # (..., out)
 
     def delta_weight(self, base: nn.Module) -> tuple[torch.Tensor, None]:
         return self.geo.unmatrix(self.lora_matrix(), base.weight), None
