@@ -56,6 +56,7 @@ class Bundle:
         for span in self.spans:
             self._by_slot.setdefault(span.slot, []).append(span)
         self._file = None
+        self._packed: dict[str, torch.Tensor] | None = None
         self._cleanup = weakref.finalize(self, shutil.rmtree, tmp, True) if tmp is not None else None
 
     # -- opening ---------------------------------------------------------------------------
@@ -148,7 +149,11 @@ class Bundle:
 
         The tensors map the file copy-on-write: no copy is made until one is written.
         A span of dtype ``d`` is ``packed()[d][(begin - run_begin) // itemsize :][:numel]``.
+        The mapping is made once and kept while the bundle is open, so repeated swaps from
+        one bundle read warm pages.
         """
+        if self._packed is not None:
+            return self._packed
         runs: dict[str, tuple[int, int]] = {}
         for s in self.spans:
             b, e = runs.get(s.dtype, (s.begin, s.end))
@@ -164,10 +169,12 @@ class Bundle:
                 out[dtype] = torch.empty(0, dtype=t)
                 continue
             out[dtype] = torch.frombuffer(buf, dtype=t, count=count, offset=self.data_offset + b)  # (count,)
+        self._packed = out
         return out
 
     def close(self) -> None:
         self._file = None
+        self._packed = None
         if self._cleanup is not None:
             self._cleanup()
 

@@ -75,3 +75,14 @@ def test_compiled_world_does_not_recompile_on_swap_or_weight(world, bundles):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
     torch.testing.assert_close(got, lm_out(fresh_with(bundles["rain"], weight=0.25), x), rtol=0, atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_a_swap_onto_a_changed_base_is_refused(world, bundles):
+    from lwformat.errors import IncompatibleError
+
+    world.apply(bundles["noir"], weight=0.6)
+    with torch.no_grad():
+        world.block(LM).module.ln_f.weight.add_(1.0)  # the base changed after applying
+    with pytest.raises(IncompatibleError) as err:
+        world.swap("author/noir", bundles["rain"])
+    assert err.value.path == LM and world.applied["author/noir"].bundle is bundles["noir"]
