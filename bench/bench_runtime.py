@@ -31,7 +31,6 @@ from _blend_bench import blend_rows  # noqa: E402
 from _runtime_setup import Sides, build, load_factors  # noqa: E402
 from _timing import Case, Row, compare, interleave, table  # noqa: E402
 
-from lwformat.adapters.plan import iter_hosts  # noqa: E402
 from lwformat.bundle.read import Bundle  # noqa: E402
 
 BATCH, TOKENS = 8, 128
@@ -159,23 +158,6 @@ def bench_forward(s: Sides, budget: Budget) -> tuple[list[Row], list[str]]:
     ], notes  # fmt: skip
 
 
-def _route(s: Sides, names: list[str]) -> None:
-    """Per-sample routing of the LLM's hosts, built exactly as `lwformat.runtime.mixed.run` builds it.
-
-    `world.run` runs the whole world's cycle (both stages that hold the LLM, and every other
-    block); there is no public call that routes one block, so the benchmark sets the routes.
-    """
-    keys = {s.world.applied[n].key: [float(b == n) for b in names] for n in set(names)}
-    for _, host in iter_hosts(s.world):
-        like = host.base.weight
-        host.route = {k: torch.tensor(p, dtype=like.dtype, device=like.device) for k, p in keys.items() if k in host.adapters}
-
-
-def _unroute(s: Sides) -> None:
-    for _, host in iter_hosts(s.world):
-        host.route = None
-
-
 def bench_mixed(s: Sides, budget: Budget) -> tuple[list[Row], list[str]]:
     w, lm, pm, x = s.world, s.lm, s.peft, _tokens()
     names = [f"author/style-{i}" for i in range(BATCH)]
@@ -186,11 +168,8 @@ def bench_mixed(s: Sides, budget: Budget) -> tuple[list[Row], list[str]]:
 
     def routed(picks: list[str]):
         def run():
-            _route(s, picks)  # inside the timed region: `world.run` builds the routes on every call
-            try:
+            with w.routed(picks):  # inside the timed region: routes are built on every call
                 return lm(x)
-            finally:
-                _unroute(s)
 
         return run
 

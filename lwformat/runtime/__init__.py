@@ -2,7 +2,7 @@
 
 from .blend import Blend, BlendReport, SlotReport, blend
 from .fuse import fuse, unfuse
-from .mixed import run
+from .mixed import routed, run
 from .stack import Applied, apply, remove, set_weight, swap
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "blend",
     "fuse",
     "remove",
+    "routed",
     "run",
     "set_weight",
     "swap",

@@ -8,6 +8,8 @@ any number of distinct bundles.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,15 +21,17 @@ if TYPE_CHECKING:
     from ..world.tree import World
 
 
-def run(world: World, state: dict[str, torch.Tensor], bundles: list[str | None]) -> dict[str, torch.Tensor]:
+@contextmanager
+def routed(world: World, bundles: list[str | None]) -> Iterator[None]:
+    """Within the block, sample i of any forward runs with applied bundle ``bundles[i]`` only.
+
+    Use it to run one block of a world per sample; `run` wraps a whole pass in it.
+    """
     if world.fused_state is not None:
         raise FusedError("a mixed batch needs unfused adapters; call unfuse() first")
     for name in bundles:
         if name is not None and name not in world.applied:
             raise NotAppliedError(f"sample asks for {name!r}, which is not applied", path=name)
-    for key, value in state.items():
-        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] != len(bundles):
-            raise TargetError(f"state[{key!r}] has batch size {value.shape[0]}, but {len(bundles)} bundles were given", path=key)
     chosen = {name: [float(b == name) for b in bundles] for name in set(bundles) - {None}}
     keys = {world.applied[name].key: picks for name, picks in chosen.items()}
     hosts = [host for _, host in iter_hosts(world)]
@@ -39,7 +43,15 @@ def run(world: World, state: dict[str, torch.Tensor], bundles: list[str | None])
                 for key, picks in keys.items()
                 if key in host.adapters
             }
-        return world(state)
+        yield
     finally:
         for host in hosts:
             host.route = None
+
+
+def run(world: World, state: dict[str, torch.Tensor], bundles: list[str | None]) -> dict[str, torch.Tensor]:
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] != len(bundles):
+            raise TargetError(f"state[{key!r}] has batch size {value.shape[0]}, but {len(bundles)} bundles were given", path=key)
+    with routed(world, bundles):
+        return world(state)

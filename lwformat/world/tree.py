@@ -347,6 +347,12 @@ class World(nn.Module):
 
         return run(self, state, bundles)
 
+    def routed(self, bundles: list[str | None]) -> Any:
+        """Context manager: inside it, sample i of any block's forward uses ``bundles[i]`` only."""
+        from ..runtime import routed
+
+        return routed(self, bundles)
+
     def tree(self) -> str:
         """The hierarchy drawn as text: stages > pipelines > graphs > blocks."""
         from .render import render_tree
