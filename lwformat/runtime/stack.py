@@ -22,6 +22,7 @@ from ..adapters.host import AdapterHost
 from ..adapters.kinds import KINDS, Adapter
 from ..adapters.plan import parent_index, replace_module
 from ..errors import AlreadyAppliedError, FusedError, LayoutError, NotAppliedError, TargetError
+from ..world.digest import DTYPE_NAMES
 from ..world.paths import match_block
 from .resolve import ResolvedSlot, resolve
 from .storage import Place, allocate, copy_packed, fill, fits, plan_layout, view
@@ -43,6 +44,8 @@ class Applied:
     places: list[Place]
     buffers: dict
     adapters: dict[str, Adapter] = field(default_factory=dict)  # slot -> adapter
+    layout: tuple = ()  # `layout_of` the bundle now in the storage
+    packed: bool = False  # its storage matches the file's dtype runs one to one
 
 
 def layout_of(manifest: Any) -> tuple:
@@ -62,13 +65,15 @@ def _same_layout_swap(world: World, applied: Applied, bundle: Any) -> bool:
     a base tensor was written). Returns False, having changed nothing, when it does not apply.
     """
     old = applied.bundle.manifest
-    if bundle.manifest.base.blocks != old.base.blocks or layout_of(bundle.manifest) != layout_of(old):
+    if not applied.packed or bundle.manifest.base.blocks != old.base.blocks or layout_of(bundle.manifest) != applied.layout:
         return False
     for path, expected in old.base.blocks.items():
         if world.digest(path) != expected:
             return False  # the full check will say what changed
-    if not copy_packed(applied.places, applied.buffers, bundle):
-        return False
+    # Equal layouts give equal dtype runs (the reader checked the file's canonical order).
+    runs = bundle.packed()
+    for (dtype, _), buffer in applied.buffers.items():
+        buffer.copy_(runs[DTYPE_NAMES[dtype]])
     applied.bundle = bundle
     return True
 
@@ -152,7 +157,9 @@ def apply(world: World, bundle: Any, weight: Weight = 1.0, *, name: str | None =
     by_slot: dict[str, dict[str, torch.Tensor]] = {}
     for place in places:
         by_slot.setdefault(place.slot, {})[place.name] = view(buffers, place)
-    if not copy_packed(places, buffers, bundle):
+    applied.layout = layout_of(bundle.manifest)
+    applied.packed = copy_packed(places, buffers, bundle)
+    if not applied.packed:
         for rs in slots:
             source = bundle.slot_tensors(rs.entry.slot)
             for tensor_name, target in by_slot[rs.slot].items():
@@ -229,7 +236,8 @@ def swap(world: World, name: str, bundle: Any, *, strict: bool = False) -> None:
             if place is None or not fits(place, shape):
                 stored = place.shape if place else "nothing"
                 raise LayoutError(f"{rs.slot}: {tensor_name} {tuple(shape)} does not fit the stored {stored}", path=rs.slot)
-    packed = copy_packed(applied.places, applied.buffers, bundle)
+    packed = applied.packed = copy_packed(applied.places, applied.buffers, bundle)
+    applied.layout = layout_of(bundle.manifest)
     for rs in slots:
         adapter = applied.adapters[rs.slot]
         if not packed:

@@ -87,9 +87,25 @@ def block_digest(module: nn.Module) -> str:
     return PREFIX + block_digest_raw(base_tensors(module)).hex()
 
 
-def _version_key(tensors: dict[str, torch.Tensor]) -> tuple:
-    # In-place writes bump a tensor's _version, so this key changes whenever a base tensor may have.
-    return tuple((n, t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for n, t in sorted(tensors.items()))
+def _fingerprint(module: nn.Module) -> tuple:
+    """Identity, version and shape of every base tensor, in `base_tensors` order, without names.
+
+    In-place writes bump a tensor's ``_version``, and replacing or moving a tensor changes
+    the sequence, so the fingerprint changes whenever the block's digest may have. It is
+    much cheaper than `base_tensors` (no names built), which matters on every apply and swap.
+    """
+    out: list = []
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        if getattr(m, "is_adapter_host", False):
+            stack.append(m.base)
+            continue
+        out.extend((t.data_ptr(), t._version, t.dtype, t.shape) for t in m._parameters.values() if t is not None)
+        skip = m._non_persistent_buffers_set
+        out.extend((t.data_ptr(), t._version, t.dtype, t.shape) for n, t in m._buffers.items() if t is not None and n not in skip)
+        stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+    return tuple(out)
 
 
 def structure(world: World) -> dict[str, Any]:
@@ -112,11 +128,10 @@ def structure(world: World) -> dict[str, Any]:
 
 def cached_block_digest(world: World, path: str, block: nn.Module, *, recompute: bool = False) -> str:
     """One block's digest, from the world's cache unless one of its base tensors changed since."""
-    tensors = base_tensors(block.module)
-    key = _version_key(tensors)
+    key = _fingerprint(block.module)
     hit = world._digest_cache.get(path)
     if recompute or hit is None or hit[0] != key:
-        hit = (key, PREFIX + block_digest_raw(tensors).hex())
+        hit = (key, PREFIX + block_digest_raw(base_tensors(block.module)).hex())
         world._digest_cache[path] = hit
     return hit[1]
 
@@ -135,7 +150,7 @@ def seed_cache(world: World, blocks: dict[str, str]) -> None:
     """Trust digests read from a checkpoint for the tensors just loaded from it."""
     for path, block in world.blocks().items():
         if path in blocks:
-            world._digest_cache[path] = (_version_key(base_tensors(block.module)), blocks[path])
+            world._digest_cache[path] = (_fingerprint(block.module), blocks[path])
 
 
 def verify_world(world: World, expected: dict[str, str] | None = None) -> None:
