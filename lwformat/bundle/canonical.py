@@ -58,8 +58,40 @@ def _finite(text: str) -> float:
     return value
 
 
+def _text_ok(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _valid(value: Any, depth: int = 0) -> bool:
+    """The fast walk: True when `value` has a canonical form (no locations built)."""
+    if depth > limits.MAX_JSON_DEPTH:
+        return False
+    kind = type(value)
+    if kind is dict:
+        return all(type(k) is str and _text_ok(k) and _valid(v, depth + 1) for k, v in value.items())
+    if kind is list:
+        return all(_valid(v, depth + 1) for v in value)
+    if kind is str:
+        return _text_ok(value)
+    if kind is bool or value is None:
+        return True
+    if kind is int:
+        return abs(value) <= limits.MAX_JSON_INT
+    if kind is float:
+        return math.isfinite(value)
+    return False
+
+
 def check_value(value: Any, *, path: str | None = None, depth: int = 0, at: str = "$") -> None:
     """Refuse what has no canonical form: see the module docstring."""
+    if depth == 0 and _valid(value):
+        return  # the common case; the slow walk below only runs to say where the problem is
     if depth > limits.MAX_JSON_DEPTH:
         raise BundleFormatError(f"{at}: nested deeper than {limits.MAX_JSON_DEPTH}", path=path, field=at)
     if isinstance(value, dict):

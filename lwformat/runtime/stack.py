@@ -116,10 +116,10 @@ class _Parents:
 
     def of(self, slot: str) -> tuple[nn.Module, dict]:
         block_path = slot.partition(":")[0]
-        block = self.world.block(block_path)
         if block_path not in self.indexes:
-            self.indexes[block_path] = parent_index(block.module)
-        return block.module, self.indexes[block_path]
+            root = self.world.block(block_path).module
+            self.indexes[block_path] = (root, parent_index(root))
+        return self.indexes[block_path]
 
 
 def _host(parents: _Parents, rs: ResolvedSlot) -> AdapterHost:
