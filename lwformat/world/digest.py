@@ -61,7 +61,7 @@ def tensor_digest(t: torch.Tensor) -> str:
 
 def base_tensors(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
     """The module's persistent tensors as `state_dict` names them, seen through adapter hosts."""
-    if getattr(module, "is_adapter_host", False):
+    if getattr(type(module), "is_adapter_host", False):  # on the class: no Module.__getattr__ miss
         return base_tensors(module.base, prefix)
     out = {prefix + n: p for n, p in module._parameters.items() if p is not None}
     out.update(
@@ -98,7 +98,7 @@ def _fingerprint(module: nn.Module) -> tuple:
     stack = [module]
     while stack:
         m = stack.pop()
-        if getattr(m, "is_adapter_host", False):
+        if getattr(type(m), "is_adapter_host", False):
             stack.append(m.base)
             continue
         out.extend((t.data_ptr(), t._version, t.dtype, t.shape) for t in m._parameters.values() if t is not None)
