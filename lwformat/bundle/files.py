@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import BundleFormatError, UnsafePathError
+from ..errors import BundleExistsError, BundleFormatError, BundleNotFoundError, UnsafePathError
 from . import limits
 
 
@@ -56,3 +60,34 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def new_directory(target: Path) -> Iterator[Path]:
+    """A private sibling of `target` to fill: renamed to `target` whole on success, removed on failure.
+
+    An existing `target` or a missing parent is refused before anything is created, so a
+    reader sees a whole bundle or none, and a bundle is never overwritten.
+    """
+    if target.exists() or target.is_symlink():
+        raise BundleExistsError(f"{target}: already exists; bundles are never overwritten", path=str(target))
+    if not target.parent.is_dir():
+        raise BundleNotFoundError(f"{target.parent}: no such directory to write the bundle in", path=str(target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        fsync_dir(tmp)
+        os.rename(tmp, target)
+        fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """Write a new file and flush it to disk."""
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from ..errors import BundleExistsError, BundleNotFoundError
+from ..errors import BundleNotFoundError
 from .canonical import encode, loads, parse, typed
-from .files import fsync_dir, read_member
+from .files import new_directory, read_member, write_synced
 from .limits import MAX_MANIFEST_BYTES
 from .manifest import MANIFEST, Manifest
 
@@ -51,25 +50,10 @@ def write_renamed(source_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     source, target = Path(source_dir), Path(out_dir)
     if not source.is_dir():
         raise BundleNotFoundError(f"{source}: no bundle directory here", path=str(source))
-    if target.exists() or target.is_symlink():
-        raise BundleExistsError(f"{target}: already exists; bundles are never overwritten", path=str(target))
-    if not target.parent.is_dir():
-        raise BundleNotFoundError(f"{target.parent}: no such directory to write the bundle in", path=str(target.parent))
     data = renamed(read_member(source, MANIFEST, MAX_MANIFEST_BYTES, "MAX_MANIFEST_BYTES"), name=name, version=version)
     manifest = loads(data)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    try:
+    with new_directory(target) as tmp:
         for entry in manifest.files:
             _link_or_copy(source / entry.path, tmp / entry.path)
-        with open(tmp / MANIFEST, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        fsync_dir(tmp)
-        os.rename(tmp, target)
-        fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_synced(tmp / MANIFEST, data)
     return manifest

@@ -9,18 +9,16 @@ directory is renamed into place: a reader sees a whole bundle or none.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ..errors import BundleExistsError, BundleFormatError, BundleNotFoundError, TargetError
+from ..errors import BundleFormatError, TargetError
 from ..world.digest import DTYPE_NAMES, tensor_bytes
 from .canonical import dumps
-from .files import fsync_dir
+from .files import new_directory, write_synced
 from .hashing import FileHasher
 from .layout import header_bytes, plan_layout
 from .manifest import (
@@ -90,11 +88,6 @@ def write_bundle(world: World, out_dir: str | os.PathLike, *, name: str, version
 
 def write_tensors(draft: Manifest, tensors: Mapping[str, torch.Tensor], out_dir: str | os.PathLike) -> Manifest:
     """Write a bundle from a manifest draft (its ``files`` ignored) and ``{key: tensor}``; all or nothing."""
-    target = Path(out_dir)
-    if target.exists() or target.is_symlink():
-        raise BundleExistsError(f"{target}: already exists; bundles are never overwritten", path=str(target))
-    if not target.parent.is_dir():
-        raise BundleNotFoundError(f"{target.parent}: no such directory to write the bundle in", path=str(target.parent))
     chunk_size = draft.chunk_size
     spans = plan_layout(draft)
     missing = [s.key for s in spans if s.key not in tensors]
@@ -104,8 +97,7 @@ def write_tensors(draft: Manifest, tensors: Mapping[str, torch.Tensor], out_dir:
     size = len(header) + sum(s.nbytes for s in spans)
     placeholder = FileEntry(path=WEIGHTS, size=size, sha256="0" * 64, chunks=["0" * 64] * -(-size // chunk_size))
     dumps(msgspec.structs.replace(draft, files=[placeholder]))  # validates everything before writing
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    try:
+    with new_directory(Path(out_dir)) as tmp:
         hasher = FileHasher(chunk_size)
         with open(tmp / WEIGHTS, "xb") as f:
             for piece in (header, *(tensor_bytes(tensors[s.key]) for s in spans)):
@@ -116,15 +108,5 @@ def write_tensors(draft: Manifest, tensors: Mapping[str, torch.Tensor], out_dir:
         if hasher.size != size:
             raise BundleFormatError(f"{WEIGHTS}: wrote {hasher.size} bytes, the layout needs {size}", path=WEIGHTS)
         manifest = msgspec.structs.replace(draft, files=[hasher.entry(WEIGHTS)])
-        with open(tmp / MANIFEST, "xb") as f:
-            f.write(dumps(manifest))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        fsync_dir(tmp)
-        os.rename(tmp, target)
-        fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_synced(tmp / MANIFEST, dumps(manifest))
     return manifest
