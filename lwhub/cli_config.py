@@ -69,8 +69,15 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     return chosen
 
 
+def trust_dir() -> Path:
+    """Pinned publisher keys: security settings, kept with the login (not in the cache, which may be cleared)."""
+    return config_path().parent / "trust"
+
+
 def hub_client(args: argparse.Namespace, **overrides: Any):
     """A `lwhub.client.Client` for this command (use it in a ``with``); keyword settings win."""
     from .client import from_env
+    from .trust import TrustStore
 
-    return from_env(**(settings(args) | {k: v for k, v in overrides.items() if v is not None}))
+    chosen = settings(args) | {k: v for k, v in overrides.items() if v is not None}
+    return from_env(trust=TrustStore(trust_dir()), **chosen)

@@ -262,7 +262,7 @@ def test_pull_draws_a_progress_bar_only_on_a_terminal(hub, carol, capsys, tmp_pa
 
     folder = adapter_bundle(tmp_path / "bar", "cli-carol/bar", "1.0.0", carol / "carol.pem", adapter_seed=30)
     assert run(capsys, "push", folder)[0] == 0
-    monkeypatch.setenv("LWHUB_CACHE", str(tmp_path / "fresh-cache"))  # the trust store lives in the cache
+    monkeypatch.setenv("LWHUB_CACHE", str(tmp_path / "fresh-cache"))  # an empty cache: the download happens
     run(capsys, "trust", "add", "cli-carol", carol / "carol.pub")
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
@@ -309,3 +309,15 @@ def test_serve_runs_a_hub_until_interrupted(tmp_path, capsys, monkeypatch):
         server.send_signal(signal.SIGINT)
         _, err = server.communicate(timeout=30)
     assert server.returncode == 0 and f"serving {data} at {url}" in err
+
+
+def test_pinned_keys_live_with_the_login_not_in_the_cache(carol, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("LWHUB_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LWHUB_CACHE", str(tmp_path / "cache"))
+    assert run(capsys, "trust", "add", "cli-carol", carol / "carol.pub")[0] == 0
+    assert list((tmp_path / "home" / "trust" / "cli-carol").glob("*.pub"))
+    monkeypatch.setenv("LWHUB_CACHE", str(tmp_path / "another-cache"))  # clearing the cache keeps the pins
+    from lwformat.bundle.keys import key_id, load_public_key
+
+    code, data = run_json(capsys, "trust", "list", "cli-carol")
+    assert code == 0 and data["pinned"] == {"cli-carol": [key_id(load_public_key(carol / "carol.pub"))]}
