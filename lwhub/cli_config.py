@@ -23,9 +23,9 @@ ENVIRONMENT = {"url": "LWHUB_URL", "token": "LWHUB_TOKEN", "cache_dir": "LWHUB_C
 
 
 def config_path() -> Path:
-    if home := os.environ.get("LWHUB_HOME"):
-        return Path(home) / "config.json"
-    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "lwhub" / "config.json"
+    from .client.settings import config_home
+
+    return config_home() / "config.json"
 
 
 def load_config() -> dict[str, Any]:
@@ -69,15 +69,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     return chosen
 
 
-def trust_dir() -> Path:
-    """Pinned publisher keys: security settings, kept with the login (not in the cache, which may be cleared)."""
-    return config_path().parent / "trust"
-
-
 def hub_client(args: argparse.Namespace, **overrides: Any):
     """A `lwhub.client.Client` for this command (use it in a ``with``); keyword settings win."""
     from .client import from_env
-    from .trust import TrustStore
 
-    chosen = settings(args) | {k: v for k, v in overrides.items() if v is not None}
-    return from_env(trust=TrustStore(trust_dir()), **chosen)
+    return from_env(**(settings(args) | {k: v for k, v in overrides.items() if v is not None}))

@@ -3,6 +3,8 @@
     LWHUB_URL     the registry, e.g. http://127.0.0.1:8700
     LWHUB_TOKEN   a bearer token (only writes need one)
     LWHUB_CACHE   the cache directory (default: $XDG_CACHE_HOME/lwhub or ~/.cache/lwhub)
+    LWHUB_HOME    settings: the saved login and the pinned publisher keys (``trust/``)
+                  (default: $XDG_CONFIG_HOME/lwhub or ~/.config/lwhub)
 """
 
 from __future__ import annotations
@@ -10,13 +12,27 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from pathlib import Path
+
+from ..trust import TrustStore
 from .api import Client
 
 DEFAULT_URL = "http://127.0.0.1:8700"
 
 
+def config_home() -> Path:
+    """Where settings live: $LWHUB_HOME, else $XDG_CONFIG_HOME/lwhub, else ~/.config/lwhub."""
+    if home := os.environ.get("LWHUB_HOME"):
+        return Path(home)
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "lwhub"
+
+
 def from_env(**overrides: Any) -> Client:
-    """A `Client` configured from LWHUB_URL / LWHUB_TOKEN / LWHUB_CACHE; keyword arguments win."""
+    """A `Client` configured from LWHUB_URL / LWHUB_TOKEN / LWHUB_CACHE; keyword arguments win.
+
+    Pinned keys come from ``<config home>/trust`` (security settings, kept apart from the
+    cache so that clearing the cache never drops a pin), unless ``trust=`` is given.
+    """
     settings: dict[str, Any] = {
         "url": os.environ.get("LWHUB_URL") or DEFAULT_URL,
         "token": os.environ.get("LWHUB_TOKEN") or None,
@@ -24,4 +40,7 @@ def from_env(**overrides: Any) -> Client:
     }
     settings.update({k: v for k, v in overrides.items() if v is not None or k not in settings})
     url = settings.pop("url")
+    settings.setdefault("trust", None)
+    if settings["trust"] is None:
+        settings["trust"] = TrustStore(config_home() / "trust")
     return Client(url, **settings)

@@ -35,10 +35,12 @@ def test_settings_come_from_the_environment_when_asked(hub, tmp_path, monkeypatc
     monkeypatch.setenv("LWHUB_URL", hub.url)
     monkeypatch.setenv("LWHUB_TOKEN", hub.token)
     monkeypatch.setenv("LWHUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LWHUB_HOME", str(tmp_path / "home"))
     with from_env() as client:
         assert client.whoami().account == "alice"
         client.push(folder)
         client.trust.pin("alice", hub.public)
+    assert list((tmp_path / "home" / "trust" / "alice").glob("*.pub"))  # pins live with the settings
     with pull("alice/from-env") as bundle:  # what `lwhub.pull` will be
         assert bundle.manifest.name == "alice/from-env" and bundle.path.parent.parent == tmp_path / "cache"
     with pytest.raises(HubUnavailableError):
