@@ -14,9 +14,9 @@ from typing import Generic, TypeVar
 import msgspec
 
 API = "/v1"
-DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
-OWNER = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,63}$")  # either half of a manifest Name "owner/name"
-TAG = re.compile(r"^[a-z][a-z0-9_.\-]{0,63}$")  # starts with a letter: never a version
+DIGEST = re.compile(r"^sha256:([0-9a-f]{64})\Z")
+OWNER = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,63}\Z")  # either half of a manifest Name "owner/name"
+TAG = re.compile(r"^[a-z][a-z0-9_.\-]{0,63}\Z")  # starts with a letter: never a version
 MAX_PAGE = 200
 T = TypeVar("T")
 

@@ -125,7 +125,9 @@ def _materials(client: Client, info: VersionInfo, mhex: str, shex: str) -> tuple
     if client.offline:
         raise NotCachedError(f"{info.name}@{info.version} is not in the cache at {client.cache.root} (offline)", path=str(client.cache.root))
     client.cache.drop_bundle(mhex)
-    return _fetch_small(client, info.manifest, MAX_MANIFEST_BYTES, MANIFEST), _fetch_small(client, info.signature, MAX_SIGNATURE_BYTES, SIGNATURE)
+    # URLs from the checked hex digests, never from the registry's strings as sent.
+    return (_fetch_small(client, f"sha256:{mhex}", MAX_MANIFEST_BYTES, MANIFEST),
+            _fetch_small(client, f"sha256:{shex}", MAX_SIGNATURE_BYTES, SIGNATURE))  # fmt: skip
 
 
 def _fetch_small(client: Client, digest: str, limit: int, what: str) -> bytes:
@@ -171,12 +173,12 @@ def pull(client: Client, ref: str, *, tofu: bool = False, allow_rollback: bool =
     owner, name, want = parse_ref(ref)
     full = f"{owner}/{name}"
     info = client.resolve(ref)
-    if info.name != full or (is_valid(want) and info.version != want):
-        raise ProtocolError(f"asked for {ref}, the registry answered {info.name}@{info.version}")
-    check_rollback(client, full, want, info.version, allow_rollback)
+    if info.name != full or not is_valid(info.version) or (is_valid(want) and info.version != want):
+        raise ProtocolError(f"asked for {ref}, the registry answered {info.name!r}@{info.version!r}")
     mhex, shex = digest_hex(info.manifest), digest_hex(info.signature)
     if mhex is None or shex is None:
         raise ProtocolError(f"{full}@{info.version}: malformed digests in the registry's answer")
+    check_rollback(client, full, want, info.version, allow_rollback)
     materials = _materials(client, info, mhex, shex)
     manifest = _manifest(materials[0], info)
     keys = _trusted_keys(client, owner, tofu)

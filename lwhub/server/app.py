@@ -69,7 +69,12 @@ class Registry:
         for scope in scopes:
             owner, _, name = scope.partition("/")
             auth.authorize(p, owner, name or None)
+        if body.ttl is not None and not (0 < body.ttl < float("inf")):
+            raise BadRequestError(f"ttl must be a positive number of seconds, not {body.ttl}", code="invalid_request")
+        # A token never outlives the one that made it: an expiring token cannot mint a lasting one.
         expires = None if body.ttl is None else time.time() + body.ttl
+        if p.expires is not None:
+            expires = p.expires if expires is None else min(expires, p.expires)
         token = auth.issue_token(self.store, p.account, scopes, expires=expires)
         return json_answer(NewToken(token, p.account, scopes, expires), 201)
 
@@ -118,7 +123,7 @@ class Registry:
         if (size := self.blobs.size(hexdigest)) is not None:
             return json_answer(BlobInfo(f"sha256:{hexdigest}", size, False))
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > MAX_BUNDLE_BYTES:
+        if declared.isascii() and declared.isdigit() and (len(declared) > 19 or int(declared) > MAX_BUNDLE_BYTES):
             raise TooLargeError(f"a blob of {declared} bytes is larger than a bundle may be ({MAX_BUNDLE_BYTES})")
         writer = self.blobs.writer(hexdigest, limit=MAX_BUNDLE_BYTES)
         try:

@@ -22,7 +22,7 @@ from ..protocol import OWNER
 from .store import Store, open_store
 
 PREFIX = "lwh_"
-SCOPE = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,63}(/[a-z0-9][a-z0-9_.\-]{0,63})?$")
+SCOPE = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,63}(/[a-z0-9][a-z0-9_.\-]{0,63})?\Z")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from starlette.responses import FileResponse, Response
 from ..errors import BadRequestError, NotFoundError, RangeError, RegistryError, ServerError, TooLargeError
 from ..protocol import MAX_PAGE
 
-RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+RANGE = re.compile(r"^bytes=([0-9]{0,19})-([0-9]{0,19})\Z")
 
 
 def json_answer(obj: object, status: int = 200) -> Response:
@@ -50,7 +50,7 @@ async def read_body(request: Request, kind: type, limit: int = 64 << 10):
 
 def page_args(request: Request) -> tuple[str | None, int]:
     token, limit = request.query_params.get("page"), request.query_params.get("limit", "50")
-    if not limit.isdigit() or not 1 <= int(limit) <= MAX_PAGE:
+    if not (limit.isascii() and limit.isdigit() and len(limit) <= 4) or not 1 <= int(limit) <= MAX_PAGE:
         raise BadRequestError(f"limit must be an integer from 1 to {MAX_PAGE}", code="invalid_request")
     if token is None:
         return None, int(limit)

@@ -129,7 +129,7 @@ def publish(store: Store, blobs: BlobStore, principal: Principal, owner: str, na
     _check_blobs(blobs, manifest)
     key_id = _verify_staged(blobs, manifest_hex, signature_hex, manifest, keys)
     info = VersionInfo(
-        name=full, version=version, manifest=request.manifest, signature=request.signature,
+        name=full, version=version, manifest=f"sha256:{manifest_hex}", signature=f"sha256:{signature_hex}",
         size=sum(f.size for f in manifest.files), key_id=key_id, created=time.time(),
         description=manifest.description, tags=list(manifest.tags),
     )  # fmt: skip

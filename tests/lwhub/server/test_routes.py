@@ -131,3 +131,27 @@ def test_the_openapi_document_lists_every_route(hub):
         for method in route.methods - {"HEAD"}:
             assert method.lower() in doc["paths"][route.path], f"{method} {route.path} is not documented"
     assert set(doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"]) == set(ERROR_CODES)
+
+
+def test_names_digests_and_numbers_are_matched_whole(hub, published):
+    """A trailing newline or a non-ASCII digit never passes for a name, digest, tag or number."""
+    auth = {"authorization": f"Bearer {hub.token}"}
+    info = httpx.get(f"{hub.url}/v1/bundles/alice/noir/versions/1.0.0").json()
+    body = {"manifest": info["manifest"] + "\n", "signature": info["signature"] + "\n"}
+    r = httpx.post(f"{hub.url}/v1/bundles/alice/noir/versions/9.9.9", json=body, headers=auth)
+    assert r.status_code == 400, r.text
+    assert httpx.get(f"{hub.url}/v1/bundles/alice/noir/versions/9.9.9").status_code == 404  # nothing visible
+    assert httpx.put(f"{hub.url}/v1/bundles/alice/noir/tags/stable%0A", json={"version": "1.0.0"}, headers=auth).status_code == 400
+    assert httpx.get(f"{hub.url}/v1/bundles", params={"limit": "²"}).status_code == 400
+    blob = info["manifest"]
+    r = httpx.get(f"{hub.url}/v1/blobs/{blob}", headers={"range": "bytes=" + "9" * 5000 + "-"})
+    assert r.status_code < 500
+
+
+def test_a_token_never_outlives_the_one_that_made_it(hub):
+    parent = create_token(hub.data, "alice", expires=time.time() + 60)
+    auth = {"authorization": f"Bearer {parent}"}
+    for body in ({}, {"ttl": 1e300}):
+        minted = httpx.post(f"{hub.url}/v1/tokens", json=body, headers=auth)
+        assert minted.status_code == 201 and minted.json()["expires"] <= time.time() + 60
+    assert httpx.post(f"{hub.url}/v1/tokens", json={"ttl": -5}, headers=auth).status_code == 400
