@@ -92,10 +92,13 @@ class _DirWriter:
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = -1
+            new_dir = not final.parent.is_dir()
             final.parent.mkdir(parents=True, exist_ok=True)
             created = not final.exists()
             os.replace(self._tmp, final)  # the commit point: all or nothing
             _fsync_dir(final.parent)
+            if new_dir:  # the new ab/ entry itself must survive a power loss too
+                _fsync_dir(final.parent.parent)
         except OSError as exc:
             self.abort()
             raise _storage_error(exc, f"blob sha256:{self._hex}") from exc
@@ -155,8 +158,11 @@ class DirBlobStore:
     def materialize(self, hexdigest: str, dest: Path) -> None:
         try:
             os.link(self.path(hexdigest), dest)  # same filesystem: no copy
-        except OSError:
-            shutil.copyfile(self.path(hexdigest), dest)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EMLINK, errno.EPERM):
+                raise  # never copy *through* an existing link: that would overwrite a stored blob
+            with open(self.path(hexdigest), "rb") as src, open(dest, "xb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
 
     def delete(self, hexdigest: str) -> None:
         self.path(hexdigest).unlink(missing_ok=True)
