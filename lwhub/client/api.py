@@ -25,7 +25,7 @@ from ..semver import is_valid
 from ..trust import TrustStore
 from . import pull as _pull
 from . import push as _push
-from .wire import decode, raise_for, reaching
+from .wire import decode, fetch, raise_for, reaching
 
 T = TypeVar("T")
 
@@ -79,13 +79,13 @@ class Client:
     def get(self, path: str, kind: type[T], params: dict | None = None) -> T:
         self._online()
         with reaching(self.url):
-            return decode(self.http.get(self.url + path, params=params, headers=self._headers()), kind)
+            return decode(fetch(self.http, "GET", self.url + path, params=params, headers=self._headers()), kind)
 
     def post(self, path: str, body: object, kind: type[T], method: str = "POST") -> T:
         self._online()
         with reaching(self.url):
-            response = self.http.request(method, self.url + path, content=msgspec.json.encode(body),
-                                         headers=self._headers() | {"content-type": "application/json"})  # fmt: skip
+            response = fetch(self.http, method, self.url + path, content=msgspec.json.encode(body),
+                             headers=self._headers() | {"content-type": "application/json"})  # fmt: skip
             return decode(response, kind)
 
     def pages(self, path: str, kind: type[T], params: dict | None = None, page_size: int = 50) -> Iterator[T]:

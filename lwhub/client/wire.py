@@ -39,6 +39,21 @@ def raise_for(response: httpx.Response) -> None:
     raise error_for(answer.code, answer.message, answer.detail)
 
 
+MAX_ANSWER = 16 << 20  # a registry's JSON answers are small: a larger one is refused, not buffered
+
+
+def fetch(http: httpx.Client, method: str, url: str, **kwargs) -> httpx.Response:
+    """One request whose answer is read whole, but never past `MAX_ANSWER` bytes."""
+    with http.stream(method, url, **kwargs) as streamed:
+        body = bytearray()
+        for piece in streamed.iter_bytes():
+            body += piece
+            if len(body) > MAX_ANSWER:
+                raise ProtocolError(f"{method} {url}: the answer is larger than {MAX_ANSWER} bytes")
+        headers = [(k, v) for k, v in streamed.headers.multi_items() if k.lower() not in ("content-encoding", "content-length")]
+        return httpx.Response(streamed.status_code, headers=headers, content=bytes(body), request=streamed.request)
+
+
 def decode(response: httpx.Response, kind: type):
     raise_for(response)
     try:

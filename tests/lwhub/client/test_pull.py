@@ -212,3 +212,21 @@ def test_a_registry_offering_an_older_latest_is_refused(hub, published, tmp_path
     assert (caught.value.version, caught.value.seen) == ("1.0.0", "1.1.0")
     assert client.pull(f"{name}@1.0.0").is_dir()  # asked for by version: allowed
     assert client.pull(name, allow_rollback=True).is_dir()
+
+
+def test_an_endless_answer_from_a_registry_is_refused_not_buffered(tmp_path):
+    from lwhub.client.wire import MAX_ANSWER
+    from lwhub.errors import ProtocolError
+
+    sent = []
+
+    def endless():  # a hostile registry: a JSON answer that never ends
+        while True:
+            sent.append(1 << 20)
+            yield b" " * (1 << 20)
+
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=endless()))
+    client = Client("http://registry.invalid", cache_dir=tmp_path, http=httpx.Client(transport=transport))
+    with pytest.raises(ProtocolError, match="larger than"):
+        client.info("alice/noir")
+    assert sum(sent) <= MAX_ANSWER + (2 << 20)  # it stopped reading right after the cap
