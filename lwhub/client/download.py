@@ -140,8 +140,13 @@ class _HttpxBody:
         return n
 
     def answer(self) -> httpx.Response:
-        self.response.read()
-        return self.response
+        content = bytearray()  # an error answer: JSON, small; never buffer more than 1 MiB of it
+        for piece in self.response.iter_bytes():
+            content += piece[: (1 << 20) - len(content)]
+            if len(content) >= 1 << 20:
+                break
+        headers = [(k, v) for k, v in self.response.headers.multi_items() if k.lower() not in ("content-encoding", "content-length")]
+        return httpx.Response(self.status, headers=headers, content=bytes(content), request=self.response.request)
 
 
 class _DirectBody:
