@@ -41,7 +41,7 @@ class AdapterHost(nn.Module):
         self.route: dict[str, torch.Tensor] | None = None
 
     def add(self, name: str, adapter: Adapter, weight: float = 1.0) -> None:
-        like = next(iter(adapter.parameters()))
+        like = self.base.weight  # adapters live in the base layer's dtype and device
         adapter.register_buffer("mix_weight", torch.tensor(weight, dtype=like.dtype, device=like.device), persistent=False)
         self.adapters[name] = adapter
 

@@ -54,8 +54,10 @@ class Adapter(nn.Module, abc.ABC):
         self.settings = settings
         like = base.weight
         for name, shape in self.shapes(geo, settings).items():
-            data = torch.empty(shape, dtype=like.dtype, device=like.device) if tensors is None else tensors[name]
-            self.register_parameter(name, nn.Parameter(data, requires_grad=tensors is None))
+            if tensors is None:
+                self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=like.dtype, device=like.device)))
+            else:  # bound to a bundle's storage: frozen, so buffers, never among the trainable parameters
+                self.register_buffer(name, tensors[name])
         self.add_buffers(base, tensors)
         if tensors is None:
             with torch.no_grad():

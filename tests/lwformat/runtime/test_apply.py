@@ -94,3 +94,11 @@ def test_apply_under_another_name_and_strict_mode(world, bundles):
     other.apply(bundles["noir"])
     with pytest.raises(IncompatibleError, match="root mismatch"):
         other.apply(bundles["rain"], strict=True)
+
+
+def test_applied_bundles_are_frozen_and_not_trainable_parameters(world, bundles):
+    world.apply(bundles["noir"])
+    adapters = world.applied["author/noir"].adapters.values()
+    assert all(not list(a.parameters()) for a in adapters)  # storage views, held as buffers
+    assert all(a.lora_A.data_ptr() and not a.lora_A.requires_grad for a in adapters)
+    assert world.adapter_parameters() == []

@@ -17,7 +17,7 @@ def storage_identity(world, name):
     applied = world.applied[name]
     return (
         [id(m) for m in world.modules()],
-        {slot: [p.data_ptr() for p in a.parameters()] for slot, a in applied.adapters.items()},
+        {slot: [t.data_ptr() for t in a.state_dict(keep_vars=True).values()] for slot, a in applied.adapters.items()},
         [b.data_ptr() for b in applied.buffers.values()],
     )
 
