@@ -196,7 +196,7 @@ def iter_hosts(world: World):
     """Every (slot, host) of the world, each block once under its canonical path."""
     for path, block in world.blocks().items():
         for module_path, module in block.module.named_modules():
-            if getattr(module, "is_adapter_host", False):
+            if getattr(type(module), "is_adapter_host", False):
                 yield f"{path}:{module_path}", module
 
 

@@ -18,7 +18,7 @@ def layer_at(block_module: nn.Module, module_path: str) -> nn.Module | None:
         layer = block_module.get_submodule(module_path)
     except AttributeError:
         return None
-    return layer.base if getattr(layer, "is_adapter_host", False) else layer
+    return layer.base if getattr(type(layer), "is_adapter_host", False) else layer
 
 
 def eligible_slots(block, *, where: str | None = None) -> dict[str, tuple[nn.Module, Geometry]]:
@@ -41,7 +41,7 @@ def eligible_slots(block, *, where: str | None = None) -> dict[str, tuple[nn.Mod
     for module_path, module in block.module.named_modules():
         if any(module_path.startswith(h + ".") for h in hosts):
             continue  # inside a host: the base layer and the adapters
-        if getattr(module, "is_adapter_host", False):
+        if getattr(type(module), "is_adapter_host", False):  # on the class: no Module.__getattr__ miss
             hosts.append(module_path)
             out[module_path] = (module.base, module.geo)
         elif (geo := geometry(module)) is not None and module_path:

@@ -125,7 +125,7 @@ class _Parents:
 def _host(parents: _Parents, rs: ResolvedSlot) -> AdapterHost:
     root, index = parents.of(rs.slot)
     current = root.get_submodule(rs.entry.module)
-    if getattr(current, "is_adapter_host", False):
+    if getattr(type(current), "is_adapter_host", False):
         return current
     host = AdapterHost(current, rs.geo)
     replace_module(index, current, host)
