@@ -22,10 +22,9 @@ from ..adapters.host import AdapterHost
 from ..adapters.kinds import KINDS, Adapter
 from ..adapters.plan import parent_index, replace_module
 from ..errors import AlreadyAppliedError, FusedError, LayoutError, NotAppliedError, TargetError
-from ..world.digest import DTYPE_NAMES
 from ..world.paths import match_block
 from .resolve import ResolvedSlot, resolve
-from .storage import Place, allocate, copy_packed, fill, fits, plan_layout, view
+from .storage import Place, allocate, copy_packed, copy_runs, fill, fits, plan_layout, view
 
 if TYPE_CHECKING:
     from ..world.tree import World
@@ -70,10 +69,7 @@ def _same_layout_swap(world: World, applied: Applied, bundle: Any) -> bool:
     for path, expected in old.base.blocks.items():
         if world.digest(path) != expected:
             return False  # the full check will say what changed
-    # Equal layouts give equal dtype runs (the reader checked the file's canonical order).
-    runs = bundle.packed()
-    for (dtype, _), buffer in applied.buffers.items():
-        buffer.copy_(runs[DTYPE_NAMES[dtype]])
+    copy_runs(applied.buffers, bundle)  # equal layouts give equal runs (the reader checked the order)
     applied.bundle = bundle
     return True
 

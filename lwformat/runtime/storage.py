@@ -116,7 +116,12 @@ def copy_packed(places: list[Place], buffers: dict, bundle) -> bool:
         stored.setdefault(TORCH_DTYPES[s.dtype], []).append((s.slot, s.name))
     if stored != runs:
         return False
-    packed = bundle.packed()
-    for (dtype, _), buffer in buffers.items():
-        buffer.copy_(packed[DTYPE_NAMES[dtype]])
+    copy_runs(buffers, bundle)
     return True
+
+
+def copy_runs(buffers: dict, bundle) -> None:
+    """Copy each of the bundle's dtype runs into the buffer of that dtype (layouts known to agree)."""
+    runs = bundle.packed()
+    for (dtype, _), buffer in buffers.items():
+        buffer.copy_(runs[DTYPE_NAMES[dtype]])

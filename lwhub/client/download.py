@@ -37,7 +37,7 @@ import httpx
 
 from ..cache import Cache
 from ..errors import HubUnavailableError, IntegrityError, ProtocolError
-from .wire import raise_for
+from .wire import raise_for, read_capped
 
 Progress = Callable[[int], None]  # called with a number of newly verified bytes
 
@@ -140,13 +140,7 @@ class _HttpxBody:
         return n
 
     def answer(self) -> httpx.Response:
-        content = bytearray()  # an error answer: JSON, small; never buffer more than 1 MiB of it
-        for piece in self.response.iter_bytes():
-            content += piece[: (1 << 20) - len(content)]
-            if len(content) >= 1 << 20:
-                break
-        headers = [(k, v) for k, v in self.response.headers.multi_items() if k.lower() not in ("content-encoding", "content-length")]
-        return httpx.Response(self.status, headers=headers, content=bytes(content), request=self.response.request)
+        return read_capped(self.response, 1 << 20, truncate=True)  # an error answer: JSON, small
 
 
 class _DirectBody:

@@ -42,16 +42,30 @@ def raise_for(response: httpx.Response) -> None:
 MAX_ANSWER = 16 << 20  # a registry's JSON answers are small: a larger one is refused, not buffered
 
 
+def read_capped(streamed: httpx.Response, limit: int, *, truncate: bool = False) -> httpx.Response | None:
+    """A streamed answer read into a plain response, never past `limit` bytes.
+
+    Past the limit: None, or with ``truncate`` the answer cut at `limit` bytes.
+    """
+    body = bytearray()
+    for piece in streamed.iter_bytes():
+        body += piece
+        if len(body) > limit:
+            if not truncate:
+                return None
+            del body[limit:]
+            break
+    # iter_bytes decoded the body: its encoding and length headers no longer describe it.
+    headers = [(k, v) for k, v in streamed.headers.multi_items() if k.lower() not in ("content-encoding", "content-length")]
+    return httpx.Response(streamed.status_code, headers=headers, content=bytes(body), request=streamed.request)
+
+
 def fetch(http: httpx.Client, method: str, url: str, **kwargs) -> httpx.Response:
     """One request whose answer is read whole, but never past `MAX_ANSWER` bytes."""
     with http.stream(method, url, **kwargs) as streamed:
-        body = bytearray()
-        for piece in streamed.iter_bytes():
-            body += piece
-            if len(body) > MAX_ANSWER:
-                raise ProtocolError(f"{method} {url}: the answer is larger than {MAX_ANSWER} bytes")
-        headers = [(k, v) for k, v in streamed.headers.multi_items() if k.lower() not in ("content-encoding", "content-length")]
-        return httpx.Response(streamed.status_code, headers=headers, content=bytes(body), request=streamed.request)
+        if (answer := read_capped(streamed, MAX_ANSWER)) is None:
+            raise ProtocolError(f"{method} {url}: the answer is larger than {MAX_ANSWER} bytes")
+        return answer
 
 
 def decode(response: httpx.Response, kind: type):

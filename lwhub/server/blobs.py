@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
+from lwformat.bundle.files import fsync_dir
+
 from ..errors import BadRequestError, NotFoundError, StorageError, TooLargeError
 
 MAX_BLOB = 1 << 40
@@ -96,9 +98,9 @@ class _DirWriter:
             final.parent.mkdir(parents=True, exist_ok=True)
             created = not final.exists()
             os.replace(self._tmp, final)  # the commit point: all or nothing
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             if new_dir:  # the new ab/ entry itself must survive a power loss too
-                _fsync_dir(final.parent.parent)
+                fsync_dir(final.parent.parent)
         except OSError as exc:
             self.abort()
             raise _storage_error(exc, f"blob sha256:{self._hex}") from exc
@@ -109,14 +111,6 @@ class _DirWriter:
             os.close(self._fd)
             self._fd = -1
         Path(self._tmp).unlink(missing_ok=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DirBlobStore:
