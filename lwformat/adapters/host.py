@@ -31,18 +31,25 @@ from .layers import Geometry
 
 class AdapterHost(nn.Module):
     is_adapter_host = True
+    base: nn.Module
+    adapters: nn.ModuleDict
+    geo: Geometry
+    fused: bool
+    route: dict[str, torch.Tensor] | None
 
     def __init__(self, base: nn.Module, geo: Geometry) -> None:
         super().__init__()
-        self.base = base
-        self.geo = geo
-        self.adapters = nn.ModuleDict()
-        self.fused = False
-        self.route: dict[str, torch.Tensor] | None = None
+        # Straight into the Module's dicts, as `Module.__setattr__` would put them after its
+        # checks: an apply builds a host per slot, so those checks were much of its cost.
+        self._modules.update(base=base, adapters=nn.ModuleDict())
+        self.__dict__.update(geo=geo, fused=False, route=None)
 
-    def add(self, name: str, adapter: Adapter, weight: float = 1.0) -> None:
-        like = self.base.weight  # adapters live in the base layer's dtype and device
-        adapter.register_buffer("mix_weight", torch.tensor(weight, dtype=like.dtype, device=like.device), persistent=False)
+    def add(self, name: str, adapter: Adapter, weight: float | torch.Tensor = 1.0) -> None:
+        """Put `adapter` in the bank; `weight` a number, or a 0-d tensor to use as its weight buffer."""
+        if not isinstance(weight, torch.Tensor):
+            like = self.base.weight  # adapters live in the base layer's dtype and device
+            weight = torch.tensor(weight, dtype=like.dtype, device=like.device)
+        adapter.register_buffer("mix_weight", weight, persistent=False)
         self.adapters[name] = adapter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -206,12 +206,15 @@ def parent_index(root: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     A shared layer has several entries. Build it once per block, then look layers up.
     """
     index: dict[int, list[tuple[nn.Module, str]]] = {}
-    for _, parent in root.named_modules(remove_duplicate=False):
+    stack, seen = [root], {id(root)}
+    while stack:  # each module's children are listed once, however many parents it has
+        parent = stack.pop()
         for name, child in parent._modules.items():
             if child is not None:
-                entry = index.setdefault(id(child), [])
-                if (parent, name) not in entry:
-                    entry.append((parent, name))
+                index.setdefault(id(child), []).append((parent, name))
+                if id(child) not in seen:
+                    seen.add(id(child))
+                    stack.append(child)
     return index
 
 

@@ -120,8 +120,56 @@ def check_value(value: Any, *, path: str | None = None, depth: int = 0, at: str 
         raise BundleFormatError(f"{at}: {type(value).__name__} is not a JSON value", path=path, field=at)
 
 
+def _shape_ok(value: dict | list) -> bool:
+    """What a canonical round trip cannot see: integers within ±(2^53 - 1), and no
+    member deeper than MAX_JSON_DEPTH (the top value is at depth 0, as `_valid` counts)."""
+    stack = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        items = node.values() if type(node) is dict else node
+        if items and depth >= limits.MAX_JSON_DEPTH:
+            return False
+        for v in items:
+            kind = type(v)
+            if kind is dict or kind is list:
+                stack.append((v, depth + 1))
+            elif kind is int and not -limits.MAX_JSON_INT <= v <= limits.MAX_JSON_INT:
+                return False
+    return True
+
+
+NOT_CANONICAL = object()
+
+
+def _parse_canonical(data: bytes) -> Any:
+    """The value of `data` when it is already canonical and valid, else `NOT_CANONICAL`.
+
+    Bundles on disk hold canonical bytes, and this path proves it with the C decoder and
+    encoder: re-encoding reproduces the bytes only if there were no duplicate keys, no
+    whitespace, every key in order and every number and string in canonical form;
+    encoding refuses NaN, infinities and lone surrogates. What the round trip cannot
+    see, big integers and deep nesting, `_shape_ok` checks. Anything else goes the
+    strict way, which says exactly what is wrong.
+    """
+    try:
+        value = msgspec.json.decode(data)  # any correct decoder reads canonical bytes alike
+        same = json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False).encode() == data
+    except (msgspec.DecodeError, ValueError, RecursionError):  # UnicodeError is a ValueError
+        return NOT_CANONICAL
+    if not same or (type(value) in (dict, list) and not _shape_ok(value)) or (type(value) is int and not _shape_ok([value])):
+        return NOT_CANONICAL
+    return value
+
+
 def parse(data: bytes, *, path: str) -> Any:
     """Strict JSON bytes -> Python value (dict, list, str, int, float, bool, None)."""
+    if (value := _parse_canonical(data)) is not NOT_CANONICAL:
+        return value
+    return parse_strict(data, path=path)
+
+
+def parse_strict(data: bytes, *, path: str) -> Any:
+    """`parse` without the canonical fast path: the reference it must agree with."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -151,6 +199,8 @@ def encode(value: Any, *, path: str | None = None) -> bytes:
 
 def canonicalize(data: bytes, *, path: str = MANIFEST) -> bytes:
     """Any valid JSON bytes -> the canonical bytes of the same value."""
+    if _parse_canonical(data) is not NOT_CANONICAL:
+        return data
     return encode(parse(data, path=path), path=path)
 
 

@@ -16,8 +16,8 @@ dtypes and shapes listed there, offsets in bounds, no overlap, no gap, canonical
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from math import prod
+from typing import NamedTuple
 
 from ..errors import BundleFormatError
 from . import limits
@@ -29,8 +29,7 @@ ALIGN = 64
 _ENTRY_KEYS = {"data_offsets", "dtype", "shape"}
 
 
-@dataclass(frozen=True)
-class TensorSpan:
+class TensorSpan(NamedTuple):
     """One tensor of the weights file; ``begin``/``end`` are offsets into the data section."""
 
     key: str  # "<block path>:<module path>.<name>"
@@ -95,7 +94,7 @@ def _entry(key: str, value: object, data_len: int) -> tuple[str, tuple[int, ...]
 
 def check_header(header: bytes, data_len: int, manifest: Manifest) -> list[TensorSpan]:
     """Validate the JSON header (without its length prefix) against the manifest; return the spans."""
-    value = parse(header, path=WEIGHTS)
+    value = parse(header.rstrip(b" "), path=WEIGHTS)  # the padding is JSON whitespace: the same value
     if not isinstance(value, dict):
         _fail("header is not a JSON object")
     meta = value.pop("__metadata__", {})

@@ -154,15 +154,11 @@ class Bundle:
         """
         if self._packed is not None:
             return self._packed
-        runs: dict[str, tuple[int, int]] = {}
-        for s in self.spans:
-            b, e = runs.get(s.dtype, (s.begin, s.end))
-            runs[s.dtype] = (min(b, s.begin), max(e, s.end))
         with open_member(self.path, WEIGHTS) as f:
             size = os.fstat(f.fileno()).st_size
             buf = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else b""
         out = {}
-        for dtype, (b, e) in runs.items():
+        for dtype, (b, e) in self._runs().items():
             t = TORCH_DTYPES[dtype]
             count = (e - b) // t.itemsize
             if not count:  # frombuffer refuses empty views
@@ -171,6 +167,39 @@ class Bundle:
             out[dtype] = torch.frombuffer(buf, dtype=t, count=count, offset=self.data_offset + b)  # (count,)
         self._packed = out
         return out
+
+    @property
+    def mapped(self) -> bool:
+        """Whether `packed` has mapped the weights file (later copies from it read warm pages)."""
+        return self._packed is not None
+
+    def read_runs(self, into: dict[str, torch.Tensor]) -> None:
+        """Read each dtype's run straight into ``into[dtype name]``, a contiguous CPU tensor of its size.
+
+        One read call per run and no mapping: for a single copy out of a bundle opened
+        just now, that is cheaper than faulting in a fresh mapping page by page.
+        """
+        runs = self._runs()
+        with open_member(self.path, WEIGHTS) as f:
+            for dtype, out in into.items():
+                b, e = runs[dtype]
+                view = memoryview(out.view(torch.uint8).numpy())  # (nbytes,) the tensor's own memory
+                if len(view) != e - b:
+                    raise ValueError(f"{dtype}: a buffer of {len(view)} bytes for a run of {e - b}")
+                offset = self.data_offset + b
+                while view:
+                    n = os.preadv(f.fileno(), [view], offset)
+                    if n == 0:
+                        raise IntegrityError(f"{WEIGHTS}: ends inside the {dtype} run", path=WEIGHTS)
+                    view, offset = view[n:], offset + n
+
+    def _runs(self) -> dict[str, tuple[int, int]]:
+        """``{dtype name: (begin, end)}`` of each dtype's run in the data section."""
+        runs: dict[str, tuple[int, int]] = {}
+        for s in self.spans:
+            b, e = runs.get(s.dtype, (s.begin, s.end))
+            runs[s.dtype] = (min(b, s.begin), max(e, s.end))
+        return runs
 
     def close(self) -> None:
         self._file = None

@@ -7,8 +7,7 @@ raises `IncompatibleError` naming the first block or slot, before anything chang
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from torch import nn
 
@@ -22,8 +21,7 @@ if TYPE_CHECKING:
     from ..world.tree import World
 
 
-@dataclass(frozen=True)
-class ResolvedSlot:
+class ResolvedSlot(NamedTuple):
     entry: Any  # the manifest's SlotEntry
     slot: str  # canonical "block:module"
     layer: nn.Module

@@ -16,15 +16,31 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from ..adapters.host import AdapterHost
 from ..adapters.kinds import KINDS, Adapter
 from ..adapters.plan import parent_index, replace_module
-from ..errors import AlreadyAppliedError, FusedError, LayoutError, NotAppliedError, TargetError
+from ..errors import (
+    AlreadyAppliedError,
+    FusedError,
+    LayoutError,
+    NotAppliedError,
+    TargetError,
+)
 from ..world.paths import match_block
 from .resolve import ResolvedSlot, resolve
-from .storage import Place, allocate, copy_packed, copy_runs, fill, fits, plan_layout, view
+from .storage import (
+    Place,
+    allocate,
+    copy_packed,
+    copy_runs,
+    fill,
+    fits,
+    plan_layout,
+    scalars,
+    slot_views,
+    view,
+)
 
 if TYPE_CHECKING:
     from ..world.tree import World
@@ -43,6 +59,7 @@ class Applied:
     places: list[Place]
     buffers: dict
     adapters: dict[str, Adapter] = field(default_factory=dict)  # slot -> adapter
+    hosts: dict[str, AdapterHost] = field(default_factory=dict)  # slot -> the host holding its adapter
     layout: tuple = ()  # `layout_of` the bundle now in the storage
     packed: bool = False  # its storage matches the file's dtype runs one to one
 
@@ -110,27 +127,27 @@ class _Parents:
     def __init__(self, world: World) -> None:
         self.world, self.indexes = world, {}
 
-    def of(self, slot: str) -> tuple[nn.Module, dict]:
+    def of(self, slot: str) -> dict:
         block_path = slot.partition(":")[0]
         if block_path not in self.indexes:
-            root = self.world.block(block_path).module
-            self.indexes[block_path] = (root, parent_index(root))
+            self.indexes[block_path] = parent_index(self.world.block(block_path).module)
         return self.indexes[block_path]
 
 
 def _host(parents: _Parents, rs: ResolvedSlot) -> AdapterHost:
-    root, index = parents.of(rs.slot)
-    current = root.get_submodule(rs.entry.module)
-    if getattr(type(current), "is_adapter_host", False):
-        return current
-    host = AdapterHost(current, rs.geo)
-    replace_module(index, current, host)
+    """The host around the slot's layer, made and put in the layer's place(s) if there is none yet."""
+    index = parents.of(rs.slot)
+    places = index.get(id(rs.layer), [])
+    if len(places) == 1 and getattr(type(places[0][0]), "is_adapter_host", False):
+        return places[0][0]  # the layer sits in a host already
+    host = AdapterHost(rs.layer, rs.geo)
+    replace_module(index, rs.layer, host)
     return host
 
 
 def _unhost(parents: _Parents, slot: str, host: AdapterHost) -> None:
     if not host.adapters:
-        replace_module(parents.of(slot)[1], host, host.base)
+        replace_module(parents.of(slot), host, host.base)
 
 
 def _not_fused(world: World, what: str) -> None:
@@ -150,9 +167,7 @@ def apply(world: World, bundle: Any, weight: Weight = 1.0, *, name: str | None =
     places = plan_layout(slots, reserve_rank)
     buffers = allocate(places)
     applied = Applied(name, _bank_key(world, name), bundle, slots, places, buffers)
-    by_slot: dict[str, dict[str, torch.Tensor]] = {}
-    for place in places:
-        by_slot.setdefault(place.slot, {})[place.name] = view(buffers, place)
+    by_slot = slot_views(buffers, places)
     applied.layout = layout_of(bundle.manifest)
     applied.packed = copy_packed(places, buffers, bundle)
     if not applied.packed:
@@ -160,15 +175,18 @@ def apply(world: World, bundle: Any, weight: Weight = 1.0, *, name: str | None =
             source = bundle.slot_tensors(rs.entry.slot)
             for tensor_name, target in by_slot[rs.slot].items():
                 fill(target, source[tensor_name], tensor_name)
+    scalar_views = scalars(slots, [weights.get(rs.slot, default) for rs in slots])
     hosts: list[tuple[str, AdapterHost]] = []
     parents = _Parents(world)
     try:
-        for rs in slots:
+        for rs, (mix_weight, scaling) in zip(slots, scalar_views):
             host = _host(parents, rs)
             hosts.append((rs.slot, host))
-            adapter = KINDS[rs.entry.kind](rs.geo, rs.settings, rs.layer, tensors=by_slot[rs.slot])
-            host.add(applied.key, adapter, weights.get(rs.slot, default))
+            tensors = {**by_slot[rs.slot], "scaling": scaling}
+            adapter = KINDS[rs.entry.kind](rs.geo, rs.settings, rs.layer, tensors=tensors)
+            host.add(applied.key, adapter, mix_weight)
             applied.adapters[rs.slot] = adapter
+            applied.hosts[rs.slot] = host
     except BaseException:
         for slot, host in hosts:
             host.adapters.pop(applied.key, None)
@@ -190,10 +208,9 @@ def remove(world: World, name: str) -> None:
     _not_fused(world, "remove a bundle")
     applied = _applied(world, name)
     parents = _Parents(world)
-    for rs in applied.slots:
-        host = world.block(rs.slot.partition(":")[0]).module.get_submodule(rs.entry.module)
+    for slot, host in applied.hosts.items():
         del host.adapters[applied.key]
-        _unhost(parents, rs.slot, host)
+        _unhost(parents, slot, host)
     del world.applied[name]
 
 

@@ -11,20 +11,19 @@ which leaves B·A, and so the output, exactly unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
+from ..adapters.kinds import KINDS
 from ..world.digest import DTYPE_NAMES
-
 from .resolve import ResolvedSlot
 
 TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 RANKED = {"lora_A": 0, "lora_B": 1}  # tensor name -> the dimension that holds the rank
 
 
-@dataclass(frozen=True)
-class Place:
+class Place(NamedTuple):
     slot: str
     name: str
     shape: tuple[int, ...]  # as stored (rank possibly padded)
@@ -74,6 +73,42 @@ def view(buffers: dict, place: Place) -> torch.Tensor:
     return flat[place.offset : place.offset + place.numel].view(place.shape)
 
 
+def slot_views(buffers: dict, places: list[Place]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{slot: {tensor name: view into its buffer}}`` for every place."""
+    by_buffer: dict[tuple[torch.dtype, torch.device], list[Place]] = {}
+    for place in places:
+        by_buffer.setdefault((place.dtype, place.device), []).append(place)
+    out: dict[str, dict[str, torch.Tensor]] = {place.slot: {} for place in places}
+    for key, members in by_buffer.items():
+        members.sort(key=lambda p: p.offset)  # back to back from 0, as `plan_layout` lays them out
+        parts = buffers[key].split_with_sizes([p.numel for p in members])  # one call for all the views
+        for place, part in zip(members, parts):
+            out[place.slot][place.name] = part.view(place.shape)
+    return out
+
+
+def _scaling(rs: ResolvedSlot) -> float:
+    return rs.settings.scaling if KINDS[rs.settings.kind].uses_rank else 1.0  # unused by kinds without a rank
+
+
+def scalars(slots: list[ResolvedSlot], weights: list[float]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each slot's (weight, LoRA scaling) as 0-d views of one small tensor per dtype and device.
+
+    One allocation for all slots instead of two per slot; set_weight and swap write into them.
+    """
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, rs in enumerate(slots):
+        like = rs.layer.weight
+        groups.setdefault((like.dtype, like.device), []).append(i)
+    out: list = [None] * len(slots)
+    for (dtype, device), members in groups.items():
+        values = [weights[i] for i in members] + [_scaling(slots[i]) for i in members]
+        views = torch.tensor(values, dtype=dtype, device=device).unbind()  # 2n 0-d views of one (2n,) tensor
+        for j, i in enumerate(members):
+            out[i] = (views[j], views[len(members) + j])
+    return out
+
+
 def fill(target: torch.Tensor, source: torch.Tensor, name: str) -> None:
     """Copy `source` into `target`, zero-padding the rank dimension when `target` is larger."""
     if target.shape == source.shape:
@@ -116,12 +151,20 @@ def copy_packed(places: list[Place], buffers: dict, bundle) -> bool:
         stored.setdefault(TORCH_DTYPES[s.dtype], []).append((s.slot, s.name))
     if stored != runs:
         return False
-    copy_runs(buffers, bundle)
+    copy_runs(buffers, bundle, read=True)
     return True
 
 
-def copy_runs(buffers: dict, bundle) -> None:
-    """Copy each of the bundle's dtype runs into the buffer of that dtype (layouts known to agree)."""
+def copy_runs(buffers: dict, bundle, *, read: bool = False) -> None:
+    """Copy each of the bundle's dtype runs into the buffer of that dtype (layouts known to agree).
+
+    With `read`, a bundle not mapped yet is read straight into CPU buffers (a one-off copy,
+    as on apply); otherwise the copy comes from the bundle's mapping, which stays warm for
+    the next swap from the same bundle.
+    """
+    if read and not bundle.mapped and all(device.type == "cpu" for _, device in buffers):
+        bundle.read_runs({DTYPE_NAMES[dtype]: buffer for (dtype, _), buffer in buffers.items()})
+        return
     runs = bundle.packed()
     for (dtype, _), buffer in buffers.items():
         buffer.copy_(runs[DTYPE_NAMES[dtype]])

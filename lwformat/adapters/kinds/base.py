@@ -48,16 +48,22 @@ class Adapter(nn.Module, abc.ABC):
     def __init__(
         self, geo: Geometry, settings: SlotSettings, base: nn.Module, tensors: dict[str, torch.Tensor] | None = None
     ) -> None:
-        """A fresh, trainable adapter; or, given `tensors`, a frozen one bound to them (no copy)."""
+        """A fresh, trainable adapter; or, given `tensors`, a frozen one bound to them (no copy).
+
+        Bound `tensors` are views into an applied bundle's storage: the kind's tensors, and
+        may hold its runtime scalars too (a LoRA ``scaling``), so that nothing is allocated.
+        """
         super().__init__()
-        self.geo = geo
-        self.settings = settings
-        like = base.weight
-        for name, shape in self.shapes(geo, settings).items():
-            if tensors is None:
+        # Plain attributes and buffers go straight into the Module's dicts, which is all
+        # `Module.__setattr__`/`register_buffer` would do here after their checks: an
+        # apply builds one adapter per slot, and those checks were most of its cost.
+        self.__dict__.update(geo=geo, settings=settings)
+        if tensors is None:
+            like = base.weight
+            for name, shape in self.shapes(geo, settings).items():
                 self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=like.dtype, device=like.device)))
-            else:  # bound to a bundle's storage: frozen, so buffers, never among the trainable parameters
-                self.register_buffer(name, tensors[name])
+        else:  # bound to a bundle's storage: frozen, so buffers, never among the trainable parameters
+            self._buffers.update((name, tensors[name]) for name in self.shapes(geo, settings))
         self.add_buffers(base, tensors)
         if tensors is None:
             with torch.no_grad():

@@ -29,7 +29,10 @@ class LoRA(Adapter):
 
     def add_buffers(self, base: nn.Module, tensors: dict[str, torch.Tensor] | None) -> None:
         # A tensor, not a float: a swap to another alpha or rank then recompiles nothing.
-        scaling = torch.tensor(self.settings.scaling, dtype=base.weight.dtype, device=base.weight.device)
+        if tensors is not None and "scaling" in tensors:
+            scaling = tensors["scaling"]  # a view into the applied storage, holding settings.scaling
+        else:
+            scaling = torch.tensor(self.settings.scaling, dtype=base.weight.dtype, device=base.weight.device)
         self.register_buffer("scaling", scaling, persistent=False)
 
     def reset(self, base: nn.Module) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from decimal import ROUND_FLOOR, Decimal
 
 import msgspec
@@ -226,3 +227,75 @@ def test_dumps_refuses_an_invalid_manifest():
     with pytest.raises(BundleFormatError) as info:
         dumps(small_manifest(provenance={"loss": float("nan")}))
     assert info.value.field == "$.provenance.loss"
+
+
+# -- the fast path for canonical bytes agrees with the strict parser -------------------------
+
+_json_scalars = (
+    st.none() | st.booleans() | st.text(max_size=6)
+    | st.integers(min_value=-(2**60), max_value=2**60) | st.floats(allow_nan=True, allow_infinity=True)
+)  # fmt: skip
+_json_values = st.recursive(
+    _json_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=40,
+)  # fmt: skip
+
+
+def _deep(depth: int):
+    value: object = 1
+    for i in range(depth):
+        value = [value] if i % 2 else {"k": value}
+    return value
+
+
+def _spellings(value) -> list[bytes]:
+    """The canonical-looking spelling of `value` (even where invalid), and a spaced-out one."""
+    tight = json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return [tight.encode("utf-8", "surrogatepass"), json.dumps(value, indent=1).encode()]
+
+
+def _agree(data: bytes) -> None:
+    from lwformat.bundle.canonical import NOT_CANONICAL, _parse_canonical, parse_strict
+
+    fast = _parse_canonical(data)
+    try:
+        strict = parse_strict(data, path="x.json")
+    except BundleFormatError:
+        assert fast is NOT_CANONICAL, data
+        return
+    if fast is not NOT_CANONICAL:
+        assert encode(strict) == data and json.dumps(fast, sort_keys=True) == json.dumps(strict, sort_keys=True)
+    else:  # valid bytes go the slow way only when not canonical, or holding a run of 16 digits
+        assert encode(strict) != data or re.search(rb"[0-9]{16}", data), data
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json_values)
+def test_fast_path_agrees_with_the_strict_parser(value):
+    for data in _spellings(value):
+        _agree(data)
+
+
+@pytest.mark.parametrize("depth", [31, 32, 33, 40])
+def test_fast_path_nesting_limit_matches(depth):
+    for data in _spellings(_deep(depth)) + _spellings([_deep(depth - 1), []]):
+        _agree(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b'{"a":1,"a":1}', b'{"a":NaN}', b'[1e999]', b'["\\ud800"]', b"[9007199254740992]", b"[9007199254740991]",
+     b"\xef\xbb\xbf[1]", b'{"b":1,"a":2}', b"[1.0e+16]", b'["\\u00e9"]', b'["\\u001F"]', b"[]", b'"x"'],
+)  # fmt: skip
+def test_fast_path_on_hand_picked_bytes(data):
+    _agree(data)
+
+
+def test_fast_path_takes_canonical_manifests():
+    from lwformat.bundle.canonical import NOT_CANONICAL, _parse_canonical
+
+    data = dumps(small_manifest())
+    assert _parse_canonical(data) == json.loads(data)
+    assert _parse_canonical(json.dumps(json.loads(data), indent=1).encode()) is NOT_CANONICAL
+    assert _parse_canonical(encode(_deep(32))) == _deep(32) and _parse_canonical(_spellings(_deep(33))[0]) is NOT_CANONICAL
+    assert _parse_canonical(b"[9007199254740991]") == [2**53 - 1] and _parse_canonical(b"[-9007199254740992]") is NOT_CANONICAL
