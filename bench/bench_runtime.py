@@ -3,6 +3,7 @@
     python bench/bench_runtime.py              # the full run (2 minutes on 2 quiet cores, more under load)
     python bench/bench_runtime.py --quick      # a smoke run: few rounds, not a measurement
     python bench/bench_runtime.py --profile    # also where our apply and swap spend their time
+    python bench/bench_runtime.py --only apply,swap   # some sections only (apply, swap, blend, forward, mixed)
 
 Every ratio compares two measurements taken in this run, interleaved round by round
 (see `_timing`): the median over the rounds after the warm-up of each round's ratio (the
@@ -202,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few repeats: a smoke run, not a measurement")
     parser.add_argument("--profile", action="store_true", help="also profile our apply and swap (cProfile)")
+    parser.add_argument("--only", default="", help="comma-separated sections to run (apply,swap,blend,forward,mixed); default all")
     args = parser.parse_args(argv)
+    sections = {"apply": bench_apply, "swap": bench_swap, "blend": blend_rows, "forward": bench_forward, "mixed": bench_mixed}
+    chosen = [sections[name] for name in args.only.split(",") if name] or list(sections.values())
     budget = QUICK if args.quick else FULL
     start = time.perf_counter()
     print(f"torch {torch.__version__}, peft {peft.__version__}, torch threads {torch.get_num_threads()}, "
@@ -212,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         sides = build(Path(tmp), BATCH)
         print(f"set-up {time.perf_counter() - start:.1f} s: small reference world, {BATCH} bundles and {BATCH} PEFT "
               f"adapters of {sides.adapter_bytes / 1e6:.2f} MB, 48 layers each", flush=True)  # fmt: skip
-        for section in (bench_apply, bench_swap, blend_rows, bench_forward, bench_mixed):
+        for section in chosen:
             t = time.perf_counter()
             new, extra = section(sides, budget)
             rows += new

@@ -13,9 +13,7 @@ PEFT; the first matching key wins. ``alpha`` defaults to ``rank`` (scaling 1).
 
 from __future__ import annotations
 
-
 import msgspec
-
 
 
 class LightConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):

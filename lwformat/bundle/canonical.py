@@ -153,7 +153,7 @@ def _parse_canonical(data: bytes) -> Any:
     """
     try:
         value = msgspec.json.decode(data)  # any correct decoder reads canonical bytes alike
-        same = json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False).encode() == data
+        same = encode(value, checked=True) == data
     except (msgspec.DecodeError, ValueError, RecursionError):  # UnicodeError is a ValueError
         return NOT_CANONICAL
     if not same or (type(value) in (dict, list) and not _shape_ok(value)) or (type(value) is int and not _shape_ok([value])):
@@ -188,9 +188,10 @@ def parse_strict(data: bytes, *, path: str) -> Any:
     return value
 
 
-def encode(value: Any, *, path: str | None = None) -> bytes:
-    """The canonical bytes of a JSON value."""
-    check_value(value, path=path)
+def encode(value: Any, *, path: str | None = None, checked: bool = False) -> bytes:
+    """The canonical bytes of a JSON value; ``checked`` when it is known to have a canonical form."""
+    if not checked:
+        check_value(value, path=path)
     # json.dumps with these options is exactly the canonical form: code-point key order,
     # float repr, the short escapes plus \u00xx, every other character literal.
     text = json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False)

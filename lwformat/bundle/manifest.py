@@ -8,6 +8,7 @@ with defaults that older readers ignore; an unknown major version is refused.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Any
 
 import msgspec
@@ -99,3 +100,17 @@ class Manifest(Struct):
     tags: list[str] = []
     provenance: dict[str, Any] = {}
     parents: list[Parent] = []
+
+
+def slot_layout(manifest: Manifest) -> bytes:
+    """A digest of everything about a manifest's slots but their numbers.
+
+    Bundles of equal layouts swap with one copy; comparing 32 bytes instead of the
+    slots themselves keeps that comparison off a swap's clock.
+    """
+    layout = tuple(
+        (e.block, e.module, e.kind, e.layer, e.rank, e.alpha, e.rslora,
+         tuple((n, t.dtype, tuple(t.shape)) for n, t in e.tensors.items()))
+        for e in manifest.slots
+    )  # fmt: skip
+    return hashlib.sha256(repr(layout).encode()).digest()

@@ -13,6 +13,7 @@ here; `verify.verify_files` does that.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import re
@@ -24,13 +25,18 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..errors import BundleFormatError, BundleNotFoundError, IntegrityError, SlotNotFoundError
+from ..errors import (
+    BundleFormatError,
+    BundleNotFoundError,
+    IntegrityError,
+    SlotNotFoundError,
+)
 from ..world.digest import DTYPE_NAMES
 from . import limits
 from .canonical import loads, manifest_id
 from .files import list_members, open_member, read_member
 from .layout import TensorSpan, check_header, read_prefix
-from .manifest import MANIFEST, SIGNATURE, WEIGHTS, Manifest, SlotEntry
+from .manifest import MANIFEST, SIGNATURE, WEIGHTS, Manifest, SlotEntry, slot_layout
 
 TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 _SAFE_STEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}")
@@ -167,6 +173,11 @@ class Bundle:
             out[dtype] = torch.frombuffer(buf, dtype=t, count=count, offset=self.data_offset + b)  # (count,)
         self._packed = out
         return out
+
+    @functools.cached_property
+    def slot_layout(self) -> bytes:
+        """`manifest.slot_layout` of this bundle, computed once (what a same-layout swap compares)."""
+        return slot_layout(self.manifest)
 
     @property
     def mapped(self) -> bool:

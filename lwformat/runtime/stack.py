@@ -20,6 +20,8 @@ import torch
 from ..adapters.host import AdapterHost
 from ..adapters.kinds import KINDS, Adapter
 from ..adapters.plan import parent_index, replace_module
+from ..bundle.manifest import slot_layout
+from ..bundle.read import Bundle
 from ..errors import (
     AlreadyAppliedError,
     FusedError,
@@ -27,8 +29,10 @@ from ..errors import (
     NotAppliedError,
     TargetError,
 )
+from ..world.digest import untouched_digest
 from ..world.paths import match_block
 from .resolve import ResolvedSlot, resolve
+from .spare import Spare
 from .storage import (
     Place,
     allocate,
@@ -60,35 +64,31 @@ class Applied:
     buffers: dict
     adapters: dict[str, Adapter] = field(default_factory=dict)  # slot -> adapter
     hosts: dict[str, AdapterHost] = field(default_factory=dict)  # slot -> the host holding its adapter
-    layout: tuple = ()  # `layout_of` the bundle now in the storage
+    layout: bytes = b""  # `slot_layout` of the bundle now in the storage
     packed: bool = False  # its storage matches the file's dtype runs one to one
-
-
-def layout_of(manifest: Any) -> tuple:
-    """Everything about a bundle's slots but its numbers: equal layouts swap with one copy."""
-    return tuple(
-        (e.block, e.module, e.kind, e.layer, e.rank, e.alpha, e.rslora,
-         tuple((n, t.dtype, tuple(t.shape)) for n, t in e.tensors.items()))
-        for e in manifest.slots
-    )  # fmt: skip
 
 
 def _same_layout_swap(world: World, applied: Applied, bundle: Any) -> bool:
     """The fast swap: same binding and layout as the applied bundle, one copy per buffer.
 
     The full check already passed for the applied bundle's identical binding, so it is
-    enough that the bound blocks are unchanged since (their digests, from the cache unless
-    a base tensor was written). Returns False, having changed nothing, when it does not apply.
+    enough that the bound blocks' tensors are unwritten since (`untouched_digest`; a
+    module replaced since is seen by the full check of the next apply, or by
+    ``swap(strict=True)``). Returns False, having changed nothing, when it does not apply.
     """
     old = applied.bundle.manifest
-    if not applied.packed or bundle.manifest.base.blocks != old.base.blocks or layout_of(bundle.manifest) != applied.layout:
+    if not applied.packed or bundle.manifest.base.blocks != old.base.blocks or _layout(bundle) != applied.layout:
         return False
     for path, expected in old.base.blocks.items():
-        if world.digest(path) != expected:
+        if untouched_digest(world, world.block_paths()[path]) != expected:
             return False  # the full check will say what changed
     copy_runs(applied.buffers, bundle)  # equal layouts give equal runs (the reader checked the order)
     applied.bundle = bundle
     return True
+
+
+def _layout(bundle: Any) -> bytes:
+    return bundle.slot_layout if isinstance(bundle, Bundle) else slot_layout(bundle.manifest)
 
 
 def _weights(world: World, slots: list[ResolvedSlot], weight: Weight | None) -> dict[str, float]:
@@ -165,10 +165,11 @@ def apply(world: World, bundle: Any, weight: Weight = 1.0, *, name: str | None =
     weights = _weights(world, slots, weight if isinstance(weight, dict) else None)
     default = 1.0 if isinstance(weight, dict) else float(weight)
     places = plan_layout(slots, reserve_rank)
-    buffers = allocate(places)
+    spare = world.spare_storage = world.spare_storage or Spare()
+    buffers = allocate(places, spare)
     applied = Applied(name, _bank_key(world, name), bundle, slots, places, buffers)
     by_slot = slot_views(buffers, places)
-    applied.layout = layout_of(bundle.manifest)
+    applied.layout = _layout(bundle)
     applied.packed = copy_packed(places, buffers, bundle)
     if not applied.packed:
         for rs in slots:
@@ -191,6 +192,7 @@ def apply(world: World, bundle: Any, weight: Weight = 1.0, *, name: str | None =
         for slot, host in hosts:
             host.adapters.pop(applied.key, None)
             _unhost(parents, slot, host)
+        _release(world, applied)
         raise
     world.applied[name] = applied
     return applied
@@ -212,6 +214,14 @@ def remove(world: World, name: str) -> None:
         del host.adapters[applied.key]
         _unhost(parents, slot, host)
     del world.applied[name]
+    _release(world, applied)
+
+
+def _release(world: World, applied: Applied) -> None:
+    """Hand the storage to the world's spare pool; the removed record lets go of it."""
+    for buffer in applied.buffers.values():
+        world.spare_storage.give(buffer)
+    applied.buffers, applied.adapters, applied.hosts = {}, {}, {}
 
 
 @torch.no_grad()
@@ -250,7 +260,7 @@ def swap(world: World, name: str, bundle: Any, *, strict: bool = False) -> None:
                 stored = place.shape if place else "nothing"
                 raise LayoutError(f"{rs.slot}: {tensor_name} {tuple(shape)} does not fit the stored {stored}", path=rs.slot)
     packed = applied.packed = copy_packed(applied.places, applied.buffers, bundle)
-    applied.layout = layout_of(bundle.manifest)
+    applied.layout = _layout(bundle)
     for rs in slots:
         adapter = applied.adapters[rs.slot]
         if not packed:

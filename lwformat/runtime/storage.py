@@ -18,6 +18,7 @@ import torch
 from ..adapters.kinds import KINDS
 from ..world.digest import DTYPE_NAMES
 from .resolve import ResolvedSlot
+from .spare import Spare
 
 TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 RANKED = {"lora_A": 0, "lora_B": 1}  # tensor name -> the dimension that holds the rank
@@ -61,11 +62,15 @@ def plan_layout(slots: list[ResolvedSlot], reserve_rank: int = 0) -> list[Place]
     return places
 
 
-def allocate(places: list[Place]) -> dict[tuple[torch.dtype, torch.device], torch.Tensor]:
+def allocate(places: list[Place], spare: Spare | None = None) -> dict[tuple[torch.dtype, torch.device], torch.Tensor]:
+    """One flat buffer per dtype and device; CPU ones from `spare` when it has one that fits."""
     sizes: dict[tuple[torch.dtype, torch.device], int] = {}
     for p in places:
         sizes[(p.dtype, p.device)] = max(sizes.get((p.dtype, p.device), 0), p.offset + p.numel)
-    return {key: torch.empty(n, dtype=key[0], device=key[1]) for key, n in sizes.items()}
+    return {
+        (dtype, device): spare.take(dtype, n) if spare is not None and device.type == "cpu" else torch.empty(n, dtype=dtype, device=device)
+        for (dtype, device), n in sizes.items()
+    }  # fmt: skip
 
 
 def view(buffers: dict, place: Place) -> torch.Tensor:

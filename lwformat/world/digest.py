@@ -18,6 +18,7 @@ its base tensors under their original names, so customizing does not change a di
 from __future__ import annotations
 
 import hashlib
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -87,25 +88,44 @@ def block_digest(module: nn.Module) -> str:
     return PREFIX + block_digest_raw(base_tensors(module)).hex()
 
 
-def _fingerprint(module: nn.Module) -> tuple:
-    """Identity, version and shape of every base tensor, in `base_tensors` order, without names.
-
-    In-place writes bump a tensor's ``_version``, and replacing or moving a tensor changes
-    the sequence, so the fingerprint changes whenever the block's digest may have. It is
-    much cheaper than `base_tensors` (no names built), which matters on every apply and swap.
-    """
-    out: list = []
+def _walk_base(module: nn.Module) -> list[torch.Tensor]:
+    """Every base tensor of `module` (hosts seen through), in `base_tensors` order, without names."""
+    out: list[torch.Tensor] = []
+    add = out.append
     stack = [module]
-    while stack:
+    while stack:  # plain loops, no generators: this runs on every apply
         m = stack.pop()
+        if m is None:
+            continue
         if getattr(type(m), "is_adapter_host", False):
             stack.append(m.base)
             continue
-        out.extend((t.data_ptr(), t._version, t.dtype, t.shape) for t in m._parameters.values() if t is not None)
-        skip = m._non_persistent_buffers_set
-        out.extend((t.data_ptr(), t._version, t.dtype, t.shape) for n, t in m._buffers.items() if t is not None and n not in skip)
-        stack.extend(c for c in reversed(m._modules.values()) if c is not None)
-    return tuple(out)
+        for t in m._parameters.values():
+            if t is not None:
+                add(t)
+        if m._buffers:
+            skip = m._non_persistent_buffers_set
+            for n, t in m._buffers.items():
+                if t is not None and n not in skip:
+                    add(t)
+        stack.extend(reversed(m._modules.values()))
+    return out
+
+
+def _state(tensors: list[torch.Tensor]) -> tuple:
+    return tuple([(t.data_ptr(), t._version, t.dtype, t.shape) for t in tensors])
+
+
+def _fingerprint(module: nn.Module) -> tuple[tuple, tuple]:
+    """(key, weak references to the tensors it describes).
+
+    The key is the identity, version and shape of every base tensor, in `base_tensors`
+    order. In-place writes bump a tensor's ``_version``, and replacing or moving a tensor
+    changes the sequence, so the key changes whenever the block's digest may have. It is
+    much cheaper than `base_tensors` (no names built), which matters on every apply.
+    """
+    tensors = _walk_base(module)
+    return _state(tensors), tuple([weakref.ref(t) for t in tensors])
 
 
 def structure(world: World) -> dict[str, Any]:
@@ -128,12 +148,31 @@ def structure(world: World) -> dict[str, Any]:
 
 def cached_block_digest(world: World, path: str, block: nn.Module, *, recompute: bool = False) -> str:
     """One block's digest, from the world's cache unless one of its base tensors changed since."""
-    key = _fingerprint(block.module)
+    key, refs = _fingerprint(block.module)
     hit = world._digest_cache.get(path)
-    if recompute or hit is None or hit[0] != key:
-        hit = (key, PREFIX + block_digest_raw(base_tensors(block.module)).hex())
-        world._digest_cache[path] = hit
-    return hit[1]
+    digest = None if recompute or hit is None or hit[0] != key else hit[1]
+    if digest is None:
+        digest = PREFIX + block_digest_raw(base_tensors(block.module)).hex()
+    world._digest_cache[path] = (key, digest, refs)
+    return digest
+
+
+def untouched_digest(world: World, path: str) -> str | None:
+    """Block `path`'s digest from the last full check, if none of its tensors was written since.
+
+    The tensors recorded then are compared with what they were (identity, version
+    counter, dtype, shape), without walking the modules: a tensor written in place,
+    resized or dropped is seen; modules added, removed or moved since are not, and the
+    next full check (`cached_block_digest`) sees them. None when unknown or changed.
+    """
+    hit = world._digest_cache.get(path)
+    if hit is None:
+        return None
+    key, digest, refs = hit
+    tensors = [r() for r in refs]
+    if any(t is None for t in tensors) or _state(tensors) != key:
+        return None
+    return digest
 
 
 def world_digests(world: World, *, recompute: bool = False) -> dict[str, Any]:
@@ -150,12 +189,13 @@ def seed_cache(world: World, blocks: dict[str, str]) -> None:
     """Trust digests read from a checkpoint for the tensors just loaded from it."""
     for path, block in world.blocks().items():
         if path in blocks:
-            world._digest_cache[path] = (_fingerprint(block.module), blocks[path])
+            key, refs = _fingerprint(block.module)
+            world._digest_cache[path] = (key, blocks[path], refs)
 
 
 def verify_world(world: World, expected: dict[str, str] | None = None) -> None:
     """Recompute every block digest; raise naming the first block that differs from `expected`."""
-    expected = expected or {p: d for p, (_, d) in world._digest_cache.items()}
+    expected = expected or {p: hit[1] for p, hit in world._digest_cache.items()}
     found = world_digests(world, recompute=True)["blocks"]
     for path, digest in expected.items():
         if found.get(path) != digest:

@@ -137,6 +137,7 @@ class World(nn.Module):
         self.customization: tuple[Any, Any] | None = None  # (LightConfig, Plan) while customized
         self.applied: dict[str, Any] = {}  # bundle name -> runtime.Applied
         self.fused_state: dict[str, Any] | None = None  # slot -> saved base tensors while fused
+        self.spare_storage: Any = None  # runtime.Spare: adapter storage released by remove, for the next apply
 
     def forward(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One pass of the cycle: each stage in cycle order adds its outputs to the state."""

@@ -86,3 +86,24 @@ def test_a_swap_onto_a_changed_base_is_refused(world, bundles):
     with pytest.raises(IncompatibleError) as err:
         world.swap("author/noir", bundles["rain"])
     assert err.value.path == LM and world.applied["author/noir"].bundle is bundles["noir"]
+
+
+def test_a_swap_after_a_base_tensor_was_replaced_is_refused(world, bundles):
+    from lwformat.errors import IncompatibleError
+
+    world.apply(bundles["noir"], weight=0.6)
+    ln = world.block(LM).module.ln_f
+    ln.weight = torch.nn.Parameter(ln.weight.detach() + 1, requires_grad=False)  # a new tensor, the old one gone
+    with pytest.raises(IncompatibleError) as err:
+        world.swap("author/noir", bundles["rain"])
+    assert err.value.path == LM and world.applied["author/noir"].bundle is bundles["noir"]
+
+
+def test_a_strict_swap_walks_the_modules_again(world, bundles):
+    from lwformat.errors import IncompatibleError
+
+    world.apply(bundles["noir"], weight=0.6)
+    world.block(LM).module.extra = torch.nn.Linear(2, 2)  # a module added: the tensors recorded stay untouched
+    with pytest.raises(IncompatibleError) as err:
+        world.swap("author/noir", bundles["rain"], strict=True)
+    assert err.value.path == LM and world.applied["author/noir"].bundle is bundles["noir"]

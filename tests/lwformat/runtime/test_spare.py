@@ -1,0 +1,62 @@
+"""The spare pool: storage released by remove backs the next apply, and never leaks old numbers."""
+
+import torch
+
+from lwformat.runtime.spare import Spare
+from tests.lwformat.runtime.conftest import LM, tokens
+
+
+def lm_out(world, x):
+    with torch.no_grad():
+        return world.block(LM).module(x)
+
+
+def test_take_gives_back_the_smallest_fit_within_twice_the_size():
+    spare = Spare()
+    big, small, half = torch.zeros(100), torch.zeros(60), torch.zeros(25, dtype=torch.float16)
+    for b in (big, small, half):
+        spare.give(b)
+    got = spare.take(torch.float32, 50)
+    assert got.shape == (50,) and got.data_ptr() == small.data_ptr()  # 60 fits better than 100
+    assert spare.take(torch.float32, 40).data_ptr() != big.data_ptr()  # 100 > 2 * 40: a new buffer
+    assert spare.take(torch.float32, 50).data_ptr() == big.data_ptr()
+    assert spare.take(torch.float16, 10).data_ptr() != half.data_ptr()  # 25 > 2 * 10
+    assert spare.buffers == [half]
+
+
+def test_the_oldest_are_dropped_past_the_limit():
+    spare = Spare(limit=1000)
+    first, second, third = (torch.zeros(100) for _ in range(3))  # 400 bytes each
+    for b in (first, second, third):
+        spare.give(b)
+    assert [b.data_ptr() for b in spare.buffers] == [second.data_ptr(), third.data_ptr()]
+
+
+def test_reused_storage_gives_exactly_a_fresh_apply(world, bundles):
+    x = tokens()
+    world.apply(bundles["noir"], weight=0.5)
+    first = world.applied["author/noir"]
+    pointers = {b.data_ptr() for b in first.buffers.values()}
+    world.remove("author/noir")
+    assert first.buffers == {} and first.adapters == {}  # the removed record lets go of its storage
+    world.apply(bundles["rain"], weight=0.5)  # the same layout: the released buffer is taken again
+    assert {b.data_ptr() for b in world.applied["author/rain"].buffers.values()} == pointers
+    reused = lm_out(world, x)
+    world.remove("author/rain")
+    world.spare_storage.buffers.clear()
+    world.apply(bundles["rain"], weight=0.5)  # fresh storage
+    assert torch.equal(reused, lm_out(world, x))
+
+
+def test_a_smaller_bundle_in_reused_storage_keeps_nothing_of_the_larger(world, bundles):
+    x = tokens()
+    world.apply(bundles["big"], reserve_rank=8)  # rank 8
+    pointers = {b.data_ptr() for b in world.applied["author/big"].buffers.values()}
+    world.remove("author/big")
+    world.apply(bundles["noir"], reserve_rank=6)  # rank 4 padded to 6: 3/4 of the released buffer, zero-padded
+    assert {b.data_ptr() for b in world.applied["author/noir"].buffers.values()} == pointers
+    reused = lm_out(world, x)
+    world.remove("author/noir")
+    world.spare_storage.buffers.clear()
+    world.apply(bundles["noir"])
+    assert torch.allclose(reused, lm_out(world, x), rtol=0, atol=1e-6)
