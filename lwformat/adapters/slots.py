@@ -37,13 +37,17 @@ def eligible_slots(block, *, where: str | None = None) -> dict[str, tuple[nn.Mod
             out[module_path] = (layer, geo)
         return out
     out = {}
-    hosts: list[str] = []
-    for module_path, module in block.module.named_modules():
-        if any(module_path.startswith(h + ".") for h in hosts):
-            continue  # inside a host: the base layer and the adapters
+    seen = {id(block.module)}
+    stack = [(child, name) for name, child in reversed(block.module._modules.items()) if child is not None]
+    while stack:  # depth first in module order, each module once, as `named_modules` goes
+        module, module_path = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
         if getattr(type(module), "is_adapter_host", False):  # on the class: no Module.__getattr__ miss
-            hosts.append(module_path)
-            out[module_path] = (module.base, module.geo)
-        elif (geo := geometry(module)) is not None and module_path:
+            out[module_path] = (module.base, module.geo)  # not entered: the base layer and the adapters
+            continue
+        if (geo := geometry(module)) is not None:
             out[module_path] = (module, geo)
+        stack.extend((c, f"{module_path}.{n}") for n, c in reversed(module._modules.items()) if c is not None)
     return out

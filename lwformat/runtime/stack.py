@@ -64,6 +64,7 @@ class Applied:
     buffers: dict
     adapters: dict[str, Adapter] = field(default_factory=dict)  # slot -> adapter
     hosts: dict[str, AdapterHost] = field(default_factory=dict)  # slot -> the host holding its adapter
+    sentinels: list[Place] = field(default_factory=list)  # the first place of each block in each buffer
     layout: bytes = b""  # `slot_layout` of the bundle now in the storage
     packed: bool = False  # its storage matches the file's dtype runs one to one
 
@@ -85,6 +86,23 @@ def _same_layout_swap(world: World, applied: Applied, bundle: Any) -> bool:
     copy_runs(applied.buffers, bundle)  # equal layouts give equal runs (the reader checked the order)
     applied.bundle = bundle
     return True
+
+
+def _attached(applied: Applied) -> None:
+    """Refuse to swap when the adapters no longer compute from the applied storage.
+
+    `Module.to`, `.half()` and the like give every buffer a converted copy, so a copy
+    into the storage would change nothing the world computes with. They convert whole
+    modules, so one tensor per block and buffer tells.
+    """
+    for place in applied.sentinels:
+        buffer = applied.buffers[(place.dtype, place.device)]
+        tensor = applied.adapters[place.slot]._buffers.get(place.name)
+        if tensor is None or tensor.data_ptr() != buffer.data_ptr() + place.offset * buffer.element_size():
+            raise LayoutError(
+                f"{applied.name}: the adapters at {place.slot} no longer use the applied storage (was the world "
+                "moved or cast since apply?); remove the bundle and apply it again", path=place.slot,
+            )  # fmt: skip
 
 
 def _layout(bundle: Any) -> bytes:
@@ -168,6 +186,7 @@ def apply(world: World, bundle: Any, weight: Weight = 1.0, *, name: str | None =
     spare = world.spare_storage = world.spare_storage or Spare()
     buffers = allocate(places, spare)
     applied = Applied(name, _bank_key(world, name), bundle, slots, places, buffers)
+    applied.sentinels = list({(p.slot.partition(":")[0], p.dtype, p.device): p for p in reversed(places)}.values())
     by_slot = slot_views(buffers, places)
     applied.layout = _layout(bundle)
     applied.packed = copy_packed(places, buffers, bundle)
@@ -243,6 +262,7 @@ def swap(world: World, name: str, bundle: Any, *, strict: bool = False) -> None:
     """
     _not_fused(world, "swap")
     applied = _applied(world, name)
+    _attached(applied)
     if not strict and _same_layout_swap(world, applied, bundle):
         return
     slots = resolve(world, bundle.manifest, strict=strict)

@@ -107,3 +107,13 @@ def test_a_strict_swap_walks_the_modules_again(world, bundles):
     with pytest.raises(IncompatibleError) as err:
         world.swap("author/noir", bundles["rain"], strict=True)
     assert err.value.path == LM and world.applied["author/noir"].bundle is bundles["noir"]
+
+
+def test_a_swap_after_the_world_was_cast_is_refused(world, bundles):
+    world.apply(bundles["noir"], weight=0.6)
+    x = tokens()
+    before = world.block(LM).module(x)
+    world.double().float()  # the same base numbers, but every buffer is a converted copy now
+    with pytest.raises(LayoutError, match="no longer use the applied storage"):
+        world.swap("author/noir", bundles["noir2"])
+    assert torch.equal(world.block(LM).module(x), before)
