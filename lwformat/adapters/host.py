@@ -49,8 +49,11 @@ class AdapterHost(nn.Module):
         if not isinstance(weight, torch.Tensor):
             like = self.base.weight  # adapters live in the base layer's dtype and device
             weight = torch.tensor(weight, dtype=like.dtype, device=like.device)
-        adapter.register_buffer("mix_weight", weight, persistent=False)
-        self.adapters[name] = adapter
+        # What register_buffer(persistent=False) and ModuleDict's setitem do, minus their
+        # checks (the name is the runtime's own): this runs once per slot on every apply.
+        adapter._buffers["mix_weight"] = weight
+        adapter._non_persistent_buffers_set.add("mix_weight")
+        self.adapters._modules[name] = adapter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)

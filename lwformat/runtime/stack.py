@@ -65,7 +65,6 @@ class Applied:
     adapters: dict[str, Adapter] = field(default_factory=dict)  # slot -> adapter
     hosts: dict[str, AdapterHost] = field(default_factory=dict)  # slot -> the host holding its adapter
     sentinels: list[Place] = field(default_factory=list)  # the first place of each block in each buffer
-    layout: bytes = b""  # `slot_layout` of the bundle now in the storage
     packed: bool = False  # its storage matches the file's dtype runs one to one
 
 
@@ -78,7 +77,7 @@ def _same_layout_swap(world: World, applied: Applied, bundle: Any) -> bool:
     ``swap(strict=True)``). Returns False, having changed nothing, when it does not apply.
     """
     old = applied.bundle.manifest
-    if not applied.packed or bundle.manifest.base.blocks != old.base.blocks or _layout(bundle) != applied.layout:
+    if not applied.packed or bundle.manifest.base.blocks != old.base.blocks or _layout(bundle) != _layout(applied.bundle):
         return False
     for path, expected in old.base.blocks.items():
         if untouched_digest(world, world.block_paths()[path]) != expected:
@@ -188,14 +187,13 @@ def apply(world: World, bundle: Any, weight: Weight = 1.0, *, name: str | None =
     applied = Applied(name, _bank_key(world, name), bundle, slots, places, buffers)
     applied.sentinels = list({(p.slot.partition(":")[0], p.dtype, p.device): p for p in reversed(places)}.values())
     by_slot = slot_views(buffers, places)
-    applied.layout = _layout(bundle)
     applied.packed = copy_packed(places, buffers, bundle)
     if not applied.packed:
         for rs in slots:
             source = bundle.slot_tensors(rs.entry.slot)
             for tensor_name, target in by_slot[rs.slot].items():
                 fill(target, source[tensor_name], tensor_name)
-    scalar_views = scalars(slots, [weights.get(rs.slot, default) for rs in slots])
+    scalar_views = scalars(slots, [weights.get(rs.slot, default) for rs in slots], places)
     hosts: list[tuple[str, AdapterHost]] = []
     parents = _Parents(world)
     try:
@@ -280,7 +278,6 @@ def swap(world: World, name: str, bundle: Any, *, strict: bool = False) -> None:
                 stored = place.shape if place else "nothing"
                 raise LayoutError(f"{rs.slot}: {tensor_name} {tuple(shape)} does not fit the stored {stored}", path=rs.slot)
     packed = applied.packed = copy_packed(applied.places, applied.buffers, bundle)
-    applied.layout = _layout(bundle)
     for rs in slots:
         adapter = applied.adapters[rs.slot]
         if not packed:

@@ -96,15 +96,19 @@ def _scaling(rs: ResolvedSlot) -> float:
     return rs.settings.scaling if KINDS[rs.settings.kind].uses_rank else 1.0  # unused by kinds without a rank
 
 
-def scalars(slots: list[ResolvedSlot], weights: list[float]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def scalars(slots: list[ResolvedSlot], weights: list[float], places: list[Place]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each slot's (weight, LoRA scaling) as 0-d views of one small tensor per dtype and device.
 
-    One allocation for all slots instead of two per slot; set_weight and swap write into them.
+    One allocation for all slots instead of two per slot; set_weight and swap write into
+    them. A slot's scalars take the dtype and device of its (floating) stored tensors.
     """
+    where = {}
+    for p in places:
+        if p.dtype.is_floating_point:
+            where.setdefault(p.slot, (p.dtype, p.device))
     groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
     for i, rs in enumerate(slots):
-        like = rs.layer.weight
-        groups.setdefault((like.dtype, like.device), []).append(i)
+        groups.setdefault(where[rs.slot], []).append(i)
     out: list = [None] * len(slots)
     for (dtype, device), members in groups.items():
         values = [weights[i] for i in members] + [_scaling(slots[i]) for i in members]

@@ -33,7 +33,8 @@ class LoRA(Adapter):
             scaling = tensors["scaling"]  # a view into the applied storage, holding settings.scaling
         else:
             scaling = torch.tensor(self.settings.scaling, dtype=base.weight.dtype, device=base.weight.device)
-        self.register_buffer("scaling", scaling, persistent=False)
+        self._buffers["scaling"] = scaling  # register_buffer(persistent=False), minus its checks
+        self._non_persistent_buffers_set.add("scaling")
 
     def reset(self, base: nn.Module) -> None:
         if self.geo.layer == "embedding":
