@@ -286,8 +286,6 @@ def inspect(args: argparse.Namespace) -> int:
     arg("--strict", action="store_true", help="also require the world's root digest to match"),
 )  # fmt: skip
 def check(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
     from lwformat.bundle.check import check as check_bundle
     from lwformat.bundle.read import Bundle
     from lwformat.world import World
@@ -295,9 +293,9 @@ def check(args: argparse.Namespace) -> int:
     world = World.load(existing(args.world, "world directory"))
     with Bundle.open(existing(args.bundle, "bundle")) as bundle:
         report = check_bundle(bundle, world, strict=args.strict, root=True)
-    found = [asdict(f) for f in (*report.blocks, *report.slots, report.root)]
+    found = [f._asdict() for f in (*report.blocks, *report.slots, report.root)]
     data = {"bundle": report.bundle, "strict": report.strict, "ok": report.ok, "findings": found,
-            "problems": [asdict(f) for f in report.problems]}  # fmt: skip
+            "problems": [f._asdict() for f in report.problems]}  # fmt: skip
     emit(args, str(report), data)
     return 0 if report.ok else INCOMPATIBLE
 

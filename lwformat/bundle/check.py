@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..adapters.kinds import KINDS, SlotSettings
 from ..adapters.slots import eligible_slots
@@ -45,8 +45,7 @@ class Outcome(StrEnum):
         return self not in (Outcome.OK, Outcome.DTYPE_CONVERSION, Outcome.NOT_COMPARED)
 
 
-@dataclass(frozen=True)
-class Finding:
+class Finding(NamedTuple):
     """One block's, one slot's or the root's outcome; `path` names it."""
 
     path: str

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import abc
 import math
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -23,8 +22,7 @@ from torch import nn
 from ..layers import Geometry
 
 
-@dataclass(frozen=True)
-class SlotSettings:
+class SlotSettings(NamedTuple):
     """What to build at one slot: the kind and its sizes."""
 
     kind: str
