@@ -88,9 +88,12 @@ def block_digest(module: nn.Module) -> str:
     return PREFIX + block_digest_raw(base_tensors(module)).hex()
 
 
-def _walk_base(module: nn.Module) -> list[torch.Tensor]:
-    """Every base tensor of `module` (hosts seen through), in `base_tensors` order, without names."""
-    out: list[torch.Tensor] = []
+Seat = tuple[nn.Module, bool, str, torch.Tensor]  # (owner, is a parameter, name in the owner, tensor)
+
+
+def _walk_base(module: nn.Module) -> list[Seat]:
+    """Every base tensor of `module` (hosts seen through) with where it sits, in `base_tensors` order."""
+    out: list[Seat] = []
     add = out.append
     stack = [module]
     while stack:  # plain loops, no generators: this runs on every apply
@@ -100,32 +103,31 @@ def _walk_base(module: nn.Module) -> list[torch.Tensor]:
         if getattr(type(m), "is_adapter_host", False):
             stack.append(m.base)
             continue
-        for t in m._parameters.values():
+        for n, t in m._parameters.items():
             if t is not None:
-                add(t)
+                add((m, True, n, t))
         if m._buffers:
             skip = m._non_persistent_buffers_set
             for n, t in m._buffers.items():
                 if t is not None and n not in skip:
-                    add(t)
+                    add((m, False, n, t))
         stack.extend(reversed(m._modules.values()))
     return out
 
 
-def _state(tensors: list[torch.Tensor]) -> tuple:
-    return tuple([(t.data_ptr(), t._version, t.dtype, t.shape) for t in tensors])
-
-
 def _fingerprint(module: nn.Module) -> tuple[tuple, tuple]:
-    """(key, weak references to the tensors it describes).
+    """(key, the seats it describes, held weakly).
 
     The key is the identity, version and shape of every base tensor, in `base_tensors`
     order. In-place writes bump a tensor's ``_version``, and replacing or moving a tensor
     changes the sequence, so the key changes whenever the block's digest may have. It is
     much cheaper than `base_tensors` (no names built), which matters on every apply.
     """
-    tensors = _walk_base(module)
-    return _state(tensors), tuple([weakref.ref(t) for t in tensors])
+    seats = _walk_base(module)
+    key = tuple([(t.data_ptr(), t._version, t.dtype, t.shape) for _, _, _, t in seats])
+    owners: dict[int, weakref.ref] = {}
+    weak = tuple([(owners.setdefault(id(m), weakref.ref(m)), p, n, weakref.ref(t)) for m, p, n, t in seats])
+    return key, weak
 
 
 def structure(world: World) -> dict[str, Any]:
@@ -158,20 +160,23 @@ def cached_block_digest(world: World, path: str, block: nn.Module, *, recompute:
 
 
 def untouched_digest(world: World, path: str) -> str | None:
-    """Block `path`'s digest from the last full check, if none of its tensors was written since.
+    """Block `path`'s digest from the last full check, if none of its tensors changed since.
 
-    The tensors recorded then are compared with what they were (identity, version
-    counter, dtype, shape), without walking the modules: a tensor written in place,
-    resized or dropped is seen; modules added, removed or moved since are not, and the
-    next full check (`cached_block_digest`) sees them. None when unknown or changed.
+    Each tensor recorded then is checked where it sat, without walking the modules: a
+    tensor written in place, replaced, resized or dropped is seen; modules added, removed
+    or moved since are not, and the next full check (`cached_block_digest`) sees them.
+    None when unknown or changed.
     """
     hit = world._digest_cache.get(path)
     if hit is None:
         return None
-    key, digest, refs = hit
-    tensors = [r() for r in refs]
-    if any(t is None for t in tensors) or _state(tensors) != key:
-        return None
+    key, digest, seats = hit
+    for (owner_ref, is_param, name, tensor_ref), (ptr, version, dtype, shape) in zip(seats, key):
+        owner, t = owner_ref(), tensor_ref()
+        if owner is None or t is None or (owner._parameters if is_param else owner._buffers).get(name) is not t:
+            return None
+        if t._version != version or t.data_ptr() != ptr or t.dtype != dtype or t.shape != shape:
+            return None
     return digest
 
 

@@ -93,7 +93,8 @@ def test_a_swap_after_a_base_tensor_was_replaced_is_refused(world, bundles):
 
     world.apply(bundles["noir"], weight=0.6)
     ln = world.block(LM).module.ln_f
-    ln.weight = torch.nn.Parameter(ln.weight.detach() + 1, requires_grad=False)  # a new tensor, the old one gone
+    old = ln.weight  # still alive: only where the tensor sits tells
+    ln.weight = torch.nn.Parameter(old.detach() + 1, requires_grad=False)
     with pytest.raises(IncompatibleError) as err:
         world.swap("author/noir", bundles["rain"])
     assert err.value.path == LM and world.applied["author/noir"].bundle is bundles["noir"]
