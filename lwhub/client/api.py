@@ -25,6 +25,7 @@ from ..semver import is_valid
 from ..trust import TrustStore
 from . import pull as _pull
 from . import push as _push
+from .tls import LazyTLS
 from .wire import decode, fetch, raise_for, reaching
 
 T = TypeVar("T")
@@ -55,7 +56,8 @@ class Client:
         self.trust = trust if trust is not None else TrustStore(self.cache.root / "trust")
         self._own_http = http is None
         limits = httpx.Limits(max_connections=max(8, 2 * self.streams), max_keepalive_connections=max(8, 2 * self.streams))
-        self.http = http if http is not None else httpx.Client(timeout=timeout, limits=limits)
+        # TLS set-up waits for the first https connection (a plain-HTTP registry never pays for it).
+        self.http = http if http is not None else httpx.Client(timeout=timeout, limits=limits, verify=LazyTLS())
 
     def close(self) -> None:
         if self._own_http:

@@ -6,8 +6,10 @@
     3. manifest and signature: from the cached bundle directory when their digests
        match, else fetched by digest and hashed
     4. the signature must verify with a key pinned for the owner (pinned on first use
-       only with ``tofu=True``) and list exactly the manifest's digests; this happens
-       before any large download, so an untrusted bundle costs two small requests
+       only with ``tofu=True``) and list exactly the manifest's digests (or, when it is
+       sharded by another size than the manifest's chunks, the manifest's own shards and
+       every file's shard names); this happens before any large download, so an
+       untrusted bundle, or chunk digests the signer did not sign, cost two small requests
     5. files: a cached bundle directory is re-hashed chunk by chunk in parallel; on any
        mismatch it is dropped, and each file comes from a verified cached blob or is
        downloaded (`download.Fetcher`)
@@ -81,9 +83,19 @@ def _trusted_keys(client: Client, owner: str, tofu: bool) -> list:
     return client.trust.keys(owner)
 
 
+def _shard_names(path: str, size: int, shard: int) -> list[str]:
+    return [f"{path}:{start}:{min(start + shard, size)}" for start in range(0, size, shard)]
+
+
 def check_signature(signature: bytes, manifest_bytes: bytes, manifest: Manifest, keys: list, owner: str) -> bool:
-    """Verify the envelope and what it lists against the manifest's digests; False when the
-    signature's shards are not the manifest's chunks, so only the files can settle it."""
+    """Verify the envelope and what it lists against the manifest, before any large download.
+
+    The manifest is always authenticated here (its sha256, or its shards hashed from the
+    bytes in hand), and with it the chunk digests every download is checked against.
+    True when that settles the files too (their digests are the manifest's); False when
+    the signature's shards are not the manifest's chunks: then only the file names and
+    sizes are compared here, and the files' shards once they are downloaded.
+    """
     full = f"{manifest.name}@{manifest.version}"
     try:
         signed = open_signature(signature, keys)
@@ -91,22 +103,26 @@ def check_signature(signature: bytes, manifest_bytes: bytes, manifest: Manifest,
         raise TrustError(f"{full}: signed by none of the keys pinned for {owner!r} ({exc})", owner=owner) from exc
     except SignatureError as exc:
         raise TrustError(f"{full}: {exc}", owner=owner) from exc
-    if signed.shard_size is None:
-        expected = {MANIFEST: _sha(manifest_bytes)} | {f.path: f.sha256 for f in manifest.files}
-    elif signed.shard_size == manifest.chunk_size:
-        size = manifest.chunk_size
-        pieces = range(0, len(manifest_bytes), size)
-        expected = {f"{MANIFEST}:{s}:{min(s + size, len(manifest_bytes))}": _sha(manifest_bytes[s : s + size]) for s in pieces}
-        for f in manifest.files:
-            expected |= {f"{f.path}:{i * size}:{min((i + 1) * size, f.size)}": c for i, c in enumerate(f.chunks)}
+    size = signed.shard_size
+    if size is None:
+        expected: dict[str, str | None] = {MANIFEST: _sha(manifest_bytes)} | {f.path: f.sha256 for f in manifest.files}
     else:
-        return False
+        # Count first: a tiny shard size must not make us list millions of names the signature cannot hold.
+        count = -(-len(manifest_bytes) // size) + sum(-(-f.size // size) for f in manifest.files)
+        if count > len(signed.resources):
+            raise IntegrityError(f"{full}: the signature lists {len(signed.resources)} shards of {size} bytes, the manifest's "
+                                 f"files make {count}", path=MANIFEST, expected=str(len(signed.resources)), found=str(count))  # fmt: skip
+        names = _shard_names(MANIFEST, len(manifest_bytes), size)
+        expected = {name: _sha(manifest_bytes[i * size : (i + 1) * size]) for i, name in enumerate(names)}
+        for f in manifest.files:
+            digests = f.chunks if size == manifest.chunk_size else [None] * -(-f.size // size)  # None: the name only
+            expected |= dict(zip(_shard_names(f.path, f.size, size), digests))
     try:
-        compare(signed.resources, expected, sharded=signed.shard_size is not None)
+        compare(signed.resources, expected, sharded=size is not None)
     except SignedFileMismatchError as exc:
         raise IntegrityError(f"{full}: the signature does not match the manifest: {exc}", path=exc.path,
                              expected=str(exc.expected), found=str(exc.found)) from exc  # fmt: skip
-    return True
+    return size is None or size == manifest.chunk_size
 
 
 def _jobs(manifest: Manifest) -> list[FileJob]:

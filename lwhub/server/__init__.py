@@ -4,6 +4,7 @@
     blobs.py    blobs by sha256            auth.py    accounts and scoped tokens
     publish.py  the publish transaction    run.py     recovery, Granian, `serve`
     openapi.py  the API document          http.py    JSON answers, errors, pages, ranges
+    sweep.py    stale uploads removed, at start and now and then while running
 
 Importing this package imports neither Starlette nor Granian; `create_app` does.
 """
@@ -14,11 +15,11 @@ from .auth import create_account, create_token
 from .run import RunningServer, recover, run_server, serve
 
 
-def create_app(data_dir, *, instance: str = ""):
-    """The registry's ASGI app on `data_dir` (imports Starlette)."""
+def create_app(data_dir, *, instance: str = "", **sweeping):
+    """The registry's ASGI app on `data_dir` (imports Starlette); `sweeping`: ``orphan_grace``, ``sweep_every``."""
     from .app import create_app as make
 
-    return make(data_dir, instance=instance)
+    return make(data_dir, instance=instance, **sweeping)
 
 
 __all__ = ["RunningServer", "create_account", "create_app", "create_token", "recover", "run_server", "serve"]

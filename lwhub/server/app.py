@@ -30,6 +30,7 @@ from .blobs import BlobStore, DirBlobStore
 from .http import HANDLERS, BlobResponse, check_range, json_answer, page_args, page_token, read_body
 from .publish import publish
 from .store import Store, open_store
+from .sweep import ORPHAN_GRACE, SWEEP_EVERY, Sweeper
 
 MAX_KEY_BYTES = 16 << 10
 
@@ -44,8 +45,8 @@ def _bundle_path(request: Request) -> tuple[str, str]:
 class Registry:
     """The routes, bound to one metadata store and one blob store."""
 
-    def __init__(self, store: Store, blobs: BlobStore) -> None:
-        self.store, self.blobs = store, blobs
+    def __init__(self, store: Store, blobs: BlobStore, sweeper: Sweeper) -> None:
+        self.store, self.blobs, self.sweeper = store, blobs, sweeper
 
     def principal(self, request: Request) -> auth.Principal:
         return auth.authenticate(self.store, request.headers.get("authorization"))
@@ -136,6 +137,7 @@ class Registry:
         except BaseException:
             writer.abort()
             raise
+        self.sweeper.maybe()  # uploads are what leave orphans: sweep stale ones now and then, in the background
         return json_answer(BlobInfo(f"sha256:{hexdigest}", writer.size, created), 201 if created else 200)
 
     # -- bundles, versions, tags --------------------------------------------------------------
@@ -205,9 +207,15 @@ class Registry:
         return json_answer({"tag": tag, "version": body.version})
 
 
-def create_app(data_dir: str | Path, *, instance: str = "") -> Starlette:
-    """The registry app on `data_dir` (``registry.sqlite3``, ``blobs/``, ``tmp/``)."""
-    registry = Registry(open_store(data_dir), DirBlobStore(data_dir))
+def create_app(data_dir: str | Path, *, instance: str = "", orphan_grace: float = ORPHAN_GRACE,
+               sweep_every: float = SWEEP_EVERY) -> Starlette:  # fmt: skip
+    """The registry app on `data_dir` (``registry.sqlite3``, ``blobs/``, ``tmp/``).
+
+    Unreferenced blobs and temp entries older than `orphan_grace` seconds are swept after
+    an upload, at most once every `sweep_every` seconds (`sweep.Sweeper`).
+    """
+    store, blobs = open_store(data_dir), DirBlobStore(data_dir)
+    registry = Registry(store, blobs, Sweeper(store, blobs, grace=orphan_grace, every=sweep_every))
     r, bundle = registry, "/v1/bundles/{owner}/{name}"
     routes = [
         Route("/v1/health", r.health),
@@ -228,5 +236,5 @@ def create_app(data_dir: str | Path, *, instance: str = "") -> Starlette:
         Route(bundle + "/tags/{tag}", r.set_tag, methods=["PUT"]),
     ]
     app = Starlette(routes=routes, exception_handlers=HANDLERS)
-    app.state.instance = instance
+    app.state.instance, app.state.sweeper = instance, registry.sweeper
     return app

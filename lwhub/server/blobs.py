@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -46,9 +47,10 @@ class BlobStore(Protocol):
     def local_path(self, hexdigest: str) -> Path | None: ...
     def materialize(self, hexdigest: str, dest: Path) -> None: ...  # make `dest` hold the blob's bytes
     def delete(self, hexdigest: str) -> None: ...
+    def remove_if_stale(self, hexdigest: str, cutoff: float) -> bool: ...  # see `sweep`
     def digests(self) -> Iterator[tuple[str, float]]: ...  # (hex, mtime)
     def scratch(self) -> Path: ...  # a new private directory under the temp area
-    def clean_temp(self) -> int: ...
+    def clean_temp(self, older_than: float = 0.0) -> int: ...
 
 
 def _storage_error(exc: OSError, what: str) -> StorageError:
@@ -161,19 +163,55 @@ class DirBlobStore:
     def delete(self, hexdigest: str) -> None:
         self.path(hexdigest).unlink(missing_ok=True)
 
+    def remove_if_stale(self, hexdigest: str, cutoff: float) -> bool:
+        """Delete the blob if its inode has not changed since `cutoff` (unix seconds) and nothing else links it.
+
+        Renamed into the temp area first, so no new link can be made; put back if one was made meanwhile.
+        """
+        path = self.path(hexdigest)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return False
+        if max(st.st_mtime, st.st_ctime) > cutoff or st.st_nlink > 1:
+            return False
+        doomed = self.tmp / f"sweep-{hexdigest}-{secrets.token_hex(4)}"
+        try:
+            os.rename(path, doomed)
+        except FileNotFoundError:  # another sweeper was first
+            return False
+        if os.stat(doomed).st_nlink > 1:  # a publish staged it between the check and the rename
+            os.rename(doomed, path)  # (a re-upload meanwhile holds the same bytes)
+            return False
+        os.unlink(doomed)
+        return True
+
     def digests(self) -> Iterator[tuple[str, float]]:
         for sub in self.base.iterdir():
             for blob in sub.iterdir():
-                yield blob.name, blob.stat().st_mtime
+                try:
+                    yield blob.name, blob.stat().st_mtime
+                except FileNotFoundError:  # swept meanwhile
+                    continue
 
     def scratch(self) -> Path:
         return Path(tempfile.mkdtemp(dir=self.tmp, prefix="stage-"))
 
     def clean_temp(self, older_than: float = 0.0) -> int:
-        """Remove temp files and staging dirs left by a crash; returns how many."""
+        """Remove temp files and staging dirs unchanged for `older_than` seconds (all: a crash's leftovers); returns how many.
+
+        The ctime counts too: a blob a sweeper has just renamed here keeps its old mtime.
+        """
         cutoff, removed = time.time() - older_than, 0
         for entry in self.tmp.iterdir():
-            if entry.lstat().st_mtime <= cutoff:
-                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            try:
+                st = entry.lstat()
+            except FileNotFoundError:  # removed meanwhile (an upload aborted, a sweep finished)
+                continue
+            if max(st.st_mtime, st.st_ctime) <= cutoff:
+                try:
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                except FileNotFoundError:
+                    continue
                 removed += 1
         return removed

@@ -6,6 +6,7 @@ so whole blobs go from the file to the socket without passing through Python.
 At every start, before the first request, `recover` removes what a crash can leave:
 temp files and staging directories, and blobs that no version references and that
 are older than `orphan_grace` seconds (younger ones may belong to a publish in flight).
+While it runs, uploads trigger the same sweep now and then (`sweep.Sweeper`).
 
 `serve` starts the server in a child process (its own process group, so it can be
 stopped or killed whole) and returns once it answers; ``port=0`` picks a free port.
@@ -27,22 +28,14 @@ import httpx
 
 from .blobs import DirBlobStore
 from .store import open_store
+from .sweep import ORPHAN_GRACE, sweep
 
-ORPHAN_GRACE = 3600.0
 _DATA_ENV, _INSTANCE_ENV = "LWHUB_SERVER_DATA", "LWHUB_SERVER_INSTANCE"
 
 
 def recover(data_dir: str | Path, *, orphan_grace: float = ORPHAN_GRACE) -> dict[str, int]:
     """Clean what a crash left in `data_dir`; returns counts of removed temp entries and orphan blobs."""
-    blobs, store = DirBlobStore(data_dir), open_store(data_dir)
-    temp = blobs.clean_temp()
-    referenced = store.referenced_blobs()
-    cutoff, orphans = time.time() - orphan_grace, 0
-    for hexdigest, mtime in list(blobs.digests()):
-        if f"sha256:{hexdigest}" not in referenced and mtime < cutoff:
-            blobs.delete(hexdigest)
-            orphans += 1
-    return {"temp": temp, "orphans": orphans}
+    return sweep(open_store(data_dir), DirBlobStore(data_dir), grace=orphan_grace, temp_grace=0.0)
 
 
 def worker_app():
