@@ -115,19 +115,19 @@ def _walk_base(module: nn.Module) -> list[Seat]:
     return out
 
 
-def _fingerprint(module: nn.Module) -> tuple[tuple, tuple]:
-    """(key, the seats it describes, held weakly).
+def _fingerprint(seats: list[Seat]) -> tuple:
+    """The identity, version and shape of every base tensor, in `base_tensors` order.
 
-    The key is the identity, version and shape of every base tensor, in `base_tensors`
-    order. In-place writes bump a tensor's ``_version``, and replacing or moving a tensor
-    changes the sequence, so the key changes whenever the block's digest may have. It is
+    In-place writes bump a tensor's ``_version``, and replacing or moving a tensor changes
+    the sequence, so the fingerprint changes whenever the block's digest may have. It is
     much cheaper than `base_tensors` (no names built), which matters on every apply.
     """
-    seats = _walk_base(module)
-    key = tuple([(t.data_ptr(), t._version, t.dtype, t.shape) for _, _, _, t in seats])
+    return tuple([(t.data_ptr(), t._version, t.dtype, t.shape) for _, _, _, t in seats])
+
+
+def _weakly(seats: list[Seat]) -> tuple:
     owners: dict[int, weakref.ref] = {}
-    weak = tuple([(owners.setdefault(id(m), weakref.ref(m)), p, n, weakref.ref(t)) for m, p, n, t in seats])
-    return key, weak
+    return tuple([(owners.setdefault(id(m), weakref.ref(m)), p, n, weakref.ref(t)) for m, p, n, t in seats])
 
 
 def structure(world: World) -> dict[str, Any]:
@@ -150,19 +150,19 @@ def structure(world: World) -> dict[str, Any]:
 
 def cached_block_digest(world: World, path: str, block: nn.Module, *, recompute: bool = False) -> str:
     """One block's digest, from the world's cache unless one of its base tensors changed since."""
-    key, refs = _fingerprint(block.module)
+    key = _fingerprint(_walk_base(block.module))
     hit = world._digest_cache.get(path)
-    digest = None if recompute or hit is None or hit[0] != key else hit[1]
-    if digest is None:
-        digest = PREFIX + block_digest_raw(base_tensors(block.module)).hex()
-    world._digest_cache[path] = (key, digest, refs)
-    return digest
+    if recompute or hit is None or hit[0] != key:
+        hit = (key, PREFIX + block_digest_raw(base_tensors(block.module)).hex(), None)
+        world._digest_cache[path] = hit
+    return hit[1]
 
 
 def untouched_digest(world: World, path: str) -> str | None:
     """Block `path`'s digest from the last full check, if none of its tensors changed since.
 
-    Each tensor recorded then is checked where it sat, without walking the modules: a
+    Each tensor recorded (weakly, at the first call since) is checked where it sat,
+    without walking the modules: a
     tensor written in place, replaced, resized or dropped is seen; modules added, removed
     or moved since are not, and the next full check (`cached_block_digest`) sees them.
     None when unknown or changed.
@@ -171,6 +171,12 @@ def untouched_digest(world: World, path: str) -> str | None:
     if hit is None:
         return None
     key, digest, seats = hit
+    if seats is None:  # the first time since the full check: one more walk, then the seats are kept
+        walked = _walk_base(world.block(path).module)
+        if _fingerprint(walked) != key:
+            return None
+        world._digest_cache[path] = (key, digest, _weakly(walked))
+        return digest
     for (owner_ref, is_param, name, tensor_ref), (ptr, version, dtype, shape) in zip(seats, key):
         owner, t = owner_ref(), tensor_ref()
         if owner is None or t is None or (owner._parameters if is_param else owner._buffers).get(name) is not t:
@@ -194,8 +200,7 @@ def seed_cache(world: World, blocks: dict[str, str]) -> None:
     """Trust digests read from a checkpoint for the tensors just loaded from it."""
     for path, block in world.blocks().items():
         if path in blocks:
-            key, refs = _fingerprint(block.module)
-            world._digest_cache[path] = (key, blocks[path], refs)
+            world._digest_cache[path] = (_fingerprint(_walk_base(block.module)), blocks[path], None)
 
 
 def verify_world(world: World, expected: dict[str, str] | None = None) -> None:

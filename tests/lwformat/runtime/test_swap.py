@@ -77,10 +77,13 @@ def test_compiled_world_does_not_recompile_on_swap_or_weight(world, bundles):
     torch._dynamo.reset()
 
 
-def test_a_swap_onto_a_changed_base_is_refused(world, bundles):
+@pytest.mark.parametrize("swapped_before", [False, True])  # the first swap records where each base tensor sits
+def test_a_swap_onto_a_changed_base_is_refused(world, bundles, swapped_before):
     from lwformat.errors import IncompatibleError
 
-    world.apply(bundles["noir"], weight=0.6)
+    world.apply(bundles["noir2" if swapped_before else "noir"], weight=0.6)
+    if swapped_before:
+        world.swap("author/noir", bundles["noir"])
     with torch.no_grad():
         world.block(LM).module.ln_f.weight.add_(1.0)  # the base changed after applying
     with pytest.raises(IncompatibleError) as err:
@@ -88,10 +91,13 @@ def test_a_swap_onto_a_changed_base_is_refused(world, bundles):
     assert err.value.path == LM and world.applied["author/noir"].bundle is bundles["noir"]
 
 
-def test_a_swap_after_a_base_tensor_was_replaced_is_refused(world, bundles):
+@pytest.mark.parametrize("swapped_before", [False, True])
+def test_a_swap_after_a_base_tensor_was_replaced_is_refused(world, bundles, swapped_before):
     from lwformat.errors import IncompatibleError
 
-    world.apply(bundles["noir"], weight=0.6)
+    world.apply(bundles["noir2" if swapped_before else "noir"], weight=0.6)
+    if swapped_before:
+        world.swap("author/noir", bundles["noir"])
     ln = world.block(LM).module.ln_f
     old = ln.weight  # still alive: only where the tensor sits tells
     ln.weight = torch.nn.Parameter(old.detach() + 1, requires_grad=False)
