@@ -2,7 +2,7 @@
 
 from .config import LightConfig
 from .host import AdapterHost
-from .kinds import IA3, KINDS, Adapter, BiasDelta, DoRA, LoRA, NeuronDelta, SlotSettings
+from .kinds import KINDS, Adapter, BiasDelta, DoRA, IA3, LoRA, NeuronDelta, SlotSettings
 from .layers import Geometry, geometry
 from .plan import Plan, SlotPlan
 

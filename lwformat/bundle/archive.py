@@ -21,12 +21,7 @@ from typing import BinaryIO
 import msgspec
 import zstandard
 
-from ..errors import (
-    BundleExistsError,
-    BundleFormatError,
-    BundleNotFoundError,
-    UnsafePathError,
-)
+from ..errors import BundleExistsError, BundleFormatError, BundleNotFoundError, UnsafePathError
 from . import limits, tar
 from .files import fsync_dir, list_members, open_member
 from .hashing import PIECE

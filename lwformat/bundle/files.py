@@ -11,12 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import (
-    BundleExistsError,
-    BundleFormatError,
-    BundleNotFoundError,
-    UnsafePathError,
-)
+from ..errors import BundleExistsError, BundleFormatError, BundleNotFoundError, UnsafePathError
 from . import limits
 
 

@@ -26,12 +26,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..errors import (
-    BundleFormatError,
-    BundleNotFoundError,
-    IntegrityError,
-    SlotNotFoundError,
-)
+from ..errors import BundleFormatError, BundleNotFoundError, IntegrityError, SlotNotFoundError
 from ..world.digest import DTYPE_NAMES
 from . import limits
 from .canonical import loads, manifest_id

@@ -48,8 +48,6 @@ def verify(bundle: Bundle, public_keys: Any = None) -> str | None:
     verify_files(bundle)
     if public_keys is None:
         return None
-    from .signing import (
-        verify_signature,  # written alongside; imported only when a signature is checked
-    )
+    from .signing import verify_signature  # written alongside; imported only when a signature is checked
 
     return verify_signature(bundle.path, public_keys)

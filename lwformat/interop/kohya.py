@@ -27,15 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import InteropError
-from .attach import (
-    ForeignSlot,
-    attach,
-    block_slots,
-    check_module,
-    read_safetensors,
-    shapes_for,
-    to_ours,
-)
+from .attach import ForeignSlot, attach, block_slots, check_module, read_safetensors, shapes_for, to_ours
 
 if TYPE_CHECKING:
     from ..adapters.plan import Plan

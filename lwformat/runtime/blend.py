@@ -36,16 +36,7 @@ import msgspec
 import torch
 
 from ..bundle.canonical import encode, manifest_id
-from ..bundle.manifest import (
-    SPEC,
-    BaseBinding,
-    Manifest,
-    Name,
-    Parent,
-    SemVer,
-    SlotEntry,
-    TensorEntry,
-)
+from ..bundle.manifest import SPEC, BaseBinding, Manifest, Name, Parent, SemVer, SlotEntry, TensorEntry
 from ..errors import BlendError, SlotNotFoundError
 from ..world.digest import DTYPE_NAMES
 from .blend_kinds import TENSOR_ORDER, Part, Recipe, SlotBlend, blend_slots

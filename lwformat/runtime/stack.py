@@ -22,29 +22,12 @@ from ..adapters.kinds import KINDS, Adapter
 from ..adapters.plan import parent_index, replace_module
 from ..bundle.manifest import slot_layout
 from ..bundle.read import Bundle
-from ..errors import (
-    AlreadyAppliedError,
-    FusedError,
-    LayoutError,
-    NotAppliedError,
-    TargetError,
-)
+from ..errors import AlreadyAppliedError, FusedError, LayoutError, NotAppliedError, TargetError
 from ..world.digest import untouched_digest
 from ..world.paths import match_block
 from .resolve import ResolvedSlot, resolve
 from .spare import Spare
-from .storage import (
-    Place,
-    allocate,
-    copy_packed,
-    copy_runs,
-    fill,
-    fits,
-    plan_layout,
-    scalars,
-    slot_views,
-    view,
-)
+from .storage import Place, allocate, copy_packed, copy_runs, fill, fits, plan_layout, scalars, slot_views, view
 
 if TYPE_CHECKING:
     from ..world.tree import World
