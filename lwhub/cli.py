@@ -98,8 +98,8 @@ EXIT_CODES: list[tuple[type[BaseException], int, str]] = [  # (error class, exit
     (IntegrityError, 1, "do not use this bundle: a file changed since it was written; fetch it again"),
     (DownloadIntegrityError, 1, "nothing unverified was kept: pull again; if it persists, the hub holds bad bytes"),
     (TrustError, 1, "pin the publisher's key (`lwhub trust add OWNER KEY.pub`), or pull with --tofu to trust the hub's keys once"),
-    (PublishRejectedError, 1, "nothing was published: `lwhub verify DIR --key KEY.pub` checks the bundle, and "
-                              "`lwhub key register KEY.pub` registers its key with the hub"),
+    (PublishRejectedError, 1, ("nothing was published: `lwhub verify DIR --key KEY.pub` checks the bundle, and "
+                               "`lwhub key register KEY.pub` registers its key with the hub")),
     (RollbackError, 1, "pull an explicit version (owner/name@1.2.3), or pass --allow-rollback if you expect the older one"),
     (IncompatibleError, 3, BASE_HINT),
     (BaseMismatchError, 3, BASE_HINT),
@@ -107,8 +107,8 @@ EXIT_CODES: list[tuple[type[BaseException], int, str]] = [  # (error class, exit
     (ForbiddenError, 8, "use a token scoped to that namespace: an admin makes one with `lwhub token create ACCOUNT --scope OWNER`"),
     (AuthError, 8, "log in with a valid token: `lwhub login --token lwh_...` (`lwhub token create` makes one)"),
     (ConflictError, 9, "versions are immutable: push under a new --version"),
-    (HubUnavailableError, 10, "is the hub running? check --url, LWHUB_URL or `lwhub login --url`; `lwhub pull --offline` "
-                              "serves what is cached"),
+    (HubUnavailableError, 10, ("is the hub running? check --url, LWHUB_URL or `lwhub login --url`; `lwhub pull --offline` "
+                               "serves what is cached")),
     (UsageError, 2, "see `lwhub <verb> --help`"),
     (PushError, 2, "see `lwhub push --help`"),
     (RefError, 2, "name a bundle as owner/name, owner/name@1.2.3 or owner/name@tag"),

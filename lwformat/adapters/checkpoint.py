@@ -72,7 +72,7 @@ def load_adapters(world: World, path: str | os.PathLike) -> Plan:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: unreadable adapter file: {exc}", path=str(path)) from exc
     if meta.get("format") != FORMAT:
@@ -94,7 +94,7 @@ def load_adapters(world: World, path: str | os.PathLike) -> Plan:
     try:
         live = adapter_tensors(world)
         if set(live) != set(tensors):
-            first = sorted(set(live) ^ set(tensors))[0]
+            first = min(set(live) ^ set(tensors))
             raise CheckpointError(f"{path}: tensors do not match the plan (first difference: {first})", path=first)
         with torch.no_grad():
             for key, value in tensors.items():

@@ -128,7 +128,7 @@ def check_header(header: bytes, data_len: int, manifest: Manifest) -> list[Tenso
         if (b, e) != (s.begin, s.end):
             _fail(f"at [{b}, {e}], canonical order puts it at [{s.begin}, {s.end}]", s.key)
     if found:
-        _fail("not listed in the manifest", sorted(found)[0])
+        _fail("not listed in the manifest", min(found))
     return spans
 
 

@@ -143,6 +143,6 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as f:
             ensure(len(f.keys()), MAX_TENSORS, "MAX_TENSORS", "the tensor count", path=str(path))
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
     except SafetensorError as exc:
         raise InteropError(f"{path}: not a valid safetensors file: {exc}", path=str(path)) from exc

@@ -99,7 +99,7 @@ class DiT(nn.Module):
         self, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Predicted noise (B, C, H, W) for latents (B, C, H, W), times (B,) and conditioning (B, S, Dc)."""
-        B, C, H, W = latents.shape
+        _, C, H, W = latents.shape
         if (C, H, W) != (self.channels, self.latent_size, self.latent_size):
             raise ValueError(
                 f"latents {(C, H, W)} do not match {(self.channels, self.latent_size, self.latent_size)}"

@@ -53,7 +53,7 @@ _VERSION_COLUMNS = "owner, name, version, manifest, signature, size, key_id, cre
 
 
 class TokenRow:
-    __slots__ = ("account", "scopes", "expires")
+    __slots__ = ("account", "expires", "scopes")
 
     def __init__(self, account: str, scopes: list[str], expires: float | None) -> None:
         self.account, self.scopes, self.expires = account, scopes, expires
