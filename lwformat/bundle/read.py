@@ -236,14 +236,15 @@ def _check_weights(root: Path, manifest: Manifest, size: int) -> tuple[list[Tens
 
 
 _SPLIT_READ = 4 << 20  # runs at least this large are read by two threads
-_READER: ThreadPoolExecutor | None = None
+_READER: tuple[int, ThreadPoolExecutor] | None = None  # (the pid that made it, the pool)
 
 
 def _reader() -> ThreadPoolExecutor:
+    """One helper thread for this process (a forked child makes its own: the parent's thread is not in it)."""
     global _READER
-    if _READER is None:
-        _READER = ThreadPoolExecutor(1, thread_name_prefix="lwbundle-read")
-    return _READER
+    if _READER is None or _READER[0] != os.getpid():
+        _READER = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="lwbundle-read"))
+    return _READER[1]
 
 
 def _read_exactly(fd: int, view: memoryview, offset: int) -> None:

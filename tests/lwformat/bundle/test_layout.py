@@ -76,6 +76,39 @@ def test_packed_runs_are_views_of_the_file_in_canonical_order(tmp_path):
             assert torch.equal(run, torch.cat(parts))
 
 
+def _read_runs(bundle) -> dict[str, torch.Tensor]:
+    runs = {name: torch.empty_like(run) for name, run in bundle.packed().items()}
+    bundle.read_runs(runs)
+    return runs
+
+
+def test_read_runs_equal_the_mapped_runs_in_a_forked_child_too(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from lwformat.bundle import read
+
+    from torch import nn
+
+    from lwformat.world import Block, World
+
+    world = World.from_blocks({LLM: Block(nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256)), "llm")})
+    world.customize(LightConfig(rank=16))
+    for p in world.adapter_parameters():
+        torch.nn.init.normal_(p)
+    write_bundle(world, tmp_path / "b", name="a/b", version="1.0.0")
+    monkeypatch.setattr(read, "_SPLIT_READ", 8192)  # the 64 KiB run is read in two halves, by two threads
+    with Bundle.open(tmp_path / "b") as bundle:
+        packed = bundle.packed()
+        assert packed["F32"].numel() * 4 >= 2 * 8192
+        assert all(torch.equal(_read_runs(bundle)[name], run) for name, run in packed.items())
+        pid = os.fork()  # the parent's reader thread is not in the child: it must make its own
+        if pid == 0:
+            signal.alarm(20)  # a hang ends the child, and so fails the test
+            os._exit(0 if all(torch.equal(_read_runs(bundle)[n], r) for n, r in packed.items()) else 3)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
 def _valid_manifest():
     from lwformat.bundle.canonical import loads
 
