@@ -197,9 +197,11 @@ class Bundle:
                 # A large run is read in two halves at once: the kernel's copy is what costs
                 # here, and both cores can do it (the read drops the GIL).
                 second = _reader().submit(_read_exactly, f.fileno(), view[half:], self.data_offset + b + half) if half else None
-                _read_exactly(f.fileno(), view[:half] if half else view, self.data_offset + b)
-                if second is not None:
-                    second.result()
+                try:
+                    _read_exactly(f.fileno(), view[:half] if half else view, self.data_offset + b)
+                finally:  # the file stays open until the other half is read, whatever happened to this one
+                    if second is not None:
+                        second.result()
 
     def _runs(self) -> dict[str, tuple[int, int]]:
         """``{dtype name: (begin, end)}`` of each dtype's run in the data section."""
@@ -248,8 +250,10 @@ def _reader() -> ThreadPoolExecutor:
 
 
 def _read_exactly(fd: int, view: memoryview, offset: int) -> None:
+    end = offset + len(view)
     while view:
         n = os.preadv(fd, [view], offset)
-        if n == 0:
-            raise IntegrityError(f"{WEIGHTS}: ends {len(view)} bytes early", path=WEIGHTS)
+        if n == 0:  # the file was cut short since it was opened and checked
+            raise IntegrityError(f"{WEIGHTS}: ends at byte {offset}, before byte {end} of the data it holds",
+                                 path=WEIGHTS, expected=end, found=offset)  # fmt: skip
         view, offset = view[n:], offset + n

@@ -162,10 +162,9 @@ def untouched_digest(world: World, path: str) -> str | None:
     """Block `path`'s digest from the last full check, if none of its tensors changed since.
 
     Each tensor recorded (weakly, at the first call since) is checked where it sat,
-    without walking the modules: a
-    tensor written in place, replaced, resized or dropped is seen; modules added, removed
-    or moved since are not, and the next full check (`cached_block_digest`) sees them.
-    None when unknown or changed.
+    without walking the modules: a tensor written in place, replaced, resized or dropped
+    is seen; modules added, removed or moved since are not, and the next full check
+    (`cached_block_digest`) sees them. None when unknown or changed.
     """
     hit = world._digest_cache.get(path)
     if hit is None:

@@ -102,3 +102,19 @@ def test_applied_bundles_are_frozen_and_not_trainable_parameters(world, bundles)
     assert all(not list(a.parameters()) for a in adapters)  # storage views, held as buffers
     assert all(a.lora_A.data_ptr() and not a.lora_A.requires_grad for a in adapters)
     assert world.adapter_parameters() == []
+
+
+def test_a_weights_file_cut_short_after_opening_fails_apply_and_changes_nothing(tmp_path, world):
+    import os
+
+    from lwformat.errors import IntegrityError
+
+    bundle = make_bundle(tmp_path, 11)
+    x = tokens()
+    before = lm_out(world, x)
+    modules = [type(m) for m in world.modules()]
+    os.truncate(bundle.weights_path, os.path.getsize(bundle.weights_path) - 100)
+    with pytest.raises(IntegrityError, match="ends"):
+        world.apply(bundle)
+    assert world.applied == {} and [type(m) for m in world.modules()] == modules
+    assert torch.equal(lm_out(world, x), before)
