@@ -206,7 +206,11 @@ def _applied(world: World, name: str) -> Applied:
 
 
 def remove(world: World, name: str) -> None:
-    """Take a bundle off; hosts left empty give their slot back to the untouched base layer."""
+    """Take a bundle off; hosts left empty give their slot back to the untouched base layer.
+
+    Its CPU storage is kept for the next apply (`spare.Spare`, at most 256 MiB a world);
+    ``world.spare_storage = None`` lets it go.
+    """
     _not_fused(world, "remove a bundle")
     applied = _applied(world, name)
     parents = _Parents(world)

@@ -313,7 +313,10 @@ class World(nn.Module):
         return apply(self, bundle, weight, name=name, strict=strict, reserve_rank=reserve_rank)
 
     def remove(self, name: str) -> None:
-        """Take an applied bundle off; with nothing applied the base is bit-exact again."""
+        """Take an applied bundle off; with nothing applied the base is bit-exact again.
+
+        Its CPU storage is kept for the next apply (at most 256 MiB); ``spare_storage = None`` frees it.
+        """
         from ..runtime import remove
 
         remove(self, name)

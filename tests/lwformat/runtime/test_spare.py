@@ -60,3 +60,17 @@ def test_a_smaller_bundle_in_reused_storage_keeps_nothing_of_the_larger(world, b
     world.spare_storage.buffers.clear()
     world.apply(bundles["noir"])
     assert torch.allclose(reused, lm_out(world, x), rtol=0, atol=1e-6)
+
+
+def test_dropping_the_pool_lets_the_storage_go(world, bundles):
+    import gc
+    import weakref
+
+    world.apply(bundles["noir"])
+    buffer = weakref.ref(next(iter(world.applied["author/noir"].buffers.values())))
+    world.remove("author/noir")
+    gc.collect()
+    assert buffer() is not None  # kept for the next apply
+    world.spare_storage = None
+    gc.collect()
+    assert buffer() is None
