@@ -206,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated sections to run (apply,swap,blend,forward,mixed); default all")
     args = parser.parse_args(argv)
     sections = {"apply": bench_apply, "swap": bench_swap, "blend": blend_rows, "forward": bench_forward, "mixed": bench_mixed}
-    chosen = [sections[name] for name in args.only.split(",") if name] or list(sections.values())
+    names = [name for name in args.only.split(",") if name]
+    if unknown := sorted(set(names) - set(sections)):
+        parser.error(f"--only: no section {unknown[0]!r} (sections: {', '.join(sections)})")
+    chosen = [sections[name] for name in names] or list(sections.values())
     budget = QUICK if args.quick else FULL
     start = time.perf_counter()
     print(f"torch {torch.__version__}, peft {peft.__version__}, torch threads {torch.get_num_threads()}, "
