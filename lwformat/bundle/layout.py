@@ -99,10 +99,10 @@ def _entry(key: str, value: object, data_len: int) -> tuple[str, tuple[int, ...]
 
 def check_header(header: bytes, data_len: int, manifest: Manifest) -> list[TensorSpan]:
     """Validate the JSON header (without its length prefix) against the manifest; return the spans."""
-    spans = plan_layout(manifest)
-    if spans_json(spans) == header.rstrip(b" ") and (spans[-1].end if spans else 0) == data_len:
-        return spans  # exactly what a writer makes of this manifest (the padding is JSON whitespace)
-    value = parse(header.rstrip(b" "), path=WEIGHTS)
+    spans, header = plan_layout(manifest), header.rstrip(b" ")  # the padding is JSON whitespace
+    if spans_json(spans) == header and (spans[-1].end if spans else 0) == data_len:
+        return spans  # exactly what a writer makes of this manifest
+    value = parse(header, path=WEIGHTS)
     if not isinstance(value, dict):
         _fail("header is not a JSON object")
     meta = value.pop("__metadata__", {})

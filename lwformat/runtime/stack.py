@@ -62,8 +62,9 @@ def _same_layout_swap(world: World, applied: Applied, bundle: Any) -> bool:
     old = applied.bundle.manifest
     if not applied.packed or bundle.manifest.base.blocks != old.base.blocks or _layout(bundle) != _layout(applied.bundle):
         return False
+    canonical = world.block_paths()
     for path, expected in old.base.blocks.items():
-        if untouched_digest(world, world.block_paths()[path]) != expected:
+        if untouched_digest(world, canonical[path]) != expected:
             return False  # the full check will say what changed
     copy_runs(applied.buffers, bundle)  # equal layouts give equal runs (the reader checked the order)
     applied.bundle = bundle

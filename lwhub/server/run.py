@@ -112,7 +112,8 @@ def serve(data_dir: str | Path, host: str = "127.0.0.1", port: int = 0, *, worke
         instance, chosen = secrets.token_hex(8), port or free_port(host)
         cmd = [sys.executable, "-m", "lwhub.server", str(data_dir), "--host", host, "--port", str(chosen),
                "--workers", str(workers), "--instance", instance]  # fmt: skip
-        process = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL, preexec_fn=preexec_fn)
+        # preexec_fn is for tests only (a file-size limit for the full-disk test); None otherwise.
+        process = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL, preexec_fn=preexec_fn)  # noqa: PLW1509
         server = RunningServer(f"http://{host}:{chosen}", Path(data_dir), process)
         if _wait_ready(server, instance, timeout):
             return server
