@@ -120,10 +120,11 @@ def check_value(value: Any, *, path: str | None = None, depth: int = 0, at: str 
         raise BundleFormatError(f"{at}: {type(value).__name__} is not a JSON value", path=path, field=at)
 
 
-def _shape_ok(value: dict | list) -> bool:
+def _shape_ok(value: dict | list, depth: int = 0, *, floats: bool = False) -> bool:
     """What a canonical round trip cannot see: integers within ±(2^53 - 1), and no
-    member deeper than MAX_JSON_DEPTH (the top value is at depth 0, as `_valid` counts)."""
-    stack = [(value, 0)]
+    member deeper than MAX_JSON_DEPTH (`value` sits at `depth`; the top value is at 0,
+    as `_valid` counts); with `floats`, also every float in msgspec's plain range."""
+    stack = [(value, depth)]
     while stack:
         node, depth = stack.pop()
         items = node.values() if type(node) is dict else node
@@ -134,6 +135,8 @@ def _shape_ok(value: dict | list) -> bool:
             if kind is dict or kind is list:
                 stack.append((v, depth + 1))
             elif kind is int and not -limits.MAX_JSON_INT <= v <= limits.MAX_JSON_INT:
+                return False
+            elif floats and kind is float and not _plain_float(v):
                 return False
     return True
 
@@ -239,9 +242,50 @@ def typed(value: Any) -> Manifest:
 def loads(data: bytes) -> Manifest:
     """Manifest bytes (any valid JSON, canonical or not) -> `Manifest`."""
     limits.ensure(len(data), limits.MAX_MANIFEST_BYTES, "MAX_MANIFEST_BYTES", "manifest size", path=MANIFEST)
+    if (manifest := _typed_canonical(data)) is not None:
+        check_manifest(manifest)
+        return manifest
     value = parse(data, path=MANIFEST)
     check_version(value)
     return typed(value)
+
+
+def _typed_canonical(data: bytes) -> Manifest | None:
+    """The manifest of `data` when it is canonical and of this major version, read by one typed C decode.
+
+    What bundles hold, in a third of the time of `parse` then `typed`. msgspec writes a
+    manifest back as `encode` does, except escapes and floats outside 1e-4 <= |x| < 1e16
+    (a test holds it to that), so bytes it reproduces exactly, holding no backslash and
+    no such float, are canonical. Unknown fields (the typed read drops them) and fields
+    spelled at their default fail that comparison. None for anything else: the general
+    path then reads it, or says what is wrong.
+    """
+    if b"\\" in data:
+        return None
+    try:
+        manifest = msgspec.json.decode(data, type=Manifest)
+    except (msgspec.DecodeError, ValueError, RecursionError):  # ValidationError is a DecodeError
+        return None
+    if msgspec.json.encode(manifest, order="sorted") != data or not _plain_numbers(manifest):
+        return None
+    m = _SPEC.fullmatch(manifest.spec)
+    return manifest if m and int(m[1]) == SPEC_MAJOR else None
+
+
+def _plain_float(x: float) -> bool:
+    """Whether msgspec spells `x` as canonical JSON does (both write the shortest digits;
+    they differ only in the exponent form used outside this range)."""
+    return x == 0 or 1e-4 <= abs(x) < 1e16
+
+
+def _plain_numbers(m: Manifest) -> bool:
+    """Every number spelled alike by both encoders and within bounds, the provenance nested within bounds."""
+    return (
+        all(f.size <= limits.MAX_JSON_INT for f in m.files)  # the other integer fields have lower bounds
+        and all(_plain_float(s.alpha) for s in m.slots)
+        and all(_plain_float(p.weight) for p in m.parents)
+        and _shape_ok(m.provenance, 1, floats=True)
+    )
 
 
 def dumps(manifest: Manifest) -> bytes:

@@ -299,3 +299,82 @@ def test_fast_path_takes_canonical_manifests():
     assert _parse_canonical(json.dumps(json.loads(data), indent=1).encode()) is NOT_CANONICAL
     assert _parse_canonical(encode(_deep(32))) == _deep(32) and _parse_canonical(_spellings(_deep(33))[0]) is NOT_CANONICAL
     assert _parse_canonical(b"[9007199254740991]") == [2**53 - 1] and _parse_canonical(b"[-9007199254740992]") is NOT_CANONICAL
+
+
+# -- the typed fast path for canonical manifests agrees with the general one ------------------
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: x == 0 or 1e-4 <= abs(x) < 1e16))
+def test_msgspec_spells_plain_floats_as_canonical_json(x):
+    assert msgspec.json.encode(x) == encode(x)
+
+
+def _agree_typed(data: bytes) -> None:
+    from lwformat.bundle.canonical import _typed_canonical, check_version, parse_strict, typed
+
+    fast = _typed_canonical(data)
+    try:
+        value = parse_strict(data, path="manifest.json")
+        check_version(value)
+        strict = typed(value)
+    except BundleFormatError:
+        assert fast is None, data
+        return
+    if fast is not None:
+        assert encode(value) == data and fast == strict, data
+
+
+def _leaves(value):
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value]
+
+
+@settings(max_examples=150, deadline=None)
+@given(manifests())
+def test_typed_fast_path_agrees_with_the_general_one(m):
+    from lwformat.bundle.canonical import _typed_canonical
+
+    data = dumps(m)
+    for spelling in (data, msgspec.json.encode(msgspec.to_builtins(m), order="sorted"), json.dumps(json.loads(data), indent=1).encode()):
+        _agree_typed(spelling)
+    # canonical bytes go the fast way unless they hold an escape or a float spelled with an exponent
+    positional = all("e" not in repr(x) for x in _leaves(json.loads(data)) if type(x) is float)
+    assert (_typed_canonical(data) is not None) == (b"\\" not in data and positional), data
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda d: d,
+        lambda d: d.replace(b'"alpha":4.0', b'"alpha":1e16'),  # msgspec's exponent spelling, not canonical
+        lambda d: d.replace(b'"alpha":4.0', b'"alpha":1e+16'),  # canonical, but a float the fast path leaves alone
+        lambda d: d.replace(b'"alpha":4.0', b'"alpha":0.00009'),
+        lambda d: d.replace(b'"alpha":4.0', b'"alpha":4'),
+        lambda d: d.replace(b'"size":10', b'"size":9007199254740992'),
+        lambda d: d.replace(b'"chunk_size":65536', b'"chunk_size":65536,"description":""'),  # a default spelled out
+        lambda d: d.replace(b'"chunk_size":65536', b'"chunk_size":65536,"future":1'),  # an unknown field
+        lambda d: d.replace(b'"name":"author/noir"', b'"name":"author/noir","name":"author/noir"'),
+        lambda d: d.replace(b'"spec":"lwbundle/1.0"', b'"spec":"lwbundle/2.0"'),
+        lambda d: d.replace(b'"version":"1.0.0"', b'"provenance":{"d":' + json.dumps(_deep(30)).replace(" ", "").encode() + b'},"version":"1.0.0"'),
+        lambda d: d.replace(b'"version":"1.0.0"', b'"provenance":{"d":' + json.dumps(_deep(31)).replace(" ", "").encode() + b'},"version":"1.0.0"'),
+        lambda d: d.replace(b'"version":"1.0.0"', b'"provenance":{"n":9007199254740992},"version":"1.0.0"'),
+        lambda d: d.replace(b'"version":"1.0.0"', b'"provenance":{"x":1e-7},"version":"1.0.0"'),
+        lambda d: d.replace(b'"version":"1.0.0"', b'"provenance":{"x":1e-07},"version":"1.0.0"'),
+        lambda d: d.replace(b'"description"', b'"description"').replace(b'"files"', b'"description":"\\u00e9","files"'),
+        lambda d: d.replace(b'"files"', b'"description":"\xc3\xa9 \\"q\\"","files"'),
+        lambda d: d.replace(b"noir", b"no\xffr"),
+    ],
+)
+def test_typed_fast_path_on_hand_picked_manifests(change):
+    _agree_typed(change(dumps(small_manifest())))
+
+
+def test_typed_fast_path_takes_what_dumps_writes():
+    from lwformat.bundle.canonical import _typed_canonical
+
+    m = small_manifest(provenance={"loss": 5.5, "steps": [1, 2]}, parents=[Parent("a/b", "1.0.0", 0.7, H)], tags=["noir"])
+    assert _typed_canonical(dumps(m)) == m
+    assert _typed_canonical(dumps(small_manifest(provenance={"tiny": 1e-7}))) is None  # exponent floats: the general path
