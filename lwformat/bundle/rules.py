@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..errors import BundleFormatError
 from . import limits
-from .manifest import MANIFEST, SIGNATURE, WEIGHTS, Manifest
+from .manifest import MANIFEST, SIGNATURE, WEIGHTS, Manifest, TensorEntry
 
 ITEMSIZE = {
     "F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2,
@@ -30,27 +30,33 @@ def check_manifest(m: Manifest) -> None:
 
 
 def _check_slots(m: Manifest) -> None:
+    # Locations are spelled out only on failure: this runs on every open.
     seen: set[str] = set()
     count = 0
     for i, slot in enumerate(m.slots):
-        at = f"$.slots[{i}]"
-        if slot.slot in seen:
-            _fail(f"slot {slot.slot} is listed twice", at)
-        seen.add(slot.slot)
+        key = slot.slot
+        if key in seen:
+            _fail(f"slot {key} is listed twice", f"$.slots[{i}]")
+        seen.add(key)
         if slot.block not in m.base.blocks:
-            _fail(f"block {slot.block} is not bound in $.base.blocks", f"{at}.block")
+            _fail(f"block {slot.block} is not bound in $.base.blocks", f"$.slots[{i}].block")
         if not slot.tensors:
-            _fail("a slot holds at least one tensor", f"{at}.tensors")
+            _fail("a slot holds at least one tensor", f"$.slots[{i}].tensors")
         for name, t in slot.tensors.items():
-            where = f"{at}.tensors.{name}"
-            if t.key != f"{slot.slot}.{name}":
-                _fail(f"key {t.key!r} must be '{slot.slot}.{name}'", f"{where}.key")
-            if t.dtype not in DTYPES:
-                _fail(f"dtype {t.dtype!r} is not one of {', '.join(sorted(DTYPES))}", f"{where}.dtype")
-            if len(t.shape) > limits.MAX_NDIM:
-                _fail(f"{len(t.shape)} dimensions, at most {limits.MAX_NDIM}", f"{where}.shape")
+            if t.key != f"{key}.{name}" or t.dtype not in DTYPES or len(t.shape) > limits.MAX_NDIM:
+                _check_tensor(key, name, t, f"$.slots[{i}].tensors.{name}")
         count += len(slot.tensors)
-        limits.ensure(count, limits.MAX_TENSORS, "MAX_TENSORS", "tensor count", path=MANIFEST, field=at)
+        if count > limits.MAX_TENSORS:
+            limits.ensure(count, limits.MAX_TENSORS, "MAX_TENSORS", "tensor count", path=MANIFEST, field=f"$.slots[{i}]")
+
+
+def _check_tensor(slot: str, name: str, t: TensorEntry, where: str) -> None:
+    if t.key != f"{slot}.{name}":
+        _fail(f"key {t.key!r} must be '{slot}.{name}'", f"{where}.key")
+    if t.dtype not in DTYPES:
+        _fail(f"dtype {t.dtype!r} is not one of {', '.join(sorted(DTYPES))}", f"{where}.dtype")
+    if len(t.shape) > limits.MAX_NDIM:
+        _fail(f"{len(t.shape)} dimensions, at most {limits.MAX_NDIM}", f"{where}.shape")
 
 
 def _check_files(m: Manifest) -> None:
