@@ -27,6 +27,7 @@ from torch import nn
 from ..errors import LayoutError
 from .kinds import Adapter, LoRA
 from .layers import Geometry
+from .module_state import init_module_state, new_module_dict
 
 
 class AdapterHost(nn.Module):
@@ -38,10 +39,10 @@ class AdapterHost(nn.Module):
     route: dict[str, torch.Tensor] | None
 
     def __init__(self, base: nn.Module, geo: Geometry) -> None:
-        super().__init__()
+        init_module_state(self)  # nn.Module.__init__, faster: an apply builds a host per slot
         # Straight into the Module's dicts, as `Module.__setattr__` would put them after its
-        # checks: an apply builds a host per slot, so those checks were much of its cost.
-        self._modules.update(base=base, adapters=nn.ModuleDict())
+        # checks, which were much of a host's cost.
+        self._modules.update(base=base, adapters=new_module_dict())
         self.__dict__.update(geo=geo, fused=False, route=None)
 
     def add(self, name: str, adapter: Adapter, weight: float | torch.Tensor = 1.0) -> None:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..layers import Geometry
+from ..module_state import init_module_state
 
 
 class SlotSettings(NamedTuple):
@@ -51,7 +52,7 @@ class Adapter(nn.Module, abc.ABC):
         Bound `tensors` are views into an applied bundle's storage: the kind's tensors, and
         may hold its runtime scalars too (a LoRA ``scaling``), so that nothing is allocated.
         """
-        super().__init__()
+        init_module_state(self)  # nn.Module.__init__, faster: an apply builds one adapter per slot
         # Plain attributes and buffers go straight into the Module's dicts, which is all
         # `Module.__setattr__`/`register_buffer` would do here after their checks: an
         # apply builds one adapter per slot, and those checks were most of its cost.
