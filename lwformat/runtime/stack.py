@@ -49,6 +49,7 @@ class Applied:
     hosts: dict[str, AdapterHost] = field(default_factory=dict)  # slot -> the host holding its adapter
     sentinels: list[Place] = field(default_factory=list)  # the first place of each block in each buffer
     packed: bool = False  # its storage matches the file's dtype runs one to one
+    bound: tuple[tuple[str | None, str], ...] = ()  # (canonical path, digest) of each bound block, at the first fast swap
 
 
 def _same_layout_swap(world: World, applied: Applied, bundle: Any) -> bool:
@@ -62,9 +63,11 @@ def _same_layout_swap(world: World, applied: Applied, bundle: Any) -> bool:
     old = applied.bundle.manifest
     if not applied.packed or bundle.manifest.base.blocks != old.base.blocks or _layout(bundle) != _layout(applied.bundle):
         return False
-    canonical = world.block_paths()
-    for path, expected in old.base.blocks.items():
-        if untouched_digest(world, canonical[path]) != expected:
+    if not applied.bound:  # kept for later swaps: their bindings are equal
+        canonical = world.block_paths()
+        applied.bound = tuple((canonical.get(path), expected) for path, expected in old.base.blocks.items())
+    for path, expected in applied.bound:
+        if path is None or untouched_digest(world, path) != expected:
             return False  # the full check will say what changed
     copy_runs(applied.buffers, bundle)  # equal layouts give equal runs (the reader checked the order)
     applied.bundle = bundle
@@ -275,5 +278,5 @@ def swap(world: World, name: str, bundle: Any, *, strict: bool = False) -> None:
         adapter.settings = rs.settings
         if hasattr(adapter, "scaling"):
             adapter.scaling.fill_(adapter.settings.scaling)
-    applied.bundle = bundle
+    applied.bundle, applied.bound = bundle, ()  # another binding, perhaps
     applied.slots = slots
