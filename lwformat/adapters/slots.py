@@ -49,5 +49,8 @@ def eligible_slots(block, *, where: str | None = None) -> dict[str, tuple[nn.Mod
             continue
         if (geo := geometry(module)) is not None:
             out[module_path] = (module, geo)
-        stack.extend((c, f"{module_path}.{n}") for n, c in reversed(module._modules.items()) if c is not None)
+        children = module._modules
+        for name in reversed(children):  # a plain loop: this walk runs on every apply
+            if (child := children[name]) is not None:
+                stack.append((child, f"{module_path}.{name}"))
     return out

@@ -11,6 +11,7 @@ which leaves B·A, and so the output, exactly unchanged.
 
 from __future__ import annotations
 
+from math import prod
 from typing import NamedTuple
 
 import torch
@@ -52,13 +53,13 @@ def plan_layout(slots: list[ResolvedSlot], reserve_rank: int = 0) -> list[Place]
     places, ends = [], {}
     for rs in slots:
         like = rs.layer.weight
-        for name, shape in rs.shapes().items():
-            dtype = torch.int64 if name == "neuron_index" else like.dtype
-            key = (dtype, like.device)
-            stored = storage_shape(name, shape, reserve_rank)
-            place = Place(rs.slot, name, stored, dtype, like.device, ends.get(key, 0))
-            ends[key] = place.offset + place.numel
-            places.append(place)
+        floating = (like.dtype, like.device)
+        for name, t in rs.entry.tensors.items():  # the stored tensors, as `ResolvedSlot.shapes` lists them
+            shape = storage_shape(name, tuple(t.shape), reserve_rank) if reserve_rank else tuple(t.shape)
+            key = (torch.int64, floating[1]) if name == "neuron_index" else floating
+            offset = ends.get(key, 0)
+            ends[key] = offset + prod(shape)
+            places.append(Place(rs.slot, name, shape, key[0], key[1], offset))
     return places
 
 
@@ -80,16 +81,23 @@ def view(buffers: dict, place: Place) -> torch.Tensor:
 
 def slot_views(buffers: dict, places: list[Place]) -> dict[str, dict[str, torch.Tensor]]:
     """``{slot: {tensor name: view into its buffer}}`` for every place."""
-    by_buffer: dict[tuple[torch.dtype, torch.device], list[Place]] = {}
-    for place in places:
-        by_buffer.setdefault((place.dtype, place.device), []).append(place)
     out: dict[str, dict[str, torch.Tensor]] = {place.slot: {} for place in places}
-    for key, members in by_buffer.items():
-        members.sort(key=lambda p: p.offset)  # back to back from 0, as `plan_layout` lays them out
-        parts = buffers[key].split_with_sizes([p.numel for p in members])  # one call for all the views
-        for place, part in zip(members, parts):
-            out[place.slot][place.name] = part.view(place.shape)
+    strides: dict[tuple[int, ...], tuple[int, ...]] = {}  # a few distinct shapes
+    for place in places:
+        shape = place.shape
+        if (stride := strides.get(shape)) is None:
+            stride = strides[shape] = _contiguous_strides(shape)
+        flat = buffers[(place.dtype, place.device)]  # its offset counts from the storage's start
+        out[place.slot][place.name] = flat.as_strided(shape, stride, flat.storage_offset() + place.offset)  # one call a view
     return out
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(strides))
 
 
 def _scaling(rs: ResolvedSlot) -> float:
