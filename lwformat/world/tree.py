@@ -240,11 +240,17 @@ class World(nn.Module):
 
     # -- content identity -------------------------------------------------------------------
 
-    def digests(self) -> dict[str, str]:
-        """``{canonical block path: digest}`` (cached until a base tensor changes)."""
+    def digests(self, *, recompute: bool = False) -> dict[str, str]:
+        """``{canonical block path: digest}``, cached until a base tensor changes.
+
+        "Changes" as tensors record it: replaced, moved, or written in place through
+        autograd's version counter. A write that bypasses it (through ``.data``, a NumPy
+        view or another tensor sharing the storage) is not seen; after one,
+        ``recompute=True`` hashes every block again and keeps the new digests.
+        """
         from .digest import world_digests
 
-        return world_digests(self)["blocks"]
+        return world_digests(self, recompute=recompute)["blocks"]
 
     def digest(self, path: str) -> str:
         """The digest of the block at `path` (any of its paths), computing only that block."""
