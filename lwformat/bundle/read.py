@@ -22,19 +22,22 @@ import tempfile
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
 
 from ..errors import BundleFormatError, BundleNotFoundError, IntegrityError, SlotNotFoundError
-from ..world.digest import DTYPE_NAMES
 from . import limits
 from .canonical import loads, manifest_id
 from .files import list_members, open_member, read_member
 from .layout import TensorSpan, check_header, read_prefix
 from .manifest import MANIFEST, SIGNATURE, WEIGHTS, Manifest, SlotEntry, slot_layout
 
-TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+# Opening and checking a bundle needs no torch (the hub client, the `lwhub` command):
+# only the methods that make tensors import it.
+if TYPE_CHECKING:
+    import torch
+
 _SAFE_STEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}")
 
 
@@ -156,12 +159,14 @@ class Bundle:
         """
         if self._packed is not None:
             return self._packed
+        import torch
+
         with open_member(self.path, WEIGHTS) as f:
             size = os.fstat(f.fileno()).st_size
             buf = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else b""
         out = {}
         for dtype, (b, e) in self._runs().items():
-            t = TORCH_DTYPES[dtype]
+            t = _torch_dtypes()[dtype]
             count = (e - b) // t.itemsize
             if not count:  # frombuffer refuses empty views
                 out[dtype] = torch.empty(0, dtype=t)
@@ -186,6 +191,8 @@ class Bundle:
         One read call per run and no mapping: for a single copy out of a bundle opened
         just now, that is cheaper than faulting in a fresh mapping page by page.
         """
+        import torch
+
         runs = self._runs()
         with open_member(self.path, WEIGHTS) as f:
             for dtype, out in into.items():
@@ -235,6 +242,14 @@ def _check_weights(root: Path, manifest: Manifest, size: int) -> tuple[list[Tens
     if len(header) != n:
         raise BundleFormatError(f"{WEIGHTS}: header cut short", path=WEIGHTS)
     return check_header(header, size - 8 - n, manifest), 8 + n
+
+
+@functools.cache
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    """``{safetensors name: torch dtype}``."""
+    from ..world.digest import DTYPE_NAMES
+
+    return {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
 _SPLIT_READ = 4 << 20  # runs at least this large are read by two threads

@@ -14,7 +14,8 @@ from torch import nn
 from ..adapters.kinds import SlotSettings
 from ..adapters.layers import Geometry
 from ..adapters.slots import eligible_slots
-from ..bundle.check import check, slot_settings
+from ..bundle.check import check
+from ..bundle.fit import slot_settings
 from ..errors import TargetError
 
 if TYPE_CHECKING:
