@@ -119,8 +119,10 @@ def _fingerprint(seats: list[Seat]) -> tuple:
     """The identity, version and shape of every base tensor, in `base_tensors` order.
 
     In-place writes bump a tensor's ``_version``, and replacing or moving a tensor changes
-    the sequence, so the fingerprint changes whenever the block's digest may have. It is
-    much cheaper than `base_tensors` (no names built), which matters on every apply.
+    the sequence, so the fingerprint changes whenever the block's digest may have, except
+    after writes that bypass the version counter (through ``.data``, a NumPy view or
+    another tensor on the same storage): ``World.digests(recompute=True)`` is for those.
+    It is much cheaper than `base_tensors` (no names built), which matters on every apply.
     """
     return tuple([(t.data_ptr(), t._version, t.dtype, t.shape) for _, _, _, t in seats])
 
