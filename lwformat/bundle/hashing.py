@@ -18,19 +18,24 @@ PIECE = 1 << 20  # bytes read at a time: bounded memory whatever the chunk size
 
 
 class FileHasher:
-    """Feed a file's bytes in pieces of any size; `entry` gives its `FileEntry`."""
+    """Feed a file's bytes in pieces of any size; `entry` gives its `FileEntry`.
 
-    def __init__(self, chunk_size: int) -> None:
+    With ``whole=False`` only the chunks are hashed (half the work), for a caller that
+    knows the file's sha256 already; the entry's ``sha256`` is then empty.
+    """
+
+    def __init__(self, chunk_size: int, *, whole: bool = True) -> None:
         self.chunk_size = chunk_size
         self.size = 0
-        self.whole = hashlib.sha256()
+        self.whole = hashlib.sha256() if whole else None
         self.chunks: list[str] = []
         self._chunk = hashlib.sha256()
         self._fill = 0  # bytes in the current chunk
 
     def update(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
-        self.whole.update(view)
+        if self.whole is not None:
+            self.whole.update(view)
         self.size += len(view)
         while len(view):
             take = min(len(view), self.chunk_size - self._fill)
@@ -43,11 +48,11 @@ class FileHasher:
 
     def entry(self, path: str) -> FileEntry:
         chunks = self.chunks + ([self._chunk.hexdigest()] if self._fill else [])
-        return FileEntry(path=path, size=self.size, sha256=self.whole.hexdigest(), chunks=chunks)
+        return FileEntry(path=path, size=self.size, sha256=self.whole.hexdigest() if self.whole else "", chunks=chunks)
 
 
-def hash_stream(f: BinaryIO, path: str, chunk_size: int) -> FileEntry:
-    hasher = FileHasher(chunk_size)
+def hash_stream(f: BinaryIO, path: str, chunk_size: int, *, whole: bool = True) -> FileEntry:
+    hasher = FileHasher(chunk_size, whole=whole)
     while piece := f.read(PIECE):
         hasher.update(piece)
     return hasher.entry(path)

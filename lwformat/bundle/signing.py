@@ -41,7 +41,7 @@ from ..errors import (
 from . import keys as K
 from .dsse import expect, open_envelope, sign_envelope
 from .limits import MAX_SIGNATURE_BYTES, ensure
-from .manifest import SIGNATURE
+from .manifest import MANIFEST, SIGNATURE, Manifest
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://model_signing/signature/v1.0"
@@ -156,6 +156,42 @@ def compare(expected: Mapping[str, str], found: Mapping[str, str | None], *, sha
         why = "is not signed (extra file)" if want is None else why
         where = f" (shard {name})" if sharded else ""
         raise SignedFileMismatchError(f"{file}: {why}{where}", path=file, expected=want, found=got)
+
+
+def _shard_names(path: str, size: int, shard: int) -> list[str]:
+    return [f"{path}:{start}:{min(start + shard, size)}" for start in range(0, size, shard)]
+
+
+def check_against_manifest(signature: bytes, manifest_bytes: bytes, manifest: Manifest,
+                           public_keys: Iterable[K.PublicKey]) -> tuple[Signed, bool]:  # fmt: skip
+    """Verify the envelope, then compare what it lists with the manifest's digests, reading no file.
+
+    The manifest is always authenticated (its sha256, or its shards hashed from
+    `manifest_bytes`), and with it every digest it lists. The second value says whether
+    that settles the files too: True when the signature lists whole files, or shards of
+    the manifest's chunk size (the manifest's digests then stand for the files'); False
+    for another shard size, where only the files' shard names are compared here and
+    their digests need the files (`verify_signature`).
+    """
+    signed = open_signature(signature, public_keys)
+    size = signed.shard_size
+    if size is None:
+        expected: dict[str, str | None] = {MANIFEST: hashlib.sha256(manifest_bytes).hexdigest()}
+        expected |= {f.path: f.sha256 for f in manifest.files}
+    else:
+        # Count first: a tiny shard size must not make us list millions of names the signature cannot hold.
+        count = -(-len(manifest_bytes) // size) + sum(-(-f.size // size) for f in manifest.files)
+        if count > len(signed.resources):
+            raise SignedFileMismatchError(f"{MANIFEST}: the signature lists {len(signed.resources)} shards of {size} bytes, "
+                                          f"the manifest's files make {count}", path=MANIFEST,
+                                          expected=str(len(signed.resources)), found=str(count))  # fmt: skip
+        names = _shard_names(MANIFEST, len(manifest_bytes), size)
+        expected = {name: hashlib.sha256(manifest_bytes[i * size : (i + 1) * size]).hexdigest() for i, name in enumerate(names)}
+        for f in manifest.files:
+            digests = f.chunks if size == manifest.chunk_size else [None] * -(-f.size // size)  # None: the name only
+            expected |= dict(zip(_shard_names(f.path, f.size, size), digests))
+    compare(signed.resources, expected, sharded=size is not None)
+    return signed, size is None or size == manifest.chunk_size
 
 
 # -- I/O shell ------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from lwformat.bundle.canonical import loads as load_manifest
 from lwformat.bundle.limits import MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES
 from lwformat.bundle.manifest import MANIFEST, SIGNATURE, Manifest
-from lwformat.bundle.signing import compare, open_signature, verify_signature
+from lwformat.bundle.signing import check_against_manifest, verify_signature
 from lwformat.errors import LWFormatError, SignatureError, SignedFileMismatchError, UntrustedSignatureError
 
 from ..errors import IntegrityError, NotCachedError, ProtocolError, RefError, RollbackError, TrustError
@@ -83,46 +83,24 @@ def _trusted_keys(client: Client, owner: str, tofu: bool) -> list:
     return client.trust.keys(owner)
 
 
-def _shard_names(path: str, size: int, shard: int) -> list[str]:
-    return [f"{path}:{start}:{min(start + shard, size)}" for start in range(0, size, shard)]
-
-
 def check_signature(signature: bytes, manifest_bytes: bytes, manifest: Manifest, keys: list, owner: str) -> bool:
     """Verify the envelope and what it lists against the manifest, before any large download.
 
-    The manifest is always authenticated here (its sha256, or its shards hashed from the
-    bytes in hand), and with it the chunk digests every download is checked against.
-    True when that settles the files too (their digests are the manifest's); False when
-    the signature's shards are not the manifest's chunks: then only the file names and
-    sizes are compared here, and the files' shards once they are downloaded.
+    True when that settles the files too; False when the signature's shards are not the
+    manifest's chunks, and the files' shards are checked once downloaded
+    (`lwformat.bundle.signing.check_against_manifest`).
     """
     full = f"{manifest.name}@{manifest.version}"
     try:
-        signed = open_signature(signature, keys)
+        _, settled = check_against_manifest(signature, manifest_bytes, manifest, keys)
     except UntrustedSignatureError as exc:
         raise TrustError(f"{full}: signed by none of the keys pinned for {owner!r} ({exc})", owner=owner) from exc
-    except SignatureError as exc:
-        raise TrustError(f"{full}: {exc}", owner=owner) from exc
-    size = signed.shard_size
-    if size is None:
-        expected: dict[str, str | None] = {MANIFEST: _sha(manifest_bytes)} | {f.path: f.sha256 for f in manifest.files}
-    else:
-        # Count first: a tiny shard size must not make us list millions of names the signature cannot hold.
-        count = -(-len(manifest_bytes) // size) + sum(-(-f.size // size) for f in manifest.files)
-        if count > len(signed.resources):
-            raise IntegrityError(f"{full}: the signature lists {len(signed.resources)} shards of {size} bytes, the manifest's "
-                                 f"files make {count}", path=MANIFEST, expected=str(len(signed.resources)), found=str(count))  # fmt: skip
-        names = _shard_names(MANIFEST, len(manifest_bytes), size)
-        expected = {name: _sha(manifest_bytes[i * size : (i + 1) * size]) for i, name in enumerate(names)}
-        for f in manifest.files:
-            digests = f.chunks if size == manifest.chunk_size else [None] * -(-f.size // size)  # None: the name only
-            expected |= dict(zip(_shard_names(f.path, f.size, size), digests))
-    try:
-        compare(signed.resources, expected, sharded=size is not None)
     except SignedFileMismatchError as exc:
         raise IntegrityError(f"{full}: the signature does not match the manifest: {exc}", path=exc.path,
                              expected=str(exc.expected), found=str(exc.found)) from exc  # fmt: skip
-    return size is None or size == manifest.chunk_size
+    except SignatureError as exc:
+        raise TrustError(f"{full}: {exc}", owner=owner) from exc
+    return settled
 
 
 def _jobs(manifest: Manifest) -> list[FileJob]:

@@ -15,7 +15,8 @@ Steps, each refusing with a stable code and leaving nothing visible:
     5. every listed file is a stored blob of the right size   blob_missing, blob_mismatch
     6. staged as a bundle directory (hard links to the blobs):
        it opens under the spec's rules                        bundle_invalid, too_large
-       every size, sha256 and chunk digest matches            blob_mismatch
+       every size and chunk digest matches (each blob's
+       sha256 was checked as it was uploaded)                 blob_mismatch
        the signature verifies with one of the owner's keys
        and covers exactly these files                         signature_invalid
     7. one INSERT of the version and its blob references; the PRIMARY KEY makes
@@ -36,7 +37,7 @@ from lwformat.bundle.keys import loads_public_key
 from lwformat.bundle.limits import MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES
 from lwformat.bundle.manifest import MANIFEST, SIGNATURE, Manifest
 from lwformat.bundle.read import Bundle
-from lwformat.bundle.signing import verify_signature
+from lwformat.bundle.signing import check_against_manifest, verify_signature
 from lwformat.bundle.verify import verify_files
 from lwformat.errors import BundleLimitError, IntegrityError, LWFormatError, SignatureError
 
@@ -82,8 +83,14 @@ def _check_blobs(blobs: BlobStore, manifest: Manifest) -> None:
             raise _reject("blob_mismatch", f"{entry.path}: the manifest says {entry.size} bytes, the blob has {size}", path=entry.path)
 
 
-def _verify_staged(blobs: BlobStore, manifest_hex: str, signature_hex: str, manifest: Manifest, keys: list) -> str:
-    """Stage the bundle as a directory of hard links and verify it with lwformat; return the key id."""
+def _verify_staged(blobs: BlobStore, manifest_hex: str, signature_hex: str, manifest: Manifest, keys: list,
+                   materials: tuple[bytes, bytes]) -> str:  # fmt: skip
+    """Stage the bundle as a directory of hard links and verify it with lwformat; return the key id.
+
+    Each blob hashed to its name as it was uploaded (`BlobWriter.commit`), and blobs are
+    found by the manifest's sha256: so the files' whole digests hold already, and only
+    their chunks are hashed here; the signature is compared with the manifest's digests.
+    """
     stage = blobs.scratch() / "bundle"
     try:
         stage.mkdir()
@@ -93,8 +100,10 @@ def _verify_staged(blobs: BlobStore, manifest_hex: str, signature_hex: str, mani
             blobs.materialize(entry.sha256, stage / entry.path)
         try:
             with Bundle.open(stage) as bundle:
-                verify_files(bundle)
-            return verify_signature(stage, keys)
+                verify_files(bundle, whole=False)
+            manifest_bytes, signature = materials
+            signed, settled = check_against_manifest(signature, manifest_bytes, manifest, keys)
+            return signed.key_id if settled else verify_signature(stage, keys)  # other shards: hashed from the files
         except IntegrityError as exc:
             raise _reject("blob_mismatch", str(exc), path=exc.path, chunk=exc.chunk) from exc
         except SignatureError as exc:
@@ -119,7 +128,7 @@ def publish(store: Store, blobs: BlobStore, principal: Principal, owner: str, na
         raise _reject("no_publisher_key", f"owner {owner!r} has no publisher key: register one first (`lwhub keygen`)", owner=owner)
     manifest_hex, signature_hex = _hex(request.manifest, "manifest"), _hex(request.signature, "signature")
     manifest_bytes = _read(blobs, manifest_hex, MAX_MANIFEST_BYTES, MANIFEST)
-    _read(blobs, signature_hex, MAX_SIGNATURE_BYTES, SIGNATURE)  # present and bounded
+    signature = _read(blobs, signature_hex, MAX_SIGNATURE_BYTES, SIGNATURE)  # present and bounded
     manifest = _parse(manifest_bytes)
     if (manifest.name, manifest.version) != (full, version):
         raise _reject(
@@ -127,7 +136,7 @@ def publish(store: Store, blobs: BlobStore, principal: Principal, owner: str, na
             manifest_name=manifest.name, manifest_version=manifest.version,
         )  # fmt: skip
     _check_blobs(blobs, manifest)
-    key_id = _verify_staged(blobs, manifest_hex, signature_hex, manifest, keys)
+    key_id = _verify_staged(blobs, manifest_hex, signature_hex, manifest, keys, (manifest_bytes, signature))
     info = VersionInfo(
         name=full, version=version, manifest=f"sha256:{manifest_hex}", signature=f"sha256:{signature_hex}",
         size=sum(f.size for f in manifest.files), key_id=key_id, created=time.time(),

@@ -105,6 +105,30 @@ def test_a_signed_manifest_whose_chunks_lie_is_refused(hub, bundle):
     assert nothing_visible(hub, name, "1.0.2")
 
 
+def _publish_sharded(hub, bundle, name: str, size: int) -> None:
+    m = loads((bundle / MANIFEST).read_bytes())
+    key = load_private_key(hub.private)
+    sign_bundle(bundle, key, shard_size=size)
+    r = publish_raw(hub, bundle, name, "1.0.0")
+    assert r.status_code == 201, r.text
+    lying = [msgspec.structs.replace(m.files[0], chunks=[m.files[0].chunks[1], *m.files[0].chunks[1:]])]
+    edit_manifest(bundle, version="1.0.1", files=lying)
+    sign_bundle(bundle, key, shard_size=size)  # signed over the true file bytes, next to a manifest that lies
+    r = publish_raw(hub, bundle, name, "1.0.1")
+    assert r.status_code == 422 and code(r) in ("blob_mismatch", "signature_invalid")
+    assert nothing_visible(hub, name, "1.0.1")
+
+
+def test_a_signature_by_shards_of_the_chunk_size_is_checked_against_the_manifest(hub, bundle):
+    bundle, name = bundle
+    _publish_sharded(hub, bundle, name, loads((bundle / MANIFEST).read_bytes()).chunk_size)
+
+
+def test_a_signature_by_other_shards_is_checked_against_the_files(hub, bundle):
+    bundle, name = bundle
+    _publish_sharded(hub, bundle, name, loads((bundle / MANIFEST).read_bytes()).chunk_size // 3 + 5)
+
+
 def test_a_tampered_or_foreign_signature_is_refused(hub, bundle, other_keys):
     bundle, name = bundle
     sig = bytearray((bundle / SIGNATURE).read_bytes())
