@@ -1,6 +1,6 @@
 """Push: check the signed bundle locally, upload the blobs the registry lacks, then publish.
 
-    1. open the bundle (the spec's structure checks) and re-hash its files
+    1. open the bundle (the spec's structure checks) and re-hash its files' chunks
     2. the bundle must be signed, and named as asked (name and version are inside the
        signed manifest: renaming means writing and signing again)
     3. for the manifest, the signature and every file: HEAD /v1/blobs/<digest>, and
@@ -53,7 +53,7 @@ def push(client: Client, bundle_dir: str | Path, name: str | None = None, versio
             )  # fmt: skip
         if not bundle.signed:
             raise PushError(f"{bundle_dir}: the bundle is not signed; sign it first (`lwhub sign {bundle_dir} --key KEY.pem`)", path=str(bundle_dir))
-        verify_files(bundle)
+        verify_files(bundle, whole=False)  # the chunks cover every byte; the registry checks each file's sha256 on upload
         root = bundle.path
         uploads = [(_file_digest(root / MANIFEST), root / MANIFEST), (_file_digest(root / SIGNATURE), root / SIGNATURE)]
         uploads += [(f.sha256, root / f.path) for f in m.files]
