@@ -39,18 +39,19 @@ class Client:
     """A registry client. ``offline=True`` serves pulls from the cache and never connects.
 
     ``trust`` defaults to a `TrustStore` in ``<cache_dir>/trust``; ``streams`` is how
-    many connections a pull uses at most.
+    many connections a pull uses at most, by default one per core up to four (each
+    stream's receiving thread competes with the hashing for the cores).
     """
 
     def __init__(self, url: str | None = None, *, token: str | None = None, cache_dir: str | os.PathLike | None = None,
                  http: httpx.Client | None = None, trust: TrustStore | None = None, offline: bool = False,
-                 streams: int = 4, timeout: float = 60.0) -> None:  # fmt: skip
+                 streams: int | None = None, timeout: float = 60.0) -> None:  # fmt: skip
         if url is None and not offline:
             raise ValueError("a registry URL is needed (or offline=True to use only the cache)")
         self.url = (url or "").rstrip("/")
         self.token = token
         self.offline = offline
-        self.streams = max(1, streams)
+        self.streams = max(1, streams if streams is not None else min(4, os.cpu_count() or 1))
         self.hashers = max(2, os.cpu_count() or 2)
         self.cache = Cache(cache_dir if cache_dir is not None else default_cache_dir())
         self.trust = trust if trust is not None else TrustStore(self.cache.root / "trust")

@@ -215,7 +215,7 @@ class Fetcher:
     """
 
     def __init__(self, http: httpx.Client, cache: Cache, blob_url: Callable[[str], str], verify: ThreadPoolExecutor,
-                 *, streams: int = 1, min_segment: int = 64 << 20, retries: int = 2, in_flight: int = 4,
+                 *, streams: int = 1, min_segment: int = 32 << 20, retries: int = 2, in_flight: int = 4,
                  direct: bool = False, progress: Progress | None = None) -> None:  # fmt: skip
         self.http, self.cache, self.blob_url, self.verify = http, cache, blob_url, verify
         self.streams, self.min_segment, self.retries, self.direct = streams, min_segment, retries, direct
