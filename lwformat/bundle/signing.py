@@ -159,7 +159,7 @@ def compare(expected: Mapping[str, str], found: Mapping[str, str | None], *, sha
 
 
 def _shard_names(path: str, size: int, shard: int) -> list[str]:
-    return [f"{path}:{start}:{min(start + shard, size)}" for start in range(0, size, shard)]
+    return [f"{path}:{start}:{min(start + shard, size)}" for start in range(0, size, shard)]  # an empty file has none
 
 
 def check_against_manifest(signature: bytes, manifest_bytes: bytes, manifest: Manifest,
@@ -221,12 +221,7 @@ def file_digests(bundle_dir: Path, names: Iterable[str]) -> dict[str, str]:
 
 
 def shard_names(bundle_dir: Path, names: Iterable[str], shard_size: int) -> list[str]:
-    return [
-        f"{name}:{start}:{min(start + shard_size, size)}"
-        for name in names
-        for size in [(bundle_dir / name).stat().st_size]
-        for start in range(0, size, shard_size)
-    ]  # an empty file has no shard
+    return [shard for name in names for shard in _shard_names(name, (bundle_dir / name).stat().st_size, shard_size)]
 
 
 def shard_digests(bundle_dir: Path, shards: Iterable[str]) -> dict[str, str]:
