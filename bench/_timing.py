@@ -9,6 +9,7 @@ rounds are discarded; a case's time is the median over the remaining rounds, and
 from __future__ import annotations
 
 import gc
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ class Case:
     before: Callable[[], Any] = _nothing
     after: Callable[[], Any] = _nothing
     times: list[float] = field(default_factory=list)
+    faults: list[int] = field(default_factory=list)  # minor page faults of each timed run (fresh pages touched)
     last: Any = None  # what the last timed run returned
 
     @property
@@ -42,9 +44,11 @@ def interleave(cases: list[Case], rounds: int, warmup: int = 1) -> dict[str, Cas
             case.before()
             gc.disable()
             try:
+                f0 = _minor_faults()
                 t0 = time.perf_counter()
                 out = case.run()
                 dt = time.perf_counter() - t0
+                df = _minor_faults() - f0
             finally:
                 gc.enable()
             case.last = out
@@ -52,7 +56,12 @@ def interleave(cases: list[Case], rounds: int, warmup: int = 1) -> dict[str, Cas
             case.after()
             if r >= warmup:
                 case.times.append(dt)
+                case.faults.append(df)
     return {c.name: c for c in cases}
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 @dataclass

@@ -4,6 +4,7 @@
     python bench/bench_runtime.py --quick      # a smoke run: few rounds, not a measurement
     python bench/bench_runtime.py --profile    # also where our apply and swap spend their time
     python bench/bench_runtime.py --only apply,swap   # some sections only (apply, swap, blend, forward, mixed)
+    python bench/bench_runtime.py --system-malloc     # glibc's default heap policy (see below)
 
 Every ratio compares two measurements taken in this run, interleaved round by round
 (see `_timing`): the median over the rounds after the warm-up of each round's ratio (the
@@ -11,12 +12,22 @@ goals apply to it), and the ratio of each side's fastest round, which contention
 shared machine disturbs least. "× faster" is PEFT's time over ours; the other rows are time
 (or error) ratios, lower is better. Set-up (`_runtime_setup`) writes our bundles and
 PEFT's adapter directories, with the same factors, into a temporary directory.
+
+The bench re-runs itself with glibc told to keep freed memory in its heap (`RETAINED_HEAP`),
+as jemalloc or tcmalloc would (PyTorch's CPU tuning guide advises one of them). By default
+glibc maps each large block afresh and unmaps it when freed: every forward then faults in
+its 206 MB of logits page by page (50k minor faults), and on this VM, whose balloon hands
+freed pages back to the host, a fault costs 1 to 5 µs depending on what ran before. That
+moved forward times by up to 0.25 s on 1.4 s whatever the adapters did. With the heap
+retained, no side faults after the warm-up (the notes print the counts); the
+`--system-malloc` run shows the default.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -35,6 +46,7 @@ from _timing import Case, Row, compare, interleave, table  # noqa: E402
 from lwformat.bundle.read import Bundle  # noqa: E402
 
 BATCH, TOKENS = 8, 128
+RETAINED_HEAP = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}  # read by glibc at start
 
 
 @dataclass(frozen=True)
@@ -144,12 +156,13 @@ def bench_forward(s: Sides, budget: Budget) -> tuple[list[Row], list[str]]:
             Case("fused", lambda: lm(x), before=fused_on, after=fused_off),
             Case("peft", lambda: pm(x)),
         ]
-        c = interleave(cases, budget.forward, budget.warmup)
+        c = interleave(cases, budget.forward, budget.warmup + 1)  # the heap grows to its peak in the first rounds
     last = {k: v.last for k, v in c.items()}
     notes = [
         f"check (forward): logits max |diff| ours unmerged vs PEFT {_max_diff(last['unmerged'], last['peft']):.2e}, "
         f"fused vs unmerged {_max_diff(last['fused'], last['unmerged']):.2e}, unmerged vs base "
-        f"{_max_diff(last['unmerged'], last['base']):.2e} (the adapter does change the output)"
+        f"{_max_diff(last['unmerged'], last['base']):.2e} (the adapter does change the output)",
+        _faults("forward", c),
     ]
     return [
         compare(f"4a forward {BATCH}×{TOKENS} tokens, one bundle unmerged vs base", c["unmerged"], c["base"],
@@ -188,7 +201,8 @@ def bench_mixed(s: Sides, budget: Budget) -> tuple[list[Row], list[str]]:
     last = {k: v.last for k, v in c.items()}
     notes = [
         f"check (mixed): logits max |diff| ours vs PEFT with 8 distinct adapters {_max_diff(last['ours 8'], last['peft 8']):.2e}, "
-        f"ours 8 distinct vs 8× the same {_max_diff(last['ours 8'], last['ours 1']):.2e} (the routing takes effect)"
+        f"ours 8 distinct vs 8× the same {_max_diff(last['ours 8'], last['ours 1']):.2e} (the routing takes effect)",
+        _faults("mixed", c),
     ]
     return [
         compare("5a batch of 8 with 8 distinct bundles vs 8× the same bundle (both routed per sample)", c["ours 8"],
@@ -199,12 +213,27 @@ def bench_mixed(s: Sides, budget: Budget) -> tuple[list[Row], list[str]]:
     ], notes  # fmt: skip
 
 
+def _faults(section: str, cases: dict[str, Case]) -> str:
+    counts = ", ".join(f"{name} {statistics.median(case.faults):,.0f}" for name, case in cases.items())
+    return f"page faults ({section}): median minor faults per timed run: {counts}"
+
+
+def _retain_heap(argv: list[str]) -> None:
+    """Run again under `RETAINED_HEAP` (glibc reads it only when a process starts), unless already so."""
+    if any(os.environ.get(k) != v for k, v in RETAINED_HEAP.items()):
+        os.execve(sys.executable, [sys.executable, __file__, *argv], {**os.environ, **RETAINED_HEAP})
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few repeats: a smoke run, not a measurement")
     parser.add_argument("--profile", action="store_true", help="also profile our apply and swap (cProfile)")
     parser.add_argument("--only", default="", help="comma-separated sections to run (apply,swap,blend,forward,mixed); default all")
+    parser.add_argument("--system-malloc", action="store_true", help="keep glibc's default heap policy (no RETAINED_HEAP)")
     args = parser.parse_args(argv)
+    if not args.system_malloc:
+        _retain_heap(argv)
     sections = {"apply": bench_apply, "swap": bench_swap, "blend": blend_rows, "forward": bench_forward, "mixed": bench_mixed}
     names = [name for name in args.only.split(",") if name]
     if unknown := sorted(set(names) - set(sections)):
@@ -213,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     budget = QUICK if args.quick else FULL
     start = time.perf_counter()
     print(f"torch {torch.__version__}, peft {peft.__version__}, torch threads {torch.get_num_threads()}, "
-          f"{os.cpu_count()} CPUs, load average {_load()}, {'quick' if args.quick else 'full'} run", flush=True)  # fmt: skip
+          f"{os.cpu_count()} CPUs, load average {_load()}, {'quick' if args.quick else 'full'} run, malloc: "
+          f"{'system default' if args.system_malloc else 'heap retained'}", flush=True)  # fmt: skip
     rows, notes = [], []
     with tempfile.TemporaryDirectory(prefix="lwbench-") as tmp:
         sides = build(Path(tmp), BATCH)
