@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from lwformat import LightConfig
+from lwformat.adapters.plan import iter_hosts
 from lwformat.bundle.read import Bundle
 from lwformat.bundle.write import write_bundle
 from lwformat.errors import FusedError
@@ -51,6 +52,9 @@ def test_changes_while_fused_are_refused(world, bundles):
 def test_bias_adapter_on_a_layer_without_bias_cannot_fuse(tmp_path):
     trained = small_world()
     trained.customize(LightConfig(kind="bias", blocks=["author/narrate/text/llm"], slots=["fc", "head"]))
+    for p in trained.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p)  # fc's shift is fused first, then head fails: fc must be undone
     write_bundle(trained, tmp_path / "shift", name="author/shift", version="1.0.0")
     world = small_world()
     world.apply(Bundle.open(tmp_path / "shift"))
@@ -59,4 +63,25 @@ def test_bias_adapter_on_a_layer_without_bias_cannot_fuse(tmp_path):
         world.fuse()
     assert err.value.path == "author/narrate/text/llm:head"  # nn.Linear(bias=False)
     assert world.fused_state is None
+    assert all(torch.equal(world.state_dict()[k], v) for k, v in weights.items())
+    assert not any(host.fused for _, host in iter_hosts(world))
+
+
+def test_fuse_and_unfuse_a_bfloat16_world(tmp_path):
+    """Sums are taken in float32 and rounded once into the bfloat16 weights; unfuse restores them bit-exactly."""
+    trained = small_world().to(torch.bfloat16)
+    trained.customize(LightConfig(rank=4, blocks=["author/narrate/text/llm"], slots=["fc", "seq"]))
+    for p in trained.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    write_bundle(trained, tmp_path / "b16", name="author/b16", version="1.0.0")
+    world = small_world().to(torch.bfloat16)
+    weights = {k: v.clone() for k, v in world.state_dict().items()}
+    world.apply(Bundle.open(tmp_path / "b16"), weight=0.5)
+    fc = world.block(LM).module.fc
+    expected = (fc.base.weight.float() + 0.5 * fc.adapters["author/b16"].delta_weight(fc.base)[0].float()).bfloat16()
+    world.fuse()
+    assert fc.base.weight.dtype == torch.bfloat16 and torch.equal(fc.base.weight, expected)
+    world.unfuse()
+    world.remove("author/b16")
     assert all(torch.equal(world.state_dict()[k], v) for k, v in weights.items())
