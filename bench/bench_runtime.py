@@ -1,6 +1,6 @@
 """Runtime vs PEFT on the ``small`` reference world's LLM (GPT-2 small), LoRA r=16 on 48 layers.
 
-    python bench/bench_runtime.py              # the full run (2 minutes on 2 quiet cores, more under load)
+    python bench/bench_runtime.py              # the full run (3 minutes on 2 quiet cores, more under load)
     python bench/bench_runtime.py --quick      # a smoke run: few rounds, not a measurement
     python bench/bench_runtime.py --profile    # also where our apply and swap spend their time
     python bench/bench_runtime.py --only apply,swap   # some sections only (apply, swap, blend, forward, mixed)
@@ -61,7 +61,7 @@ class Budget:
     warmup: int = 1
 
 
-FULL = Budget(apply=20, swap=40, forward=6, mixed=5, blend=2)
+FULL = Budget(apply=20, swap=40, forward=10, mixed=5, blend=2)
 QUICK = Budget(apply=4, swap=8, forward=1, mixed=1, blend=1)
 
 
