@@ -6,8 +6,9 @@ The base tensors are copied aside first: unfusing copies them back (decision 6),
 subtracts a delta out. Then each slot's delta is computed from its untouched base and
 written, one slot at a time, so fusing holds one layer's delta beyond the copies, not the
 whole model's; a slot that fails undoes the slots written before it. A slot whose weight
-is tied to another layer (an LM head sharing its embedding) stays live: fusing there would
-leak the delta into the other layer.
+or bias another layer also uses (an LM head sharing its embedding, within a block or
+across blocks) stays live: fusing there would leak the delta into the other layer, and
+the other layer's own delta would be computed from an already fused base.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..adapters.host import AdapterHost
 from ..adapters.layers import base_bias
 from ..adapters.plan import iter_hosts
 from ..errors import FusedError
@@ -24,50 +26,44 @@ if TYPE_CHECKING:
     from ..world.tree import World
 
 
-def tied_weights(world: World) -> set[int]:
-    """Ids of base weights that more than one layer of a block uses."""
-    tied = set()
-    for block in world.blocks().values():
-        counts: dict[int, int] = {}
-        for _, p in block.module.named_parameters(remove_duplicate=False):
+def shared_parameters(world: World) -> set[int]:
+    """Ids of base parameters that more than one layer of the world uses, in one block or across blocks."""
+    counts: dict[int, int] = {}
+    modules = {id(block.module): block.module for block in world.blocks().values()}
+    for module in modules.values():
+        for _, p in module.named_parameters(remove_duplicate=False):  # hosts show their base's parameters too
             counts[id(p)] = counts.get(id(p), 0) + 1
-        tied.update(i for i, n in counts.items() if n > 1)
-    return tied
+    return {i for i, n in counts.items() if n > 1}
 
 
-def _delta(slot: str, host) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The slot's weighted delta (float32), from its base as it is now."""
+def _delta(slot: str, host: AdapterHost) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The slot's weighted delta, from its base as it is now, summed in float32 or the base's wider dtype."""
     weight, bias = host.base.weight, base_bias(host.base)
-    dW = torch.zeros_like(weight, dtype=torch.float32)
+    wide = torch.promote_types(weight.dtype, torch.float32)
+    dW = torch.zeros_like(weight, dtype=wide)
     db = None
     for adapter in host.adapters.values():
-        w = adapter.mix_weight.float()
+        w = adapter.mix_weight.to(wide)
         a_dW, a_db = adapter.delta_weight(host.base)
         if a_dW is not None:
-            dW += w * a_dW.float()
+            dW += w * a_dW.to(wide)
         if a_db is not None:
             if bias is None:
                 raise FusedError(f"{slot}: a bias adapter cannot be fused into a layer without a bias", path=slot)
-            db = w * a_db.float() if db is None else db + w * a_db.float()
+            db = w * a_db.to(wide) if db is None else db + w * a_db.to(wide)
     return dW, db
-
-
-def _add(target: torch.Tensor, delta: torch.Tensor) -> None:
-    if target.dtype == torch.float32:
-        target.add_(delta)
-    else:
-        target.copy_((target.float() + delta).to(target.dtype))
 
 
 @torch.no_grad()
 def fuse(world: World) -> list[str]:
-    """Fuse every adapter; return the slots kept live because their weight is tied."""
+    """Fuse every adapter; return the slots kept live because another layer shares their weight or bias."""
     if world.fused_state is not None:
         raise FusedError("the world is fused already")
-    tied = tied_weights(world)
+    shared = shared_parameters(world)
     hosts, live = {}, []
     for slot, host in iter_hosts(world):
-        if id(host.base.weight) in tied:
+        bias = base_bias(host.base)
+        if id(host.base.weight) in shared or (bias is not None and id(bias) in shared):
             live.append(slot)
         else:
             hosts[slot] = host
@@ -78,20 +74,22 @@ def fuse(world: World) -> list[str]:
     written = []
     try:
         for slot, host in hosts.items():
-            dW, db = _delta(slot, host)  # float32, shaped like the weight and the bias (or None)
-            written.append(slot)
-            _add(host.base.weight, dW)
+            dW, db = _delta(slot, host)  # shaped like the weight and the bias (or None)
+            written.append(slot)  # before writing: a write cut short is undone too
+            host.base.weight.add_(dW)  # computed in the wider dtype, rounded once into the weight's
             if db is not None:
-                _add(base_bias(host.base), db)
+                base_bias(host.base).add_(db)
             host.fused = True
+        world.fused_state = saved
     except BaseException:
         _restore(hosts, saved, written)
+        world.fused_state = None
         raise
-    world.fused_state = saved
     return live
 
 
-def _restore(hosts: dict, saved: dict, slots: list[str]) -> None:
+def _restore(hosts: dict[str, AdapterHost], saved: dict, slots: list[str]) -> None:
+    """Copy the saved base tensors of `slots` back (bit-exact) and mark their hosts unfused."""
     for slot in slots:
         host, (weight, bias) = hosts[slot], saved[slot]
         host.base.weight.copy_(weight)

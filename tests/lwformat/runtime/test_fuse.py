@@ -1,7 +1,8 @@
 import pytest
 import torch
+from torch import nn
 
-from lwformat import LightConfig
+from lwformat import Block, LightConfig, World
 from lwformat.adapters.plan import iter_hosts
 from lwformat.bundle.read import Bundle
 from lwformat.bundle.write import write_bundle
@@ -85,3 +86,54 @@ def test_fuse_and_unfuse_a_bfloat16_world(tmp_path):
     world.unfuse()
     world.remove("author/b16")
     assert all(torch.equal(world.state_dict()[k], v) for k, v in weights.items())
+
+
+def shared_world() -> World:
+    """A bias shared by two layers of one block, and a weight shared by two blocks."""
+    torch.manual_seed(0)
+    text = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
+    image = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    text[1].bias = text[0].bias
+    image[0].weight = text[3].weight
+    return World.from_blocks({LM: Block(text, "llm"), "creator/render/t2i/backbone": Block(image, "backbone")})
+
+
+@pytest.mark.parametrize("kind", ["lora", "ia3", "dora"])
+def test_layers_sharing_a_weight_or_bias_stay_live(tmp_path, kind):
+    trained = shared_world()
+    trained.customize(LightConfig(kind=kind, rank=2, blocks=["**"], slots=["*"]))
+    for p in trained.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    write_bundle(trained, tmp_path / "b", name="author/shared", version="1.0.0")
+    world = shared_world()
+    weights = {k: v.clone() for k, v in world.state_dict().items()}
+    world.apply(Bundle.open(tmp_path / "b"), weight=0.7)
+    x = torch.randn(3, 8)
+    blocks = [world.block(path).module for path in (LM, "creator/render/t2i/backbone")]
+    with torch.no_grad():
+        unfused = [block(x) for block in blocks]
+        live = world.fuse()
+        fused = [block(x) for block in blocks]
+    assert sorted(live) == sorted([f"{LM}:0", f"{LM}:1", f"{LM}:3", "creator/render/t2i/backbone:0"])
+    assert [slot for slot in world.fused_state] == [f"{LM}:2", "creator/render/t2i/backbone:1"]
+    for a, b in zip(fused, unfused):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    world.unfuse()
+    world.remove("author/shared")
+    assert all(torch.equal(world.state_dict()[k], v) for k, v in weights.items())
+
+
+def test_a_float64_world_fuses_in_float64(tmp_path):
+    trained = small_world().double()
+    trained.customize(LightConfig(rank=4, blocks=[LM], slots=["fc"]))
+    for p in trained.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    write_bundle(trained, tmp_path / "f64", name="author/f64", version="1.0.0")
+    world = small_world().double()
+    world.apply(Bundle.open(tmp_path / "f64"), weight=0.3)
+    fc = world.block(LM).module.fc
+    expected = fc.base.weight + 0.3 * fc.adapters["author/f64"].delta_weight(fc.base)[0]  # all float64
+    world.fuse()
+    assert fc.base.weight.dtype == torch.float64 and torch.equal(fc.base.weight, expected)
