@@ -13,19 +13,21 @@ shared machine disturbs least. "× faster" is PEFT's time over ours; the other r
 (or error) ratios, lower is better. Set-up (`_runtime_setup`) writes our bundles and
 PEFT's adapter directories, with the same factors, into a temporary directory.
 
-The bench re-runs itself with glibc told to keep freed memory in its heap (`RETAINED_HEAP`),
-as jemalloc or tcmalloc would (PyTorch's CPU tuning guide advises one of them). By default
-glibc maps each large block afresh and unmaps it when freed: every forward then faults in
-its 206 MB of logits page by page (50k minor faults), and on this VM, whose balloon hands
-freed pages back to the host, a fault costs 1 to 5 µs depending on what ran before. That
-moved forward times by up to 0.25 s on 1.4 s whatever the adapters did. With the heap
-retained, no side faults after the warm-up (the notes print the counts); the
-`--system-malloc` run shows the default.
+Before anything is timed, glibc is told to keep freed memory in its heap (`retain_heap`),
+as jemalloc or tcmalloc would (PyTorch's CPU tuning guide advises one of them). By
+default glibc gives each block above its mmap threshold (at most 32 MiB) fresh pages and
+unmaps them when it is freed, so every forward faults in its 206 MB of logits page by page
+(about 50k minor faults). On this VM such a fault costs 1 to 5 µs depending on what ran
+before (its balloon reports freed pages back to the host: the likely cause), which moved
+forward times by up to 0.25 s on 1.4 s, whatever the adapters did. With the heap kept,
+forwards stop faulting once the heap has grown (the notes print the median and the largest
+count per case); `--system-malloc` runs with glibc's default.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import statistics
 import sys
@@ -46,7 +48,6 @@ from _timing import Case, Row, compare, interleave, table  # noqa: E402
 from lwformat.bundle.read import Bundle  # noqa: E402
 
 BATCH, TOKENS = 8, 128
-RETAINED_HEAP = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}  # read by glibc at start
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ def bench_forward(s: Sides, budget: Budget) -> tuple[list[Row], list[str]]:
             Case("fused", lambda: lm(x), before=fused_on, after=fused_off),
             Case("peft", lambda: pm(x)),
         ]
-        c = interleave(cases, budget.forward, budget.warmup + 1)  # the heap grows to its peak in the first rounds
+        c = interleave(cases, budget.forward, budget.warmup + 1)  # one more: the heap grows in the first rounds
     last = {k: v.last for k, v in c.items()}
     notes = [
         f"check (forward): logits max |diff| ours unmerged vs PEFT {_max_diff(last['unmerged'], last['peft']):.2e}, "
@@ -194,7 +195,7 @@ def bench_mixed(s: Sides, budget: Budget) -> tuple[list[Row], list[str]]:
             Case("peft 8", lambda: pm(x, adapter_names=theirs)),
             Case("peft 1", lambda: pm(x, adapter_names=[theirs[0]] * BATCH)),
         ]
-        c = interleave(cases, budget.mixed, budget.warmup)
+        c = interleave(cases, budget.mixed, budget.warmup + 1)  # one more: the heap grows in the first rounds
     for i in range(BATCH):
         w.remove(names[i])
         pm.delete_adapter(theirs[i])
@@ -214,26 +215,31 @@ def bench_mixed(s: Sides, budget: Budget) -> tuple[list[Row], list[str]]:
 
 
 def _faults(section: str, cases: dict[str, Case]) -> str:
-    counts = ", ".join(f"{name} {statistics.median(case.faults):,.0f}" for name, case in cases.items())
-    return f"page faults ({section}): median minor faults per timed run: {counts}"
+    counts = ", ".join(f"{name} {statistics.median(c.faults):,.0f} / {max(c.faults):,}" for name, c in cases.items())
+    return f"page faults ({section}): minor faults per timed run, median / largest: {counts}"
 
 
-def _retain_heap(argv: list[str]) -> None:
-    """Run again under `RETAINED_HEAP` (glibc reads it only when a process starts), unless already so."""
-    if any(os.environ.get(k) != v for k, v in RETAINED_HEAP.items()):
-        os.execve(sys.executable, [sys.executable, __file__, *argv], {**os.environ, **RETAINED_HEAP})
+def retain_heap() -> bool:
+    """Keep freed memory in glibc's heap: no fresh mappings for large blocks, no trimming.
+
+    False, changing nothing, where the C library has no glibc `mallopt`.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
+    return mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, 2**31 - 1) == 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few repeats: a smoke run, not a measurement")
     parser.add_argument("--profile", action="store_true", help="also profile our apply and swap (cProfile)")
     parser.add_argument("--only", default="", help="comma-separated sections to run (apply,swap,blend,forward,mixed); default all")
-    parser.add_argument("--system-malloc", action="store_true", help="keep glibc's default heap policy (no RETAINED_HEAP)")
+    parser.add_argument("--system-malloc", action="store_true", help="keep the C library's default heap policy")
     args = parser.parse_args(argv)
-    if not args.system_malloc:
-        _retain_heap(argv)
+    heap = "system default" if args.system_malloc else "heap retained" if retain_heap() else "system default (no glibc)"
     sections = {"apply": bench_apply, "swap": bench_swap, "blend": blend_rows, "forward": bench_forward, "mixed": bench_mixed}
     names = [name for name in args.only.split(",") if name]
     if unknown := sorted(set(names) - set(sections)):
@@ -243,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     print(f"torch {torch.__version__}, peft {peft.__version__}, torch threads {torch.get_num_threads()}, "
           f"{os.cpu_count()} CPUs, load average {_load()}, {'quick' if args.quick else 'full'} run, malloc: "
-          f"{'system default' if args.system_malloc else 'heap retained'}", flush=True)  # fmt: skip
+          f"{heap}", flush=True)  # fmt: skip
     rows, notes = [], []
     with tempfile.TemporaryDirectory(prefix="lwbench-") as tmp:
         sides = build(Path(tmp), BATCH)
