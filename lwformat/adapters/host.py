@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import LayoutError
 from .kinds import Adapter, LoRA
+from .kinds.lora import MATMUL_LAYERS
 from .layers import Geometry
 from .module_state import init_module_state, new_module_dict
 
@@ -57,16 +58,25 @@ class AdapterHost(nn.Module):
         self.adapters._modules[name] = adapter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         if self.fused or not self.adapters:
-            return y
+            return self.base(x)
         if self.route is not None:
-            return self._routed(x, y)
+            return self._routed(x, self.base(x))
         # Without autograd, sums accumulate in place: into y itself when no adapter reads it.
         inplace = not torch.is_grad_enabled()
-        reads_y = any(type(a) is not LoRA for a in self.adapters.values())
+        adapters = self.adapters.values()
+        if self.geo.layer in MATMUL_LAYERS and all(type(a) is LoRA for a in adapters):
+            # The down-projections first, while x is still in cache from the layer that
+            # made it: after the base's matmul it has to come from memory again.
+            downs = [a.down(x) for a in adapters]  # (..., r) each
+            out = self.base(x)
+            for adapter, h in zip(adapters, downs):
+                out = adapter.up_add(out, h, inplace=inplace)
+            return out
+        y = self.base(x)
+        reads_y = any(type(a) is not LoRA for a in adapters)
         out = y
-        for adapter in self.adapters.values():
+        for adapter in adapters:
             out = adapter.add_to(out, x, y, self.base, inplace=inplace and (out is not y or not reads_y))
         return out
 
@@ -80,7 +90,7 @@ class AdapterHost(nn.Module):
             if (pick := self.route.get(name)) is None:
                 continue
             coef = pick * adapter.mix_weight  # (B,)
-            if type(adapter) is LoRA and self.geo.layer in ("linear", "gpt2_conv1d") and (
+            if type(adapter) is LoRA and self.geo.layer in MATMUL_LAYERS and (
                 not gathered or gathered[0][0].lora_A.shape == adapter.lora_A.shape
             ):
                 gathered.append((adapter, coef * adapter.scaling))

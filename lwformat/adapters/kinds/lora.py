@@ -18,6 +18,8 @@ from torch import nn
 from ..layers import Geometry
 from .base import Adapter, SlotSettings
 
+MATMUL_LAYERS = ("linear", "gpt2_conv1d")  # layers whose LoRA delta is x @ Aᵀ @ Bᵀ on the last dimension
+
 
 class LoRA(Adapter):
     kind = "lora"
@@ -55,16 +57,22 @@ class LoRA(Adapter):
     def delta(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
         return self.lora_delta(x, base)
 
-    def add_to(self, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, base: nn.Module, *, inplace: bool) -> torch.Tensor:
-        if self.geo.layer not in ("linear", "gpt2_conv1d") or type(self) is not LoRA:
-            return super().add_to(out, x, y, base, inplace=inplace)
-        # Scale the small (..., r) side and fuse the up-projection with the sum: one pass over `out`.
-        h = F.linear(x, self.lora_A) * (self.mix_weight * self.scaling)  # (..., r)
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """The scaled down-projection ``w·s·(x @ Aᵀ)``, on a layer of `MATMUL_LAYERS`."""
+        return F.linear(x, self.lora_A) * (self.mix_weight * self.scaling)  # (..., r)
+
+    def up_add(self, out: torch.Tensor, h: torch.Tensor, *, inplace: bool) -> torch.Tensor:
+        """``out + h @ Bᵀ`` for ``h = down(x)``: the up-projection fused with the sum, one pass over `out`."""
         h2 = h.reshape(-1, h.shape[-1])  # (N, r)
         if inplace and out.is_contiguous():
             out.view(-1, out.shape[-1]).addmm_(h2, self.lora_B.t())  # (N, out) += (N, r) @ (r, out)
             return out
         return torch.addmm(out.reshape(-1, out.shape[-1]), h2, self.lora_B.t()).view(out.shape)  # (..., out)
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, base: nn.Module, *, inplace: bool) -> torch.Tensor:
+        if type(self) is not LoRA or self.geo.layer not in MATMUL_LAYERS:
+            return super().add_to(out, x, y, base, inplace=inplace)
+        return self.up_add(out, self.down(x), inplace=inplace)
 
     def delta_weight(self, base: nn.Module) -> tuple[torch.Tensor, None]:
         return self.geo.unmatrix(self.lora_matrix(), base.weight), None
