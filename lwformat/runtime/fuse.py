@@ -60,17 +60,14 @@ def fuse(world: World) -> list[str]:
     if world.fused_state is not None:
         raise FusedError("the world is fused already")
     shared = shared_parameters(world)
-    hosts, live = {}, []
+    hosts, saved, live = {}, {}, []
     for slot, host in iter_hosts(world):
-        bias = base_bias(host.base)
-        if id(host.base.weight) in shared or (bias is not None and id(bias) in shared):
+        weight, bias = host.base.weight, base_bias(host.base)
+        if id(weight) in shared or (bias is not None and id(bias) in shared):
             live.append(slot)
-        else:
-            hosts[slot] = host
-    saved = {}
-    for slot, host in hosts.items():
-        bias = base_bias(host.base)
-        saved[slot] = (host.base.weight.clone(), None if bias is None else bias.clone())
+            continue
+        hosts[slot] = host
+        saved[slot] = (weight.clone(), None if bias is None else bias.clone())
     written = []
     try:
         for slot, host in hosts.items():
