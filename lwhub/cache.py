@@ -7,14 +7,12 @@
                                    to the blobs (copies where links are not possible)
     refs/<owner>/<name>/<version>  the registry's record of a version (JSON), for offline use
     refs/<owner>/<name>/@<tag>     the version a tag last resolved to
-    seen/<owner>/<name>/<version>  an empty marker per version verified here (rollback protection)
     tmp/                           where every file and directory is built before its rename
 
 Every entry appears by one ``rename`` of something complete, so a reader sees all or
 nothing. Processes sharing the cache need no lock: blobs and bundle directories are
 named by content, so two writers write the same bytes; a partial file only ever
-receives verified chunks, identical whichever process writes them; seen markers are
-only ever added. The ``.done`` record is a hint: chunks it names are re-hashed before
+receives verified chunks, identical whichever process writes them. The ``.done`` record is a hint: chunks it names are re-hashed before
 they are trusted, so a crash (or a lost page cache) costs a re-download, never a wrong byte.
 """
 
@@ -36,7 +34,7 @@ class Cache:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
         self.tmp = self.root / "tmp"
-        for sub in ("blobs/sha256", "partial", "bundles", "refs", "seen", "tmp"):
+        for sub in ("blobs/sha256", "partial", "bundles", "refs", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     # -- atomic building blocks -----------------------------------------------------------
@@ -136,7 +134,7 @@ class Cache:
             return
         shutil.rmtree(doomed, ignore_errors=True)
 
-    # -- refs and seen versions -------------------------------------------------------------
+    # -- refs ------------------------------------------------------------------------------
 
     def _ref_dir(self, name: str) -> Path:
         return self.root / "refs" / name
@@ -168,13 +166,3 @@ class Cache:
     def cached_latest(self, name: str) -> str | None:
         releases = [v for v in self.cached_versions(name) if not is_prerelease(v)]
         return releases[-1] if releases else None
-
-    def mark_seen(self, name: str, version: str) -> None:
-        marker = self.root / "seen" / name / version
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
-
-    def highest_seen(self, name: str) -> str | None:
-        folder = self.root / "seen" / name
-        seen = [p.name for p in folder.iterdir() if is_valid(p.name)] if folder.is_dir() else []
-        return max(seen, key=sort_key) if seen else None

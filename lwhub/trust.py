@@ -1,12 +1,17 @@
-"""The client's trust store: publisher public keys pinned per owner.
+"""The client's trust store: publisher keys pinned per owner, and the versions verified here.
 
-    <root>/<owner>/<key id>.pub     a SubjectPublicKeyInfo PEM; key id = hex sha256 of its DER
+    <root>/<owner>/<key id>.pub           a SubjectPublicKeyInfo PEM; key id = hex sha256 of its DER
+    <root>/<owner>/<name>@<version>.seen  an empty marker per version verified (rollback protection)
 
 A bundle of ``owner/name`` is accepted only when its signature verifies with a key
 pinned for ``owner``. With ``tofu=True`` (trust on first use, only when asked for), an
 owner with no pinned key gets the keys the registry lists for it pinned on first
 pull; once an owner has a pinned key, a signature by any other key is refused until
 that key is pinned by hand (key rotation is a decision, not an accident).
+
+The seen markers live here, not in the cache, so that clearing the cache does not reset
+rollback protection: a tag that resolves below the highest version seen is refused.
+Markers are only ever added.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 from lwformat.bundle.keys import PublicKey, key_id, loads_public_key, public_pem
 
 from .protocol import OWNER
+from .semver import is_valid, sort_key
 
 
 class TrustStore:
@@ -62,3 +68,24 @@ class TrustStore:
         existed = path.exists()
         path.unlink(missing_ok=True)
         return existed
+
+    def mark_seen(self, name: str, version: str) -> None:
+        """Record that `version` of ``owner/name`` was verified here."""
+        folder, short = self._name(name)
+        if not is_valid(version):
+            raise ValueError(f"{version!r} is not a version")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{short}@{version}.seen").touch()
+
+    def highest_seen(self, name: str) -> str | None:
+        """The highest version of ``owner/name`` verified here (semver precedence), if any."""
+        folder, short = self._name(name)
+        found = [p.name[len(short) + 1 : -len(".seen")] for p in folder.glob(f"{short}@*.seen")] if folder.is_dir() else []
+        versions = [v for v in found if is_valid(v)]
+        return max(versions, key=sort_key) if versions else None
+
+    def _name(self, name: str) -> tuple[Path, str]:
+        owner, _, short = name.partition("/")
+        if not OWNER.match(short):
+            raise ValueError(f"{name!r} is not a bundle name 'owner/name'")
+        return self._owner_dir(owner), short

@@ -38,8 +38,9 @@ def default_cache_dir() -> Path:
 class Client:
     """A registry client. ``offline=True`` serves pulls from the cache and never connects.
 
-    ``trust`` defaults to a `TrustStore` in ``<cache_dir>/trust``; ``streams`` is how
-    many connections a pull uses at most, by default one per core up to four (each
+    ``trust`` (pinned keys and seen versions) defaults to a `TrustStore` in
+    ``<cache_dir>/trust``; `settings.from_env` keeps it apart from the cache. ``streams``
+    is how many connections a pull uses at most, by default one per core up to four (each
     stream's receiving thread competes with the hashing for the cores).
     """
 

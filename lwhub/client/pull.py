@@ -14,7 +14,8 @@
        mismatch it is dropped, and each file comes from a verified cached blob or is
        downloaded (`download.Fetcher`)
     6. the bundle directory is built in the cache's temp area and renamed into place;
-       the version is recorded (for offline use) and marked seen (for rollback checks)
+       the version is recorded (for offline use) and marked seen in the trust store (for
+       rollback checks; clearing the cache keeps them)
 
 The files are bound to the signer through the chunk digests of the signed manifest,
 so they are not hashed a second time as whole files.
@@ -58,7 +59,7 @@ def _sha(data: bytes) -> str:
 
 
 def check_rollback(client: Client, full: str, want: str, version: str, allow: bool) -> None:
-    seen = client.cache.highest_seen(full)
+    seen = client.trust.highest_seen(full)
     if seen and newer(seen, version) and not allow and not is_valid(want):
         raise RollbackError(
             f"{full}@{want} resolves to {version}, older than {seen} which this client already verified "
@@ -188,5 +189,5 @@ def pull(client: Client, ref: str, *, tofu: bool = False, allow_rollback: bool =
         client.cache.record_version(info)
         if not is_valid(want):
             client.cache.record_tag(full, want, info.version)
-    client.cache.mark_seen(full, info.version)
+    client.trust.mark_seen(full, info.version)
     return folder

@@ -3,7 +3,7 @@
     LWHUB_URL     the registry, e.g. http://127.0.0.1:8700
     LWHUB_TOKEN   a bearer token (only writes need one)
     LWHUB_CACHE   the cache directory (default: $XDG_CACHE_HOME/lwhub or ~/.cache/lwhub)
-    LWHUB_HOME    settings: the saved login and the pinned publisher keys (``trust/``)
+    LWHUB_HOME    settings: the saved login, the pinned publisher keys and the versions seen (``trust/``)
                   (default: $XDG_CONFIG_HOME/lwhub or ~/.config/lwhub)
 """
 
@@ -30,8 +30,9 @@ def config_home() -> Path:
 def from_env(**overrides: Any) -> Client:
     """A `Client` configured from LWHUB_URL / LWHUB_TOKEN / LWHUB_CACHE; keyword arguments win.
 
-    Pinned keys come from ``<config home>/trust`` (security settings, kept apart from the
-    cache so that clearing the cache never drops a pin), unless ``trust=`` is given.
+    Pinned keys and seen versions live in ``<config home>/trust`` (security state, kept apart
+    from the cache so that clearing the cache never drops a pin nor resets rollback
+    protection), unless ``trust=`` is given.
     """
     settings: dict[str, Any] = {
         "url": os.environ.get("LWHUB_URL") or DEFAULT_URL,

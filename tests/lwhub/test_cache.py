@@ -1,4 +1,4 @@
-"""The local cache: torn records, atomic installs, seen versions."""
+"""The local cache: torn records, atomic installs."""
 
 from __future__ import annotations
 
@@ -29,11 +29,3 @@ def test_installing_a_bundle_that_another_process_installed_first(tmp_path):
     assert list(cache.tmp.iterdir()) == []
     cache.drop_bundle("cd" * 32)
     assert not first.exists() and list(cache.tmp.iterdir()) == []
-
-
-def test_seen_versions_only_grow_and_compare_by_precedence(tmp_path):
-    cache = Cache(tmp_path)
-    assert cache.highest_seen("alice/x") is None
-    for v in ["1.2.0", "1.10.0", "1.10.0-rc.1", "1.9.0"]:
-        cache.mark_seen("alice/x", v)
-    assert cache.highest_seen("alice/x") == "1.10.0"

@@ -1,4 +1,4 @@
-"""The trust store: keys pinned per owner, by key id."""
+"""The trust store: keys pinned per owner, by key id, and the versions seen (rollback protection)."""
 
 from __future__ import annotations
 
@@ -24,3 +24,19 @@ def test_pin_list_unpin(tmp_path, keys, other_keys):
 def test_owner_names_cannot_escape_the_store(tmp_path, keys):
     with pytest.raises(ValueError):
         TrustStore(tmp_path).pin("../etc", keys[1])
+
+
+def test_seen_versions_only_grow_and_compare_by_precedence(tmp_path, keys):
+    store = TrustStore(tmp_path)
+    assert store.highest_seen("alice/x") is None
+    for v in ["1.2.0", "1.10.0", "1.10.0-rc.1", "1.9.0"]:
+        store.mark_seen("alice/x", v)
+    store.mark_seen("alice/x-y", "9.0.0")  # another name of the same owner
+    store.pin("alice", keys[1])
+    assert store.highest_seen("alice/x") == "1.10.0" and store.highest_seen("alice/x-y") == "9.0.0"
+    assert len(store.key_ids("alice")) == 1  # markers are not keys
+    for bad in ("alice", "alice/../x", "../alice/x"):
+        with pytest.raises(ValueError):
+            store.highest_seen(bad)
+    with pytest.raises(ValueError):
+        store.mark_seen("alice/x", "latest")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import sqlite3
 
 import httpx
@@ -15,6 +16,7 @@ from lwformat.bundle.signing import sign_bundle
 from lwformat.bundle.verify import verify
 from lwhub.client import Client
 from lwhub.errors import HubUnavailableError, IntegrityError, NotCachedError, RollbackError, TrustError
+from lwhub.trust import TrustStore
 
 CHUNK = 1 << 16
 
@@ -119,7 +121,7 @@ def test_a_blob_tampered_on_the_server_is_refused_at_pull(hub, published, tmp_pa
         client.pull(name)
     assert caught.value.path == WEIGHTS and caught.value.chunk == 2
     assert list((tmp_path / "cache" / "bundles").iterdir()) == [] and list((tmp_path / "cache" / "blobs").rglob("*.*")) == []
-    assert client.cache.highest_seen(name) is None
+    assert client.trust.highest_seen(name) is None
 
 
 def test_a_manifest_or_signature_tampered_on_the_server_is_refused_at_pull(hub, published, tmp_path):
@@ -205,13 +207,26 @@ def test_a_registry_offering_an_older_latest_is_refused(hub, published, tmp_path
     publisher = hub.client(tmp_path / "publisher")
     publisher.push(newer)
     client = hub.client(tmp_path / "cache")
-    assert client.pull(name).is_dir() and client.cache.highest_seen(name) == "1.1.0"
+    assert client.pull(name).is_dir() and client.trust.highest_seen(name) == "1.1.0"
     publisher.yank(f"{name}@1.1.0")  # "latest" now resolves to 1.0.0
     with pytest.raises(RollbackError) as caught:
         client.pull(name)
     assert (caught.value.version, caught.value.seen) == ("1.0.0", "1.1.0")
     assert client.pull(f"{name}@1.0.0").is_dir()  # asked for by version: allowed
     assert client.pull(name, allow_rollback=True).is_dir()
+
+
+def test_rollback_protection_outlives_the_cache(hub, published, tmp_path, make_bundle):
+    name, _, _ = published
+    publisher = hub.client(tmp_path / "publisher")
+    publisher.push(make_bundle(tmp_path / "v2", name, "1.1.0", hub.private, features=32, rank=8))
+    trust = TrustStore(tmp_path / "config" / "trust")  # where settings from the environment keep it
+    trust.pin("alice", hub.public)
+    assert hub.client(tmp_path / "cache", trust=trust, pin=False).pull(name).is_dir()
+    shutil.rmtree(tmp_path / "cache")
+    publisher.yank(f"{name}@1.1.0")
+    with pytest.raises(RollbackError):
+        hub.client(tmp_path / "cache", trust=trust, pin=False).pull(name)
 
 
 def test_an_endless_answer_from_a_registry_is_refused_not_buffered(tmp_path):
