@@ -39,6 +39,16 @@ class VersionInfo(Struct):
     yank_reason: str = ""
 
 
+class SignedVersion(Struct):
+    """A version record with its manifest and signature (base64 in JSON): what a pull needs
+    before any large download, in one round trip. The bytes are checked against the
+    record's digests; None where the registry cannot inline them (then fetch by digest)."""
+
+    info: VersionInfo
+    manifest: bytes | None = None
+    signature: bytes | None = None
+
+
 class BundleInfo(Struct):
     name: str
     description: str = ""

@@ -1,10 +1,11 @@
 """Pull: resolve, check trust and rollback, fetch verified blobs, install a bundle directory.
 
-    1. resolve the ref (online: the registry; offline: the cache's records)
+    1. resolve the ref (online: the registry, which sends the manifest and signature
+       along; offline: the cache's records)
     2. rollback: a tag that resolves below the highest version verified here is refused
        (an explicit ``@version`` is what the user asked for, so it passes)
     3. manifest and signature: from the cached bundle directory when their digests
-       match, else fetched by digest and hashed
+       match, else the bytes sent with the resolution (or fetched by digest), hashed
     4. the signature must verify with a key pinned for the owner (pinned on first use
        only with ``tofu=True``) and list exactly the manifest's digests (or, when it is
        sharded by another size than the manifest's chunks, the manifest's own shards and
@@ -35,7 +36,7 @@ from lwformat.bundle.signing import check_against_manifest, verify_signature
 from lwformat.errors import LWFormatError, SignatureError, SignedFileMismatchError, UntrustedSignatureError
 
 from ..errors import IntegrityError, NotCachedError, ProtocolError, RefError, RollbackError, TrustError
-from ..protocol import OWNER, TAG, VersionInfo, digest_hex
+from ..protocol import API, OWNER, TAG, SignedVersion, VersionInfo, digest_hex
 from ..semver import is_valid, newer
 from .download import Fetcher, FileJob, verify_file
 
@@ -108,8 +109,18 @@ def _jobs(manifest: Manifest) -> list[FileJob]:
     return [FileJob(f.path, f.sha256, f.size, tuple(f.chunks), manifest.chunk_size) for f in manifest.files]
 
 
-def _materials(client: Client, info: VersionInfo, mhex: str, shex: str) -> tuple[bytes, bytes]:
-    """The manifest and signature bytes: from the cached bundle directory when their digests match."""
+def _resolve(client: Client, ref: str) -> tuple[VersionInfo, tuple[bytes | None, bytes | None]]:
+    """The version record and, online, the manifest and signature bytes the registry sent with it."""
+    if client.offline:
+        return client.resolve(ref), (None, None)
+    owner, name, want = parse_ref(ref)
+    signed = client.get(f"{API}/bundles/{owner}/{name}/resolve/{want}/signed", SignedVersion)
+    return signed.info, (signed.manifest, signed.signature)
+
+
+def _materials(client: Client, info: VersionInfo, mhex: str, shex: str, sent: tuple[bytes | None, bytes | None]) -> tuple[bytes, bytes]:
+    """The manifest and signature bytes: from the cached bundle directory when their digests
+    match, else as the registry sent them with the resolution, else fetched by digest."""
     folder = client.cache.bundle_dir(mhex)
     try:
         m, s = (folder / MANIFEST).read_bytes(), (folder / SIGNATURE).read_bytes()
@@ -121,12 +132,15 @@ def _materials(client: Client, info: VersionInfo, mhex: str, shex: str) -> tuple
         raise NotCachedError(f"{info.name}@{info.version} is not in the cache at {client.cache.root} (offline)", path=str(client.cache.root))
     client.cache.drop_bundle(mhex)
     # URLs from the checked hex digests, never from the registry's strings as sent.
-    return (_fetch_small(client, f"sha256:{mhex}", MAX_MANIFEST_BYTES, MANIFEST),
-            _fetch_small(client, f"sha256:{shex}", MAX_SIGNATURE_BYTES, SIGNATURE))  # fmt: skip
+    return (_small(client, f"sha256:{mhex}", sent[0], MAX_MANIFEST_BYTES, MANIFEST),
+            _small(client, f"sha256:{shex}", sent[1], MAX_SIGNATURE_BYTES, SIGNATURE))  # fmt: skip
 
 
-def _fetch_small(client: Client, digest: str, limit: int, what: str) -> bytes:
-    data = client.blob_bytes(digest, limit)
+def _small(client: Client, digest: str, sent: bytes | None, limit: int, what: str) -> bytes:
+    """A manifest or signature: the bytes sent, else fetched by digest; they must hash to `digest`."""
+    data = client.blob_bytes(digest, limit) if sent is None else sent
+    if len(data) > limit:
+        raise IntegrityError(f"{what}: the registry sent {len(data)} bytes, more than the {limit} allowed", path=what, expected=digest, found="too large")
     if "sha256:" + _sha(data) != digest:
         raise IntegrityError(f"{what}: the registry sent bytes that do not hash to {digest}", path=what, expected=digest, found="sha256:" + _sha(data))
     return data
@@ -167,14 +181,14 @@ def _install(client: Client, info: VersionInfo, mhex: str, materials: tuple[byte
 def pull(client: Client, ref: str, *, tofu: bool = False, allow_rollback: bool = False, progress=None) -> Path:
     owner, name, want = parse_ref(ref)
     full = f"{owner}/{name}"
-    info = client.resolve(ref)
+    info, sent = _resolve(client, ref)
     if info.name != full or not is_valid(info.version) or (is_valid(want) and info.version != want):
         raise ProtocolError(f"asked for {ref}, the registry answered {info.name!r}@{info.version!r}")
     mhex, shex = digest_hex(info.manifest), digest_hex(info.signature)
     if mhex is None or shex is None:
         raise ProtocolError(f"{full}@{info.version}: malformed digests in the registry's answer")
     check_rollback(client, full, want, info.version, allow_rollback)
-    materials = _materials(client, info, mhex, shex)
+    materials = _materials(client, info, mhex, shex, sent)
     manifest = _manifest(materials[0], info)
     keys = _trusted_keys(client, owner, tofu)
     settled = check_signature(materials[1], materials[0], manifest, keys, owner)  # before any large download

@@ -23,7 +23,10 @@ from lwformat.bundle.limits import MAX_BUNDLE_BYTES
 from lwformat.errors import SigningKeyError
 
 from ..errors import BadRequestError, ForbiddenError, NotFoundError, TooLargeError
-from ..protocol import OWNER, TAG, BlobInfo, NewToken, Page, PublishRequest, TagRequest, TokenRequest, VersionInfo, Whoami, YankRequest, digest_hex
+from ..protocol import (
+    OWNER, TAG, BlobInfo, NewToken, Page, PublishRequest, SignedVersion, TagRequest, TokenRequest, VersionInfo, Whoami,
+    YankRequest, digest_hex,
+)
 from ..semver import is_valid
 from . import auth, openapi
 from .blobs import BlobStore, DirBlobStore
@@ -182,6 +185,16 @@ class Registry:
     async def resolve(self, request: Request) -> Response:
         return json_answer(self._lookup(*_bundle_path(request), request.path_params["ref"]))
 
+    async def resolve_signed(self, request: Request) -> Response:
+        info = self._lookup(*_bundle_path(request), request.path_params["ref"])
+        return json_answer(SignedVersion(info, self._small_blob(info.manifest), self._small_blob(info.signature)))
+
+    def _small_blob(self, digest: str) -> bytes | None:
+        """A manifest's or signature's bytes (bounded at publish); None where the store keeps no local file."""
+        hexdigest = digest_hex(digest)
+        path = None if hexdigest is None else self.blobs.local_path(hexdigest)
+        return None if path is None else path.read_bytes()
+
     async def publish(self, request: Request) -> Response:
         owner, name = _bundle_path(request)
         principal = self.principal(request)
@@ -233,6 +246,7 @@ def create_app(data_dir: str | Path, *, instance: str = "", orphan_grace: float 
         Route(bundle + "/versions/{version}", r.publish, methods=["POST"]),
         Route(bundle + "/versions/{version}/yank", r.yank, methods=["POST"]),
         Route(bundle + "/resolve/{ref}", r.resolve),
+        Route(bundle + "/resolve/{ref}/signed", r.resolve_signed),
         Route(bundle + "/tags/{tag}", r.set_tag, methods=["PUT"]),
     ]
     app = Starlette(routes=routes, exception_handlers=HANDLERS)

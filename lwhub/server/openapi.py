@@ -12,7 +12,10 @@ import re
 import msgspec
 
 from ..errors import ERROR_CODES
-from ..protocol import BlobInfo, BundleInfo, KeyInfo, NewToken, Page, PublishRequest, TagRequest, TokenRequest, VersionInfo, Whoami, YankRequest
+from ..protocol import (
+    BlobInfo, BundleInfo, KeyInfo, NewToken, Page, PublishRequest, SignedVersion, TagRequest, TokenRequest, VersionInfo, Whoami,
+    YankRequest,
+)
 
 BUNDLE = "/v1/bundles/{owner}/{name}"
 # (method, path, summary, needs a token, request body type, response type)
@@ -33,6 +36,7 @@ OPERATIONS: list[tuple[str, str, str, bool, type | None, object]] = [
     ("post", BUNDLE + "/versions/{version}", "Publish: verified, then visible atomically", True, PublishRequest, VersionInfo),
     ("post", BUNDLE + "/versions/{version}/yank", "Yank or un-yank a version", True, YankRequest, VersionInfo),
     ("get", BUNDLE + "/resolve/{ref}", "Resolve a version or a tag (latest by default rules)", False, None, VersionInfo),
+    ("get", BUNDLE + "/resolve/{ref}/signed", "Resolve, with the manifest and signature inline: what a pull needs before its downloads", False, None, SignedVersion),
     ("put", BUNDLE + "/tags/{tag}", "Point a tag at a version", True, TagRequest, dict),
 ]
 

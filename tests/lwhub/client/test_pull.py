@@ -15,6 +15,7 @@ from lwformat.bundle.read import Bundle
 from lwformat.bundle.signing import sign_bundle
 from lwformat.bundle.verify import verify
 from lwhub.client import Client
+from lwhub.client.pull import _materials
 from lwhub.errors import HubUnavailableError, IntegrityError, NotCachedError, RollbackError, TrustError
 from lwhub.trust import TrustStore
 
@@ -108,9 +109,12 @@ def test_a_pull_is_verified_and_a_second_pull_downloads_nothing(hub, published, 
         assert verify(bundle, [hub.public]) == info.key_id
         assert bundle.manifest.name == name
     assert (path / WEIGHTS).read_bytes() == (folder / WEIGHTS).read_bytes()
+    paths = [p for p, _, _ in net.log]
+    assert paths[0] == f"/v1/bundles/{name}/resolve/latest/signed"
+    assert not any(p.endswith((info.manifest, info.signature)) for p in paths)  # they came with the resolution
     before = len(net.log)
     assert client.pull(f"{name}@1.0.0") == path
-    assert all(p.endswith(("resolve/1.0.0",)) for p, _, _ in net.log[before:])  # one small request, no blob
+    assert [p for p, _, _ in net.log[before:]] == [f"/v1/bundles/{name}/resolve/1.0.0/signed"]  # one small request, no blob
 
 
 def test_a_blob_tampered_on_the_server_is_refused_at_pull(hub, published, tmp_path):
@@ -122,6 +126,17 @@ def test_a_blob_tampered_on_the_server_is_refused_at_pull(hub, published, tmp_pa
     assert caught.value.path == WEIGHTS and caught.value.chunk == 2
     assert list((tmp_path / "cache" / "bundles").iterdir()) == [] and list((tmp_path / "cache" / "blobs").rglob("*.*")) == []
     assert client.trust.highest_seen(name) is None
+
+
+def test_without_inline_bytes_the_manifest_and_signature_are_fetched_by_digest(hub, published, tmp_path):
+    """What a pull does when the registry's blob store cannot inline them (`SignedVersion` fields None)."""
+    name, folder, info = published
+    net = Recording()
+    client = hub.client(tmp_path / "cache", http=httpx.Client(transport=net))
+    mhex, shex = info.manifest.removeprefix("sha256:"), info.signature.removeprefix("sha256:")
+    manifest, signature = _materials(client, info, mhex, shex, (None, None))
+    assert (manifest, signature) == ((folder / MANIFEST).read_bytes(), (folder / SIGNATURE).read_bytes())
+    assert [p for p, _, _ in net.log] == [f"/v1/blobs/{info.manifest}", f"/v1/blobs/{info.signature}"]
 
 
 def test_a_manifest_or_signature_tampered_on_the_server_is_refused_at_pull(hub, published, tmp_path):

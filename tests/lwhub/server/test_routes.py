@@ -6,9 +6,11 @@ import hashlib
 import time
 
 import httpx
+import msgspec
 import pytest
 
 from lwhub.errors import ERROR_CODES, AuthError, ForbiddenError, NotFoundError
+from lwhub.protocol import SignedVersion, VersionInfo
 from lwhub.server import create_account, create_token
 
 
@@ -119,6 +121,17 @@ def test_latest_tags_and_yanks(hub, published, tmp_path):
     with pytest.raises(NotFoundError) as caught:
         client.resolve("alice/noir@9.0.0")
     assert caught.value.code == "version_not_found"
+
+
+def test_a_signed_resolution_carries_the_manifest_and_signature(hub, published):
+    base = f"{hub.url}/v1/bundles/alice/noir/resolve"
+    signed = msgspec.json.decode(httpx.get(f"{base}/1.0.0/signed").content, type=SignedVersion)
+    assert signed.info == msgspec.json.decode(httpx.get(f"{base}/1.0.0").content, type=VersionInfo)
+    for data, digest in [(signed.manifest, signed.info.manifest), (signed.signature, signed.info.signature)]:
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == digest
+        assert data == httpx.get(f"{hub.url}/v1/blobs/{digest}").content
+    missing = httpx.get(f"{base}/9.0.0/signed")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "version_not_found"
 
 
 def test_the_openapi_document_lists_every_route(hub):
