@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import time
 
 import httpx
@@ -121,6 +122,30 @@ def test_latest_tags_and_yanks(hub, published, tmp_path):
     with pytest.raises(NotFoundError) as caught:
         client.resolve("alice/noir@9.0.0")
     assert caught.value.code == "version_not_found"
+
+
+def test_a_range_over_many_reads_and_its_head(hub):
+    data = bytes(range(256)) * (3 * 4096 + 7)  # 3 MiB and a bit: several of the server's 1 MiB reads
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    put = httpx.put(f"{hub.url}/v1/blobs/{digest}", content=data, headers={"authorization": f"Bearer {hub.token}"})
+    assert put.status_code in (200, 201)
+    url = f"{hub.url}/v1/blobs/{digest}"
+    for first, last in [(0, len(data) - 1), (1000, (5 << 19) + 3), ((1 << 20) - 1, 1 << 20), (len(data) - 1, len(data) - 1)]:
+        part = httpx.get(url, headers={"range": f"bytes={first}-{last}"})
+        assert part.status_code == 206 and part.content == data[first : last + 1], (first, last)
+    head = httpx.head(url, headers={"range": "bytes=1000-2999999"})
+    assert head.status_code == 206 and head.headers["content-length"] == "2999000" and head.content == b""
+
+
+def test_starlette_still_hands_single_ranges_to_the_method_blobs_override():
+    """`BlobResponse` reads single ranges itself; if Starlette renames the hook, ranges get slower, not wrong."""
+    from starlette.responses import FileResponse
+
+    from lwhub.server.http import BlobResponse
+
+    params = list(inspect.signature(FileResponse._handle_single_range).parameters)
+    assert params == list(inspect.signature(BlobResponse._handle_single_range).parameters)
+    assert params == ["self", "send", "start", "end", "file_size", "send_header_only"]
 
 
 def test_a_signed_resolution_carries_the_manifest_and_signature(hub, published):
