@@ -87,7 +87,8 @@ class BlobResponse(FileResponse):
         await send({"type": "http.response.start", "status": 206, "headers": headers})
         if not send_header_only:
             with open(self.path, "rb", buffering=0) as f:
-                os.posix_fadvise(f.fileno(), start, end - start, os.POSIX_FADV_WILLNEED)
+                if hasattr(os, "posix_fadvise"):  # not on macOS
+                    os.posix_fadvise(f.fileno(), start, end - start, os.POSIX_FADV_WILLNEED)
                 while start < end:
                     piece = os.pread(f.fileno(), min(self.chunk_size, end - start), start)
                     if not piece:  # cut short under us: the body ends early, and the client retries
