@@ -25,6 +25,7 @@ so they are not hashed a second time as whole files.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,7 +36,7 @@ from lwformat.bundle.manifest import MANIFEST, SIGNATURE, Manifest
 from lwformat.bundle.signing import check_against_manifest, verify_signature
 from lwformat.errors import LWFormatError, SignatureError, SignedFileMismatchError, UntrustedSignatureError
 
-from ..errors import IntegrityError, NotCachedError, ProtocolError, RefError, RollbackError, TrustError
+from ..errors import IntegrityError, NotCachedError, NotFoundError, ProtocolError, RefError, RollbackError, TooLargeError, TrustError
 from ..protocol import API, OWNER, TAG, SignedVersion, VersionInfo, digest_hex
 from ..semver import is_valid, newer
 from .download import Fetcher, FileJob, verify_file
@@ -114,7 +115,12 @@ def _resolve(client: Client, ref: str) -> tuple[VersionInfo, tuple[bytes | None,
     if client.offline:
         return client.resolve(ref), (None, None)
     owner, name, want = parse_ref(ref)
-    signed = client.get(f"{API}/bundles/{owner}/{name}/resolve/{want}/signed", SignedVersion)
+    try:
+        signed = client.get(f"{API}/bundles/{owner}/{name}/resolve/{want}/signed", SignedVersion)
+    except NotFoundError as exc:
+        if exc.code != "not_found":  # no such bundle, version or tag
+            raise
+        return client.resolve(ref), (None, None)  # a registry from before the route
     return signed.info, (signed.manifest, signed.signature)
 
 
@@ -140,7 +146,7 @@ def _small(client: Client, digest: str, sent: bytes | None, limit: int, what: st
     """A manifest or signature: the bytes sent, else fetched by digest; they must hash to `digest`."""
     data = client.blob_bytes(digest, limit) if sent is None else sent
     if len(data) > limit:
-        raise IntegrityError(f"{what}: the registry sent {len(data)} bytes, more than the {limit} allowed", path=what, expected=digest, found="too large")
+        raise TooLargeError(f"{what} {digest} is larger than the {limit} bytes allowed", code="too_large")
     if "sha256:" + _sha(data) != digest:
         raise IntegrityError(f"{what}: the registry sent bytes that do not hash to {digest}", path=what, expected=digest, found="sha256:" + _sha(data))
     return data
@@ -203,5 +209,9 @@ def pull(client: Client, ref: str, *, tofu: bool = False, allow_rollback: bool =
         client.cache.record_version(info)
         if not is_valid(want):
             client.cache.record_tag(full, want, info.version)
-    client.trust.mark_seen(full, info.version)
+    try:
+        client.trust.mark_seen(full, info.version)
+    except OSError as exc:  # a trust store provisioned read-only: the pull stands, unrecorded
+        warnings.warn(f"{full}@{info.version} was verified, but rollback protection could not record it in "
+                      f"{client.trust.root}: {exc}", RuntimeWarning, stacklevel=2)  # fmt: skip
     return folder

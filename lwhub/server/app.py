@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from lwformat.bundle.keys import key_id, loads_public_key
-from lwformat.bundle.limits import MAX_BUNDLE_BYTES
+from lwformat.bundle.limits import MAX_BUNDLE_BYTES, MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES
 from lwformat.errors import SigningKeyError
 
 from ..errors import BadRequestError, ForbiddenError, NotFoundError, TooLargeError
@@ -187,13 +187,16 @@ class Registry:
 
     async def resolve_signed(self, request: Request) -> Response:
         info = self._lookup(*_bundle_path(request), request.path_params["ref"])
-        return json_answer(SignedVersion(info, self._small_blob(info.manifest), self._small_blob(info.signature)))
+        manifest, signature = self._small_blob(info.manifest, MAX_MANIFEST_BYTES), self._small_blob(info.signature, MAX_SIGNATURE_BYTES)
+        return json_answer(SignedVersion(info, manifest, signature))
 
-    def _small_blob(self, digest: str) -> bytes | None:
-        """A manifest's or signature's bytes (bounded at publish); None where the store keeps no local file."""
+    def _small_blob(self, digest: str, limit: int) -> bytes | None:
+        """A manifest's or signature's bytes; None when the store cannot give them (the client then fetches by digest)."""
         hexdigest = digest_hex(digest)
-        path = None if hexdigest is None else self.blobs.local_path(hexdigest)
-        return None if path is None else path.read_bytes()
+        try:
+            return None if hexdigest is None else self.blobs.read(hexdigest, limit=limit)
+        except (NotFoundError, TooLargeError):
+            return None
 
     async def publish(self, request: Request) -> Response:
         owner, name = _bundle_path(request)

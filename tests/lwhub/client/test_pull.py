@@ -15,8 +15,8 @@ from lwformat.bundle.read import Bundle
 from lwformat.bundle.signing import sign_bundle
 from lwformat.bundle.verify import verify
 from lwhub.client import Client
-from lwhub.client.pull import _materials
-from lwhub.errors import HubUnavailableError, IntegrityError, NotCachedError, RollbackError, TrustError
+from lwhub.client.pull import _materials, _small
+from lwhub.errors import HubUnavailableError, IntegrityError, NotCachedError, NotFoundError, RollbackError, TooLargeError, TrustError
 from lwhub.trust import TrustStore
 
 CHUNK = 1 << 16
@@ -114,7 +114,7 @@ def test_a_pull_is_verified_and_a_second_pull_downloads_nothing(hub, published, 
     assert not any(p.endswith((info.manifest, info.signature)) for p in paths)  # they came with the resolution
     before = len(net.log)
     assert client.pull(f"{name}@1.0.0") == path
-    assert [p for p, _, _ in net.log[before:]] == [f"/v1/bundles/{name}/resolve/1.0.0/signed"]  # one small request, no blob
+    assert [p for p, _, _ in net.log[before:]] == [f"/v1/bundles/{name}/resolve/1.0.0/signed"]  # one request, no blob
 
 
 def test_a_blob_tampered_on_the_server_is_refused_at_pull(hub, published, tmp_path):
@@ -137,6 +137,42 @@ def test_without_inline_bytes_the_manifest_and_signature_are_fetched_by_digest(h
     manifest, signature = _materials(client, info, mhex, shex, (None, None))
     assert (manifest, signature) == ((folder / MANIFEST).read_bytes(), (folder / SIGNATURE).read_bytes())
     assert [p for p, _, _ in net.log] == [f"/v1/blobs/{info.manifest}", f"/v1/blobs/{info.signature}"]
+
+
+class BeforeSignedRoute(httpx.HTTPTransport):
+    """A registry from before ``resolve/{ref}/signed``: that route answers a plain 404."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/signed"):
+            return httpx.Response(404, json={"error": {"code": "not_found", "message": "Not Found", "detail": {}}})
+        return super().handle_request(request)
+
+
+def test_a_registry_without_the_signed_route_is_pulled_from_in_three_requests(hub, published, tmp_path):
+    name, folder, _ = published
+    client = hub.client(tmp_path / "cache", http=httpx.Client(transport=BeforeSignedRoute()))
+    assert (client.pull(name) / WEIGHTS).read_bytes() == (folder / WEIGHTS).read_bytes()
+    with pytest.raises(NotFoundError) as caught:  # a real miss is still a miss, told by the plain resolve
+        client.pull(f"{name}@9.9.9")
+    assert caught.value.code == "version_not_found"
+
+
+def test_an_inline_manifest_past_its_limit_is_refused(hub, published, tmp_path):
+    _, _, info = published
+    client = hub.client(tmp_path / "cache")
+    with pytest.raises(TooLargeError):
+        _small(client, info.manifest, b"{" * 101, 100, MANIFEST)
+
+
+def test_a_pull_stands_when_the_trust_store_cannot_record_it(hub, published, tmp_path):
+    name, folder, _ = published
+    client = hub.client(tmp_path / "cache")
+    owner, short = name.split("/")
+    marker = client.trust.root / owner / f"{short}@1.0.0.seen"
+    marker.symlink_to(tmp_path / "no-such-folder" / "marker")  # writing through it fails, even as root
+    with pytest.warns(RuntimeWarning, match="rollback protection could not record"):
+        path = client.pull(name)
+    assert (path / WEIGHTS).read_bytes() == (folder / WEIGHTS).read_bytes()
 
 
 def test_a_manifest_or_signature_tampered_on_the_server_is_refused_at_pull(hub, published, tmp_path):
