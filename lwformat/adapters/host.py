@@ -85,22 +85,25 @@ class AdapterHost(nn.Module):
         if x.shape[0] != batch:
             raise LayoutError(f"a {self.geo.layer} layer got input {tuple(x.shape)} without the batch of {batch} first")
         per_sample = (-1,) + (1,) * (y.ndim - 1)
-        out, gathered = y, []
+        out, gathered, picks = y, [], []
         for name, adapter in self.adapters.items():
             if (pick := self.route.get(name)) is None:
                 continue
-            coef = pick * adapter.mix_weight  # (B,)
             if type(adapter) is LoRA and self.geo.layer in MATMUL_LAYERS and (
-                not gathered or gathered[0][0].lora_A.shape == adapter.lora_A.shape
+                not gathered or gathered[0].lora_A.shape == adapter.lora_A.shape
             ):
-                gathered.append((adapter, coef * adapter.scaling))
+                gathered.append(adapter)
+                picks.append(pick)
             else:
-                out = out + coef.view(per_sample) * adapter.delta(x, y, self.base)
+                out = out + (pick * adapter.mix_weight).view(per_sample) * adapter.delta(x, y, self.base)
         if gathered:
-            coefs = torch.stack([c for _, c in gathered])  # (n, B)
+            # Stacked, so the work per layer does not grow with the number of bundles (on a GPU
+            # every small operation is a kernel launch, which costs more than its arithmetic).
+            scale = torch.stack([a.mix_weight for a in gathered]) * torch.stack([a.scaling for a in gathered])  # (n,)
+            coefs = torch.stack(picks) * scale[:, None]  # (n, B)
             pick = coefs.ne(0).to(torch.int64).argmax(0)  # (B,) the adapter each sample selected
-            A = torch.stack([a.lora_A for a, _ in gathered])[pick]  # (B, r, in)
-            B = torch.stack([a.lora_B for a, _ in gathered])[pick]  # (B, out, r)
+            A = torch.stack([a.lora_A for a in gathered])[pick]  # (B, r, in)
+            B = torch.stack([a.lora_B for a in gathered])[pick]  # (B, out, r)
             h = torch.einsum("b...i,bri->b...r", x, A)  # (B, ..., r)
             out = out + coefs.sum(0).view(per_sample) * torch.einsum("b...r,bor->b...o", h, B)  # (B, ..., out)
         return out

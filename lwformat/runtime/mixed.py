@@ -32,17 +32,18 @@ def routed(world: World, bundles: list[str | None]) -> Iterator[None]:
     for name in bundles:
         if name is not None and name not in world.applied:
             raise NotAppliedError(f"sample asks for {name!r}, which is not applied", path=name)
-    chosen = {name: [float(b == name) for b in bundles] for name in set(bundles) - {None}}
-    keys = {world.applied[name].key: picks for name, picks in chosen.items()}
+    names = sorted(set(bundles) - {None})
+    keys = [world.applied[name].key for name in names]
+    picks = [[float(b == name) for b in bundles] for name in names]  # (n, B)
     hosts = [host for _, host in iter_hosts(world)]
+    tables: dict[tuple, torch.Tensor] = {}  # one copy to each dtype and device, not one per host and bundle
     try:
         for host in hosts:
             like = host.base.weight
-            host.route = {
-                key: torch.tensor(picks, dtype=like.dtype, device=like.device)
-                for key, picks in keys.items()
-                if key in host.adapters
-            }
+            if (like.dtype, like.device) not in tables:
+                tables[like.dtype, like.device] = torch.tensor(picks, dtype=like.dtype, device=like.device).reshape(len(names), len(bundles))
+            table = tables[like.dtype, like.device]  # (n, B)
+            host.route = {key: table[i] for i, key in enumerate(keys) if key in host.adapters}
         yield
     finally:
         for host in hosts:
