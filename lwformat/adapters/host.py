@@ -8,8 +8,8 @@ named adapters, each with its weight as a 0-d tensor buffer:
 Changing a weight writes into that buffer, so it allocates nothing and changes no module.
 While fused, the deltas live in the base weights and the host returns ``base(x)``.
 
-In a mixed-world batch, ``route`` maps adapter names to per-sample selections (B,):
-sample b gets ``Σ_a route_a[b] · w_a · delta_a``. LoRA adapters of one rank on linear
+In a mixed-world batch, `set_route` gives each adapter a per-sample selection (B,):
+sample b gets ``Σ_a pick_a[b] · w_a · delta_a``. LoRA adapters of one rank on linear
 layers are gathered per sample and computed in one batched pass, so the cost stays
 nearly flat in the number of distinct adapters:
 
@@ -21,6 +21,8 @@ base layer, so code that reaches into layers keeps working.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -31,13 +33,30 @@ from .layers import Geometry
 from .module_state import init_module_state, new_module_dict
 
 
+class Route(NamedTuple):
+    """A host's part of a mixed batch, sorted out once per `routed` block.
+
+    It holds the adapters' own tensors (weights, scalings, factors), which weights and
+    swaps write in place, so it stays current; applying or removing a bundle inside the
+    block is not seen.
+    """
+
+    batch: int
+    picks: torch.Tensor | None  # (n, B) the selections of the LoRA adapters gathered per sample
+    weights: tuple[torch.Tensor, ...]  # their 0-d weights
+    scalings: tuple[torch.Tensor, ...]  # their 0-d scalings
+    A: tuple[torch.Tensor, ...]  # (r, in) each
+    B: tuple[torch.Tensor, ...]  # (out, r) each
+    others: tuple[tuple[Adapter, torch.Tensor], ...]  # adapters computed one by one, with their selection (B,)
+
+
 class AdapterHost(nn.Module):
     is_adapter_host = True
     base: nn.Module
     adapters: nn.ModuleDict
     geo: Geometry
     fused: bool
-    route: dict[str, torch.Tensor] | None
+    route: Route | None
 
     def __init__(self, base: nn.Module, geo: Geometry) -> None:
         init_module_state(self)  # nn.Module.__init__, faster: an apply builds a host per slot
@@ -80,30 +99,43 @@ class AdapterHost(nn.Module):
             out = adapter.add_to(out, x, y, self.base, inplace=inplace and (out is not y or not reads_y))
         return out
 
-    def _routed(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        batch = next(iter(self.route.values())).shape[0] if self.route else x.shape[0]
-        if x.shape[0] != batch:
-            raise LayoutError(f"a {self.geo.layer} layer got input {tuple(x.shape)} without the batch of {batch} first")
-        per_sample = (-1,) + (1,) * (y.ndim - 1)
-        out, gathered, picks = y, [], []
+    def set_route(self, picks: dict[str, torch.Tensor] | None, batch: int = 0) -> None:
+        """Select adapters per sample (`picks`: name -> (B,) selection), or end the mixed batch (None)."""
+        if picks is None:
+            self.route = None
+            return
+        lora, lora_picks, others = [], [], []
         for name, adapter in self.adapters.items():
-            if (pick := self.route.get(name)) is None:
+            if (pick := picks.get(name)) is None:
                 continue
             if type(adapter) is LoRA and self.geo.layer in MATMUL_LAYERS and (
-                not gathered or gathered[0].lora_A.shape == adapter.lora_A.shape
+                not lora or lora[0].lora_A.shape == adapter.lora_A.shape
             ):
-                gathered.append(adapter)
-                picks.append(pick)
+                lora.append(adapter)
+                lora_picks.append(pick)
             else:
-                out = out + (pick * adapter.mix_weight).view(per_sample) * adapter.delta(x, y, self.base)
-        if gathered:
+                others.append((adapter, pick))
+        self.route = Route(
+            batch, torch.stack(lora_picks) if lora else None,
+            tuple(a.mix_weight for a in lora), tuple(a.scaling for a in lora),
+            tuple(a.lora_A for a in lora), tuple(a.lora_B for a in lora), tuple(others),
+        )  # fmt: skip
+
+    def _routed(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        route = self.route
+        if (route.A or route.others) and x.shape[0] != route.batch:
+            raise LayoutError(f"a {self.geo.layer} layer got input {tuple(x.shape)} without the batch of {route.batch} first")
+        per_sample = (-1,) + (1,) * (y.ndim - 1)
+        out = y
+        for adapter, pick in route.others:
+            out = out + (pick * adapter.mix_weight).view(per_sample) * adapter.delta(x, y, self.base)
+        if route.A:
             # Stacked, so the work per layer does not grow with the number of bundles (on a GPU
             # every small operation is a kernel launch, which costs more than its arithmetic).
-            scale = torch.stack([a.mix_weight for a in gathered]) * torch.stack([a.scaling for a in gathered])  # (n,)
-            coefs = torch.stack(picks) * scale[:, None]  # (n, B)
+            coefs = route.picks * (torch.stack(route.weights) * torch.stack(route.scalings))[:, None]  # (n, B)
             pick = coefs.ne(0).to(torch.int64).argmax(0)  # (B,) the adapter each sample selected
-            A = torch.stack([a.lora_A for a in gathered])[pick]  # (B, r, in)
-            B = torch.stack([a.lora_B for a in gathered])[pick]  # (B, out, r)
+            A = torch.stack(route.A)[pick]  # (B, r, in)
+            B = torch.stack(route.B)[pick]  # (B, out, r)
             h = torch.einsum("b...i,bri->b...r", x, A)  # (B, ..., r)
             out = out + coefs.sum(0).view(per_sample) * torch.einsum("b...r,bor->b...o", h, B)  # (B, ..., out)
         return out

@@ -43,11 +43,11 @@ def routed(world: World, bundles: list[str | None]) -> Iterator[None]:
             if (like.dtype, like.device) not in tables:
                 tables[like.dtype, like.device] = torch.tensor(picks, dtype=like.dtype, device=like.device).reshape(len(names), len(bundles))
             table = tables[like.dtype, like.device]  # (n, B)
-            host.route = {key: table[i] for i, key in enumerate(keys) if key in host.adapters}
+            host.set_route({key: table[i] for i, key in enumerate(keys) if key in host.adapters}, len(bundles))
         yield
     finally:
         for host in hosts:
-            host.route = None
+            host.set_route(None)
 
 
 def run(world: World, state: dict[str, torch.Tensor], bundles: list[str | None]) -> dict[str, torch.Tensor]:

@@ -34,6 +34,22 @@ def test_each_sample_gets_its_own_world(world, bundles):
             torch.testing.assert_close(mixed[key][i : i + 1], expected[key], rtol=1e-5, atol=1e-5)
 
 
+def test_weights_and_swaps_inside_a_routed_block_take_effect(world, bundles):
+    """Routes are sorted out when the block opens; they hold the adapters' own tensors."""
+    world.apply(bundles["noir"], weight=0.7, name="author/a")
+    world.apply(bundles["rain"], weight=1.0, name="author/b")
+    picks = ["author/a", None, "author/b"]
+    x = tokens(batch=len(picks))
+    with torch.no_grad(), world.routed(picks):
+        world.set_weight("author/a", 0.2)
+        world.swap("author/b", bundles["noir2"])
+        mixed = world({"tokens": x})
+    for i, (bundle, weight) in enumerate([(bundles["noir"], 0.2), (None, 0), (bundles["noir2"], 1.0)]):
+        expected = alone(bundle, weight, x[i : i + 1])
+        for key in KEYS:
+            torch.testing.assert_close(mixed[key][i : i + 1], expected[key], rtol=1e-5, atol=1e-5)
+
+
 def test_hosts_are_left_unrouted_and_the_stack_unchanged(world, bundles):
     world.apply(bundles["noir"], weight=0.7)
     world.apply(bundles["rain"], weight=0.3)
