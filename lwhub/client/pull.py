@@ -110,11 +110,11 @@ def _jobs(manifest: Manifest) -> list[FileJob]:
     return [FileJob(f.path, f.sha256, f.size, tuple(f.chunks), manifest.chunk_size) for f in manifest.files]
 
 
-def _resolve(client: Client, ref: str) -> tuple[VersionInfo, tuple[bytes | None, bytes | None]]:
-    """The version record and, online, the manifest and signature bytes the registry sent with it."""
+def _resolve(client: Client, ref: str, owner: str, name: str, want: str) -> tuple[VersionInfo, tuple[bytes | None, bytes | None]]:
+    """The version record of `ref` (parsed: `owner`, `name`, `want`) and, online, the
+    manifest and signature bytes the registry sent with it."""
     if client.offline:
         return client.resolve(ref), (None, None)
-    owner, name, want = parse_ref(ref)
     try:
         signed = client.get(f"{API}/bundles/{owner}/{name}/resolve/{want}/signed", SignedVersion)
     except NotFoundError as exc:
@@ -187,7 +187,7 @@ def _install(client: Client, info: VersionInfo, mhex: str, materials: tuple[byte
 def pull(client: Client, ref: str, *, tofu: bool = False, allow_rollback: bool = False, progress=None) -> Path:
     owner, name, want = parse_ref(ref)
     full = f"{owner}/{name}"
-    info, sent = _resolve(client, ref)
+    info, sent = _resolve(client, ref, owner, name, want)
     if info.name != full or not is_valid(info.version) or (is_valid(want) and info.version != want):
         raise ProtocolError(f"asked for {ref}, the registry answered {info.name!r}@{info.version!r}")
     mhex, shex = digest_hex(info.manifest), digest_hex(info.signature)
