@@ -106,8 +106,7 @@ def trust_add(args: argparse.Namespace) -> int:
       arg("owner", metavar="OWNER", nargs="?"))  # fmt: skip
 def trust_list(args: argparse.Namespace) -> int:
     with hub_client(args, offline=True) as client:
-        root = client.trust.root
-        owners = [args.owner] if args.owner else sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        owners = [args.owner] if args.owner else client.trust.owners()
         pinned = {owner: client.trust.key_ids(owner) for owner in owners}
     rows = [[owner, kid] for owner, kids in pinned.items() for kid in kids]
     emit(args, table(["owner", "key id"], rows) if rows else "no keys pinned", {"pinned": pinned})

@@ -44,6 +44,12 @@ class TrustStore:
     def key_ids(self, owner: str) -> list[str]:
         return [key_id(k) for k in self.keys(owner)]
 
+    def owners(self) -> list[str]:
+        """The owners with at least one key pinned, sorted (seen markers alone do not count)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if OWNER.match(p.name) and any(p.glob("*.pub")))
+
     def pin(self, owner: str, key: PublicKey | bytes | str | os.PathLike) -> str:
         """Pin a key (a key object, PEM bytes or a PEM file path) for `owner`; returns its key id."""
         if isinstance(key, bytes):

@@ -21,6 +21,17 @@ def test_pin_list_unpin(tmp_path, keys, other_keys):
     assert kid not in store.key_ids("alice")
 
 
+def test_owners_are_those_with_a_key_pinned(tmp_path, keys):
+    store = TrustStore(tmp_path)
+    assert store.owners() == []
+    kid = store.pin("bob", keys[1])
+    store.pin("alice", keys[1])
+    store.mark_seen("carol/x", "1.0.0")  # seen markers alone are not a pin
+    assert store.owners() == ["alice", "bob"]
+    store.unpin("bob", kid)  # the folder stays, holding nothing pinned
+    assert store.owners() == ["alice"]
+
+
 def test_owner_names_cannot_escape_the_store(tmp_path, keys):
     with pytest.raises(ValueError):
         TrustStore(tmp_path).pin("../etc", keys[1])
