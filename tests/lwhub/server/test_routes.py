@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import os
+import threading
 import time
 
 import httpx
@@ -135,6 +137,34 @@ def test_a_range_over_many_reads_and_its_head(hub):
         assert part.status_code == 206 and part.content == data[first : last + 1], (first, last)
     head = httpx.head(url, headers={"range": "bytes=1000-2999999"})
     assert head.status_code == 206 and head.headers["content-length"] == "2999000" and head.content == b""
+
+
+def test_a_range_read_slowly_goes_on_from_a_thread(tmp_path, monkeypatch):
+    """With every read counted slow, each range's reads after its first run on a worker thread."""
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from lwhub.server.http import BlobResponse
+
+    data = bytes(reversed(range(256))) * (2 * 4096 + 5)  # 2 MiB and a bit: up to three reads
+    (tmp_path / "blob").write_bytes(data)
+    app = Starlette(routes=[Route("/blob", lambda request: BlobResponse(tmp_path / "blob"))])
+    monkeypatch.setattr(BlobResponse, "inline_read_limit", -1.0)
+    readers, pread = [], os.pread
+
+    def watched(fd: int, size: int, offset: int) -> bytes:
+        readers.append(threading.get_ident())
+        return pread(fd, size, offset)
+
+    monkeypatch.setattr(os, "pread", watched)
+    with TestClient(app) as client:
+        for first, last in [(1, len(data) - 1), (7, (1 << 20) + 9), (len(data) - 3, len(data) - 1)]:
+            readers.clear()
+            part = client.get("/blob", headers={"range": f"bytes={first}-{last}"})
+            assert part.status_code == 206 and part.content == data[first : last + 1], (first, last)
+            reads = -(-(last + 1 - first) // BlobResponse.chunk_size)
+            assert len(readers) == reads and readers[0] not in readers[1:], (first, last)  # only the first in the loop
 
 
 def test_starlette_still_hands_single_ranges_to_the_method_blobs_override():
