@@ -82,7 +82,8 @@ class AdapterHost(nn.Module):
         if self.route is not None:
             return self._routed(x, self.base(x))
         # Without autograd, sums accumulate in place: into y itself when no adapter reads it.
-        inplace = not torch.is_grad_enabled()
+        # Not under autocast, which casts the inputs of out-of-place matmuls only.
+        inplace = not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
         adapters = self.adapters.values()
         if self.geo.layer in MATMUL_LAYERS and all(type(a) is LoRA for a in adapters):
             # The down-projections first, while x is still in cache from the layer that
@@ -97,7 +98,8 @@ class AdapterHost(nn.Module):
         out = y
         for adapter in adapters:
             out = adapter.add_to(out, x, y, self.base, inplace=inplace and (out is not y or not reads_y))
-        return out
+        # Under autocast the sum may have widened: the layer's own dtype, as PEFT keeps it.
+        return out if out.dtype == y.dtype else out.to(y.dtype)
 
     def set_route(self, picks: dict[str, torch.Tensor] | None, batch: int = 0) -> None:
         """Select adapters per sample (`picks`: name -> (B,) selection), or end the mixed batch (None)."""
@@ -138,7 +140,7 @@ class AdapterHost(nn.Module):
             B = torch.stack(route.B)[pick]  # (B, out, r)
             h = torch.einsum("b...i,bri->b...r", x, A)  # (B, ..., r)
             out = out + coefs.sum(0).view(per_sample) * torch.einsum("b...r,bor->b...o", h, B)  # (B, ..., out)
-        return out
+        return out if out.dtype == y.dtype else out.to(y.dtype)
 
     def __getattr__(self, name: str):
         try:

@@ -33,6 +33,26 @@ def test_apply_equals_the_trained_world_and_weight_zero_is_base(tmp_path, world,
     assert torch.equal(lm_out(world, x), base)
 
 
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3", "neuron", "bias"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_autocast_inference_keeps_each_layers_dtype(tmp_path, world, kind, grad):
+    """Under `torch.autocast` a host gives what its base layer gives (PEFT does too), and weight 0 is that base."""
+    x = tokens()
+    lm = world.block(LM).module
+    qkv = lm.blocks[0].attn.qkv
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        base, layer = lm(x), qkv(torch.randn(2, qkv.in_features))
+    world.apply(make_bundle(tmp_path, 7, kind=kind), weight=0.7)
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lm(x)
+        assert qkv(torch.randn(2, qkv.in_features)).dtype == layer.dtype == torch.bfloat16
+    assert got.dtype == base.dtype
+    torch.testing.assert_close(got.float(), lm_out(world, x), rtol=0, atol=0.05)  # bfloat16 matmuls
+    world.set_weight("author/noir", 0.0)
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(lm(x), base)
+
+
 def test_stacking_is_the_exact_weighted_sum_per_layer(world, bundles):
     noir, rain = bundles["noir"], bundles["rain"]
     world.apply(noir, weight=0.7)

@@ -34,6 +34,21 @@ def test_each_sample_gets_its_own_world(world, bundles):
             torch.testing.assert_close(mixed[key][i : i + 1], expected[key], rtol=1e-5, atol=1e-5)
 
 
+def test_a_mixed_batch_under_autocast_keeps_the_dtypes(world, bundles):
+    world.apply(bundles["noir"], weight=0.7)
+    world.apply(bundles["creator"])
+    picks = ["author/noir", None, "creator/ink"]
+    x = tokens(batch=len(picks))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        base = reference_world("tiny", seed=0)({"tokens": x})
+        mixed = world.run({"tokens": x}, picks)
+    with torch.no_grad():
+        exact = world.run({"tokens": x}, picks)
+    for key in KEYS:
+        assert mixed[key].dtype == base[key].dtype, key
+        torch.testing.assert_close(mixed[key].float(), exact[key], rtol=0, atol=0.1)  # bfloat16 matmuls
+
+
 def test_weights_and_swaps_inside_a_routed_block_take_effect(world, bundles):
     """Routes are sorted out when the block opens; they hold the adapters' own tensors."""
     world.apply(bundles["noir"], weight=0.7, name="author/a")
