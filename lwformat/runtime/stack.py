@@ -159,6 +159,7 @@ def _not_fused(world: World, what: str) -> None:
         raise FusedError(f"cannot {what} while the world is fused; call unfuse() first")
 
 
+@torch.inference_mode(False)  # storage made under inference mode could not be written outside it (set_weight, swap)
 @torch.no_grad()
 def apply(world: World, bundle: Any, weight: Weight = 1.0, *, name: str | None = None, strict: bool = False, reserve_rank: int = 0) -> Applied:
     name = name or bundle.manifest.name

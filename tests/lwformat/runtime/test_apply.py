@@ -53,6 +53,21 @@ def test_autocast_inference_keeps_each_layers_dtype(tmp_path, world, kind, grad)
         assert torch.equal(lm(x), base)
 
 
+def test_a_bundle_applied_under_inference_mode_changes_outside_it(world, bundles):
+    """A server may apply inside `torch.inference_mode()`; weights and swaps come later, outside."""
+    x = tokens()
+    with torch.inference_mode():
+        world.apply(bundles["noir"], weight=0.7)
+        lm_out(world, x)
+    world.set_weight("author/noir", 0.4)
+    world.swap("author/noir", bundles["noir2"])
+    reference = reference_world("tiny", seed=0)
+    reference.apply(bundles["noir2"], weight=0.4)
+    assert torch.equal(lm_out(world, x), lm_out(reference, x))
+    world.remove("author/noir")
+    assert torch.equal(lm_out(world, x), lm_out(reference_world("tiny", seed=0), x))
+
+
 def test_stacking_is_the_exact_weighted_sum_per_layer(world, bundles):
     noir, rain = bundles["noir"], bundles["rain"]
     world.apply(noir, weight=0.7)
