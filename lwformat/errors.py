@@ -36,6 +36,7 @@
         ├── NotAppliedError (KeyError)      no bundle of that name is applied
         ├── AlreadyAppliedError (ValueError) that name is applied already
         ├── LayoutError (ValueError)        a swap that does not fit the applied storage
+        ├── WeightError (ValueError)        a weight that is not a finite number the storage can hold
         └── FusedError                      unfuse first / an adapter that cannot be fused
 
 Errors carry the offending location in `.path` (a block path, or a slot written
@@ -263,6 +264,10 @@ class AlreadyAppliedError(RuntimeStateError, ValueError):
 
 class LayoutError(RuntimeStateError, ValueError):
     """A swap whose bundle does not fit the applied storage (other slots, kinds, or a larger rank)."""
+
+
+class WeightError(RuntimeStateError, ValueError):
+    """A weight (or a bundle's scaling) that is not a finite number the adapters' dtype can hold; ``path`` names the bundle, glob or slot."""
 
 
 class FusedError(RuntimeStateError):

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from ..errors import FusedError
+
 from .config import LightConfig
 from .host import AdapterHost
 from .kinds import KINDS
@@ -39,7 +41,7 @@ def customize(world: World, config: LightConfig) -> Plan:
             host.add(the_plan.name, KINDS[slot.kind](host.geo, slot.settings, layer))
             replace_module(indexes[slot.block_path], layer, host)
     except BaseException:
-        decustomize(world)
+        _unwrap(world, the_plan.name)
         restore_grad_flags(world, grads)
         raise
     world.customization = (config, the_plan)
@@ -47,14 +49,25 @@ def customize(world: World, config: LightConfig) -> Plan:
 
 
 def decustomize(world: World) -> None:
-    """Put every wrapped base layer back in place of its host (the same object, untouched)."""
+    """Take the customization off: its adapter leaves every host, and a host left empty gives
+    its slot back to the base layer (the same object, untouched). Bundles applied stay."""
+    if world.fused_state is not None:
+        raise FusedError("cannot decustomize while the world is fused; call unfuse() first")
+    if world.customization is not None:
+        _unwrap(world, world.customization[1].name)
+    world.customization = None
+
+
+def _unwrap(world: World, name: str) -> None:
     indexes: dict[str, dict] = {}
     for slot, host in list(iter_hosts(world)):
+        host.adapters._modules.pop(name, None)
+        if host.adapters:
+            continue  # it holds applied bundles too
         block_path = slot.partition(":")[0]
         if block_path not in indexes:
             indexes[block_path] = parent_index(world.block(block_path).module)
         replace_module(indexes[block_path], host, host.base)
-    world.customization = None
 
 
 def adapter_parameters(world: World) -> list[nn.Parameter]:

@@ -134,9 +134,8 @@ def plan(world: World, config: LightConfig) -> Plan:
     if config.kind not in KINDS:
         raise TargetError(f"unknown adapter kind {config.kind!r} (known: {', '.join(sorted(KINDS))})")
     if (host := next(iter_hosts(world), None)) is not None:
-        raise AlreadyCustomizedError(
-            f"{host[0]}: the world already carries adapters; call decustomize() first", path=host[0]
-        )
+        fix = f"remove() the bundles applied ({', '.join(world.applied)}) first" if world.applied else "call decustomize() first"
+        raise AlreadyCustomizedError(f"{host[0]}: the world already carries adapters; {fix}", path=host[0])
     aliases: dict[str, list[str]] = {}
     for path, canonical in world.block_paths().items():
         aliases.setdefault(canonical, []).append(path)

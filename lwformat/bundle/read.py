@@ -3,7 +3,7 @@
 `Bundle.open` reads and validates the manifest, lists the directory (regular files
 only: exactly manifest.json, the listed files and optionally bundle.sig), checks
 every listed file's size, and checks the weights header against the manifest. Only
-then are tensors read, lazily, through `safetensors.safe_open` (memory-mapped).
+then are tensors read, lazily, from one copy-on-write map of the weights file.
 
 An archive (a file) is first unpacked, safely, into a private temporary directory:
 memory-mapping needs a plain file, and zstd streams cannot be seeked. The copy is
@@ -23,8 +23,6 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-from safetensors import safe_open
 
 from ..errors import BundleFormatError, BundleNotFoundError, IntegrityError, SlotNotFoundError
 from . import limits
@@ -60,7 +58,9 @@ class Bundle:
         self._by_slot: dict[str, list[TensorSpan]] = {}
         for span in self.spans:
             self._by_slot.setdefault(span.slot, []).append(span)
-        self._file = None
+        self._size = next(f.size for f in manifest.files if f.path == WEIGHTS)  # as checked by `open`
+        self._handle = None  # the weights file, open while mapped
+        self._map: mmap.mmap | None = None
         self._packed: dict[str, torch.Tensor] | None = None
         self._cleanup = weakref.finalize(self, shutil.rmtree, tmp, True) if tmp is not None else None
 
@@ -132,38 +132,67 @@ class Bundle:
         """``{"block/path:module.path": entry}`` in manifest order."""
         return {s.slot: s for s in self.manifest.slots}
 
-    def _st(self):
-        if self._file is None:
-            self._file = safe_open(str(self.weights_path), framework="pt")
-        return self._file
+    def _mapping(self) -> mmap.mmap:
+        """The weights file mapped copy-on-write, once; each call first checks that the file
+        still has the size `open` checked. A read from the map past the end of a file cut
+        short since would kill the process (SIGBUS); this makes it an `IntegrityError`."""
+        if self._map is None:
+            handle = open_member(self.path, WEIGHTS)
+            try:
+                self._map = mmap.mmap(handle.fileno(), self._intact(handle), access=mmap.ACCESS_COPY)
+            except BaseException:
+                handle.close()
+                raise
+            self._handle = handle
+            return self._map
+        self._intact(self._handle)
+        return self._map
+
+    def _intact(self, handle) -> int:
+        size = os.fstat(handle.fileno()).st_size
+        if size != self._size:
+            raise IntegrityError(f"{WEIGHTS}: {size} bytes now, {self._size} when the bundle was opened (changed in place since)",
+                                 path=WEIGHTS, expected=self._size, found=size)  # fmt: skip
+        return size
+
+    def _views(self, spans) -> list[tuple[TensorSpan, torch.Tensor]]:
+        """Each span's tensor, a view of the copy-on-write map."""
+        import torch
+
+        buf, dtypes = self._mapping(), _torch_dtypes()
+        out = []
+        for s in spans:
+            dtype = dtypes[s.dtype]
+            count = (s.end - s.begin) // dtype.itemsize
+            if not count:  # frombuffer refuses empty views
+                out.append((s, torch.empty(s.shape, dtype=dtype)))
+                continue
+            out.append((s, torch.frombuffer(buf, dtype=dtype, count=count, offset=self.data_offset + s.begin).view(s.shape)))
+        return out
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor by key (``<slot>.<name>``), in canonical order."""
-        f = self._st()
-        return {s.key: f.get_tensor(s.key) for s in self.spans}
+        return {s.key: t for s, t in self._views(self.spans)}
 
     def slot_tensors(self, slot: str) -> dict[str, torch.Tensor]:
         """One slot's tensors by name (``lora_A``...)."""
         if slot not in self._by_slot:
             raise SlotNotFoundError(f"{slot}: no such slot in {self.manifest.name}", path=slot)
-        f = self._st()
-        return {s.name: f.get_tensor(s.key) for s in self._by_slot[slot]}
+        return {s.name: t for s, t in self._views(self._by_slot[slot])}
 
     def packed(self) -> dict[str, torch.Tensor]:
         """``{dtype name: 1-D tensor}``: each dtype's contiguous run of the data section.
 
-        The tensors map the file copy-on-write: no copy is made until one is written.
+        The tensors view the file's copy-on-write map: no copy is made until one is written.
         A span of dtype ``d`` is ``packed()[d][(begin - run_begin) // itemsize :][:numel]``.
-        The mapping is made once and kept while the bundle is open, so repeated swaps from
-        one bundle read warm pages.
+        The map is made once and kept while the bundle is open, so repeated swaps from
+        one bundle read warm pages; each call checks the file was not cut since.
         """
+        buf = self._mapping()
         if self._packed is not None:
             return self._packed
         import torch
 
-        with open_member(self.path, WEIGHTS) as f:
-            size = os.fstat(f.fileno()).st_size
-            buf = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else b""
         out = {}
         for dtype, (b, e) in self._runs().items():
             t = _torch_dtypes()[dtype]
@@ -182,8 +211,8 @@ class Bundle:
 
     @property
     def mapped(self) -> bool:
-        """Whether `packed` has mapped the weights file (later copies from it read warm pages)."""
-        return self._packed is not None
+        """Whether the weights file is mapped (later copies from it read warm pages)."""
+        return self._map is not None
 
     def read_runs(self, into: dict[str, torch.Tensor]) -> None:
         """Read each dtype's run straight into ``into[dtype name]``, a contiguous CPU tensor of its size.
@@ -219,8 +248,11 @@ class Bundle:
         return runs
 
     def close(self) -> None:
-        self._file = None
-        self._packed = None
+        # Tensors still viewing the map keep it alive; the descriptor goes now.
+        self._map = self._packed = None
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
         if self._cleanup is not None:
             self._cleanup()
 

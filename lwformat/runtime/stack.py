@@ -12,6 +12,7 @@ applying).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,12 +23,12 @@ from ..adapters.kinds import KINDS, Adapter
 from ..adapters.plan import parent_index, replace_module
 from ..bundle.manifest import slot_layout
 from ..bundle.read import Bundle
-from ..errors import AlreadyAppliedError, FusedError, LayoutError, NotAppliedError, TargetError
+from ..errors import AlreadyAppliedError, FusedError, LayoutError, NotAppliedError, TargetError, WeightError
 from ..world.digest import untouched_digest
 from ..world.paths import match_block
 from .resolve import ResolvedSlot, resolve
 from .spare import Spare
-from .storage import Place, allocate, copy_packed, copy_runs, fill, fits, plan_layout, scalars, slot_views, view
+from .storage import Place, allocate, check_scalar, copy_packed, copy_runs, fill, fits, plan_layout, scalars, slot_views, view
 
 if TYPE_CHECKING:
     from ..world.tree import World
@@ -61,7 +62,7 @@ def _same_layout_swap(world: World, applied: Applied, bundle: Any) -> bool:
     ``swap(strict=True)``). Returns False, having changed nothing, when it does not apply.
     """
     old = applied.bundle.manifest
-    if not applied.packed or bundle.manifest.base.blocks != old.base.blocks or _layout(bundle) != _layout(applied.bundle):
+    if not (applied.packed and isinstance(bundle, Bundle)) or bundle.manifest.base.blocks != old.base.blocks or _layout(bundle) != _layout(applied.bundle):
         return False
     if not applied.bound:  # kept for later swaps: their bindings are equal
         canonical = world.block_paths()
@@ -95,29 +96,51 @@ def _layout(bundle: Any) -> bytes:
     return bundle.slot_layout if isinstance(bundle, Bundle) else slot_layout(bundle.manifest)
 
 
-def _weights(world: World, slots: list[ResolvedSlot], weight: Weight | None) -> dict[str, float]:
-    if weight is None:
-        return {}
+def _weights(world: World, slots: list[ResolvedSlot], weight: Weight, name: str) -> dict[str, float]:
+    """Each slot's new weight; slots no glob matches are left out. Refuses non-numbers and globs that match nothing."""
     if not isinstance(weight, dict):
-        return {rs.slot: float(weight) for rs in slots}
+        number = _number(weight, name)
+        return {rs.slot: number for rs in slots}
+    numbers = {glob: _number(w, glob) for glob, w in weight.items() if _is_glob(glob)}
     aliases: dict[str, list[str]] = {}
     for path, canonical in world.block_paths().items():
         aliases.setdefault(canonical, []).append(path)
     out = {}
     for rs in slots:
         paths = aliases[rs.slot.partition(":")[0]]
-        hit = next((w for glob, w in weight.items() if any(match_block(p, glob) for p in paths)), None)
+        hit = next((w for glob, w in numbers.items() if any(match_block(p, glob) for p in paths)), None)
         if hit is not None:
-            out[rs.slot] = float(hit)
+            out[rs.slot] = hit
     unused = [g for g in weight if not any(match_block(p, g) for rs in slots for p in aliases[rs.slot.partition(":")[0]])]
     if unused:
         raise TargetError(f"weight glob {unused[0]!r} matches no block this bundle adapts", path=unused[0])
     return out
 
 
+def _is_glob(glob: Any) -> bool:
+    if not isinstance(glob, str):
+        raise TargetError(f"weight globs are block paths or globs (strings), not {glob!r}", path=str(glob))
+    return True
+
+
+def _number(value: Any, where: str) -> float:
+    """A weight as a float: any finite real number; bool, None and strings are refused."""
+    if value is not None and not isinstance(value, (bool, str, bytes)):
+        try:
+            number = float(value)
+        except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several values
+            pass
+        else:
+            if math.isfinite(number):
+                return number
+    raise WeightError(f"{where}: the weight {value!r} is not a finite number", path=where)
+
+
 def _bank_key(world: World, name: str) -> str:
     key = name.replace(".", "_")  # module names cannot hold dots
     taken = {a.key for a in world.applied.values()}
+    if world.customization is not None:  # the trainable adapters' name in the same hosts
+        taken.add(world.customization[1].name)
     n, candidate = 1, key
     while candidate in taken:
         n += 1
@@ -167,8 +190,8 @@ def apply(world: World, bundle: Any, weight: Weight = 1.0, *, name: str | None =
     if name in world.applied:
         raise AlreadyAppliedError(f"{name} is applied already; swap() it or apply under another name", path=name)
     slots = resolve(world, bundle.manifest, strict=strict)
-    weights = _weights(world, slots, weight if isinstance(weight, dict) else None)
-    default = 1.0 if isinstance(weight, dict) else float(weight)
+    weights = _weights(world, slots, weight, name) if isinstance(weight, dict) else {}
+    default = 1.0 if isinstance(weight, dict) else _number(weight, name)
     places = plan_layout(slots, reserve_rank)
     spare = world.spare_storage = world.spare_storage or Spare()
     buffers = allocate(places, spare)
@@ -238,7 +261,9 @@ def set_weight(world: World, name: str, weight: Weight) -> None:
     """Write new weights into the adapters' weight buffers: no allocation, no recompilation."""
     _not_fused(world, "change weights")
     applied = _applied(world, name)
-    weights = _weights(world, applied.slots, weight if isinstance(weight, dict) else float(weight))
+    weights = _weights(world, applied.slots, weight, name)
+    for slot, w in weights.items():  # every weight checked before the first is written
+        check_scalar(w, applied.adapters[slot].mix_weight.dtype, slot, "weight")
     for slot, w in weights.items():
         applied.adapters[slot].mix_weight.fill_(w)
 
@@ -269,15 +294,25 @@ def swap(world: World, name: str, bundle: Any, *, strict: bool = False) -> None:
             if place is None or not fits(place, shape):
                 stored = place.shape if place else "nothing"
                 raise LayoutError(f"{rs.slot}: {tensor_name} {tuple(shape)} does not fit the stored {stored}", path=rs.slot)
-    packed = applied.packed = copy_packed(applied.places, applied.buffers, bundle)
+    for rs in slots:  # the new scalings too, before the first write
+        if hasattr(applied.adapters[rs.slot], "scaling"):
+            check_scalar(rs.settings.scaling, applied.adapters[rs.slot].scaling.dtype, rs.slot, "scaling (alpha / rank)")
+    saved = {key: buffer.clone() for key, buffer in applied.buffers.items()}  # a failed read puts these back
+    try:
+        packed = copy_packed(applied.places, applied.buffers, bundle)
+        if not packed:
+            for rs in slots:
+                source = bundle.slot_tensors(rs.entry.slot)
+                for tensor_name in rs.shapes():
+                    fill(view(applied.buffers, places[(rs.slot, tensor_name)]), source[tensor_name], tensor_name)
+    except BaseException:
+        for key, buffer in applied.buffers.items():
+            buffer.copy_(saved[key])
+        raise
     for rs in slots:
         adapter = applied.adapters[rs.slot]
-        if not packed:
-            source = bundle.slot_tensors(rs.entry.slot)
-            for tensor_name in rs.shapes():
-                fill(view(applied.buffers, places[(rs.slot, tensor_name)]), source[tensor_name], tensor_name)
         adapter.settings = rs.settings
         if hasattr(adapter, "scaling"):
             adapter.scaling.fill_(adapter.settings.scaling)
-    applied.bundle, applied.bound = bundle, ()  # another binding, perhaps
+    applied.packed, applied.bundle, applied.bound = packed, bundle, ()  # another binding, perhaps
     applied.slots = slots

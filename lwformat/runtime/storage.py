@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 
 from ..adapters.kinds import KINDS
+from ..errors import WeightError
 from ..world.digest import DTYPE_NAMES
 from .resolve import ResolvedSlot
 from .spare import Spare
@@ -104,6 +105,12 @@ def _scaling(rs: ResolvedSlot) -> float:
     return rs.settings.scaling if KINDS[rs.settings.kind].uses_rank else 1.0  # unused by kinds without a rank
 
 
+def check_scalar(value: float, dtype: torch.dtype, slot: str, what: str) -> None:
+    """Refuse a weight or scaling that `dtype` cannot hold (torch.tensor and fill_ would store inf or fail midway)."""
+    if not abs(value) <= torch.finfo(dtype).max:
+        raise WeightError(f"{slot}: the {what} {value!r} overflows the adapters' {dtype}", path=slot)
+
+
 def scalars(slots: list[ResolvedSlot], weights: list[float], places: list[Place]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each slot's (weight, LoRA scaling) as 0-d views of one small tensor per dtype and device.
 
@@ -120,6 +127,9 @@ def scalars(slots: list[ResolvedSlot], weights: list[float], places: list[Place]
     out: list = [None] * len(slots)
     for (dtype, device), members in groups.items():
         values = [weights[i] for i in members] + [_scaling(slots[i]) for i in members]
+        for i in members:
+            check_scalar(weights[i], dtype, slots[i].slot, "weight")
+            check_scalar(_scaling(slots[i]), dtype, slots[i].slot, "scaling (alpha / rank)")
         views = torch.tensor(values, dtype=dtype, device=device).unbind()  # 2n 0-d views of one (2n,) tensor
         for j, i in enumerate(members):
             out[i] = (views[j], views[len(members) + j])

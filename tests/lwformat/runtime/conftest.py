@@ -17,11 +17,11 @@ LM = "author/narrate/text/llm"
 _count = itertools.count()
 
 
-def trained_world(seed: int, *, kind: str = "lora", rank: int = 4, blocks=(LM,), slots=(), world_seed: int = 0):
+def trained_world(seed: int, *, kind: str = "lora", rank: int = 4, blocks=(LM,), slots=(), world_seed: int = 0, alpha: float | None = None):
     world = reference_world("tiny", seed=world_seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # adapter initialisation draws from the global generator
-        world.customize(LightConfig(kind=kind, rank=rank, alpha=2 * rank, neurons=4, blocks=list(blocks), slots=list(slots)))
+        world.customize(LightConfig(kind=kind, rank=rank, alpha=alpha or 2 * rank, neurons=4, blocks=list(blocks), slots=list(slots)))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in world.adapter_parameters():

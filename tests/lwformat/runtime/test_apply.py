@@ -153,3 +153,64 @@ def test_a_weights_file_cut_short_after_opening_fails_apply_and_changes_nothing(
         world.apply(bundle)
     assert world.applied == {} and [type(m) for m in world.modules()] == modules
     assert torch.equal(lm_out(world, x), before)
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), -float("inf"), 1e40, "0.5", None, True, {"author/**": None},
+                                    {"author/**": float("nan")}, {"author/**": 1e40}])  # fmt: skip
+def test_weights_are_finite_numbers_the_storage_holds(world, bundles, weight):
+    """NaN in one bundle's weight would turn every sample of a mixed batch to NaN, base samples too."""
+    from lwformat.errors import WeightError
+
+    x = tokens()
+    base = lm_out(world, x)
+    with pytest.raises(WeightError):
+        world.apply(bundles["noir"], weight=weight)
+    assert not world.applied and torch.equal(lm_out(world, x), base)
+    world.apply(bundles["noir"], weight=0.5)
+    applied = lm_out(world, x)
+    with pytest.raises(WeightError):
+        world.set_weight("author/noir", weight)
+    assert torch.equal(lm_out(world, x), applied)
+
+
+def test_set_weight_checks_every_glob_before_writing_any(world, bundles):
+    from lwformat.errors import WeightError
+
+    world.apply(bundles["creator"], weight=0.5)
+    before = {slot: float(a.mix_weight) for slot, a in world.applied["creator/ink"].adapters.items()}
+    with pytest.raises(WeightError):  # the first glob is fine, the second overflows float32
+        world.set_weight("creator/ink", {"creator/render/t2i/conditioner": 0.3, "creator/**": 1e40})
+    assert {slot: float(a.mix_weight) for slot, a in world.applied["creator/ink"].adapters.items()} == before
+    with pytest.raises(TargetError):
+        world.set_weight("creator/ink", {5: 1.0})
+
+
+def test_a_bundle_applied_beside_a_customization_keeps_the_trainable_adapters(world, bundles):
+    from lwformat import LightConfig
+
+    world.customize(LightConfig(kind="lora", rank=2, blocks=[LM]))  # its adapters are named "default"
+    trainable = [id(p) for p in world.adapter_parameters()]
+    world.apply(bundles["noir"], name="default")
+    assert [id(p) for p in world.adapter_parameters()] == trainable
+    world.remove("default")
+    assert [id(p) for p in world.adapter_parameters()] == trainable
+
+
+def test_decustomize_leaves_applied_bundles_and_refuses_while_fused(world, bundles):
+    from lwformat import LightConfig
+    from lwformat.errors import AlreadyCustomizedError, FusedError
+
+    x = tokens()
+    base = lm_out(world, x)
+    world.apply(bundles["noir"], weight=0.7)
+    with pytest.raises(AlreadyCustomizedError, match="remove"):
+        world.customize(LightConfig(kind="lora", rank=2, blocks=[LM]))
+    applied = lm_out(world, x)
+    world.fuse()
+    with pytest.raises(FusedError):
+        world.decustomize()
+    world.unfuse()
+    world.decustomize()  # no customization: the applied bundle stays
+    assert list(world.applied) == ["author/noir"] and torch.equal(lm_out(world, x), applied)
+    world.remove("author/noir")
+    assert torch.equal(lm_out(world, x), base)

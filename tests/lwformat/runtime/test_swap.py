@@ -124,3 +124,83 @@ def test_a_swap_after_the_world_was_cast_is_refused(world, bundles):
     with pytest.raises(LayoutError, match="no longer use the applied storage"):
         world.swap("author/noir", bundles["noir2"])
     assert torch.equal(world.block(LM).module(x), before)
+
+
+def _state(world):
+    return {k: v.clone() for k, v in world.state_dict(keep_vars=False).items()}
+
+
+def _unchanged(world, before, x, out):
+    after = _state(world)
+    return after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items()) and torch.equal(lm_out(world, x), out)
+
+
+@pytest.mark.parametrize("reserve_rank", [0, 8])  # one copy of the packed runs, or slot by slot into wider storage
+def test_a_bundle_file_cut_short_since_it_was_mapped_is_refused_and_changes_nothing(tmp_path, world, reserve_rank):
+    """Reading its map past the new end would kill the process (SIGBUS); it is an IntegrityError."""
+    from lwformat.bundle.read import Bundle
+    from lwformat.errors import IntegrityError
+    from tests.lwformat.runtime.conftest import make_bundle
+
+    noir, rain = make_bundle(tmp_path, 1), make_bundle(tmp_path, 2)
+    world.apply(noir, weight=0.6, reserve_rank=reserve_rank)
+    world.swap("author/noir", rain)  # maps rain's file
+    world.swap("author/noir", noir)
+    x, before = tokens(), _state(world)
+    out = lm_out(world, x)
+    weights = rain.weights_path
+    with open(weights, "r+b") as f:  # cut in place, as `cp` over the file or a failing copy would
+        f.truncate(weights.stat().st_size - 20000)
+    with pytest.raises(IntegrityError) as caught:
+        world.swap("author/noir", rain)
+    assert caught.value.path == "adapters.safetensors"
+    assert world.applied["author/noir"].bundle is noir and _unchanged(world, before, x, out)
+    with pytest.raises(IntegrityError):
+        Bundle.open(rain.path)  # and opening it again says the same
+
+
+def test_a_swap_that_fails_while_copying_puts_the_storage_back(tmp_path, world):
+    """The per-slot path reads slot after slot: a weights file replaced after open fails midway."""
+    from lwformat.errors import IntegrityError
+    from tests.lwformat.runtime.conftest import make_bundle
+
+    noir, rain, other = make_bundle(tmp_path, 1), make_bundle(tmp_path, 2), make_bundle(tmp_path, 3, rank=2)
+    world.apply(noir, weight=0.6, reserve_rank=8)  # wider storage: the slot-by-slot path
+    x, before = tokens(), _state(world)
+    out = lm_out(world, x)
+    other.weights_path.replace(rain.weights_path)  # another (smaller) file under rain's name, before rain maps it
+    with pytest.raises(IntegrityError):
+        world.swap("author/noir", rain)
+    assert world.applied["author/noir"].bundle is noir and _unchanged(world, before, x, out)
+
+
+def test_a_scaling_the_storage_cannot_hold_is_refused_before_any_write(tmp_path, world):
+    from lwformat.errors import WeightError
+    from tests.lwformat.runtime.conftest import make_bundle
+
+    noir = make_bundle(tmp_path, 1)
+    huge = make_bundle(tmp_path, 2, alpha=1e40)  # alpha / rank overflows float32
+    world.apply(noir, weight=0.6)
+    x, before = tokens(), _state(world)
+    out = lm_out(world, x)
+    for strict in (False, True):
+        with pytest.raises(WeightError):
+            world.swap("author/noir", huge, strict=strict)
+        assert world.applied["author/noir"].bundle is noir and _unchanged(world, before, x, out)
+    with pytest.raises(WeightError):
+        reference_world("tiny", seed=0).apply(huge)
+
+
+def test_a_swap_from_a_saved_blend_to_an_unsaved_one_of_the_same_layout(tmp_path, world, bundles):
+    from lwformat.bundle.read import Bundle
+    from lwformat.runtime.blend import blend
+
+    saved = blend([(bundles["noir"], 0.5), (bundles["noir2"], 0.5)], method="svd", rank=4)
+    mix = blend([(bundles["noir"], 0.2), (bundles["noir2"], 0.8)], method="svd", rank=4)  # the same layout
+    saved.save(tmp_path / "saved")
+    world.apply(Bundle.open(tmp_path / "saved"), weight=0.6, name="author/noir")
+    world.swap("author/noir", mix)
+    fresh = reference_world("tiny", seed=0)
+    fresh.apply(mix, weight=0.6, name="author/noir")
+    x = tokens()
+    assert torch.equal(lm_out(world, x), lm_out(fresh, x))
