@@ -22,6 +22,7 @@ from pathlib import Path
 
 from lwformat.bundle.keys import PublicKey, key_id, loads_public_key, public_pem
 
+from .errors import RefError
 from .protocol import OWNER
 from .semver import is_valid, sort_key
 
@@ -33,7 +34,7 @@ class TrustStore:
 
     def _owner_dir(self, owner: str) -> Path:
         if not OWNER.match(owner):
-            raise ValueError(f"{owner!r} is not an owner name")
+            raise RefError(f"{owner!r} is not an owner name (lowercase letters, digits, '.', '_' and '-', starting with a letter or digit)", path=owner)
         return self.root / owner
 
     def keys(self, owner: str) -> list[PublicKey]:
@@ -79,7 +80,7 @@ class TrustStore:
         """Record that `version` of ``owner/name`` was verified here."""
         folder, short = self._name(name)
         if not is_valid(version):
-            raise ValueError(f"{version!r} is not a version")
+            raise RefError(f"{version!r} is not a version", path=version)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{short}@{version}.seen").touch()
 
@@ -93,5 +94,5 @@ class TrustStore:
     def _name(self, name: str) -> tuple[Path, str]:
         owner, _, short = name.partition("/")
         if not OWNER.match(short):
-            raise ValueError(f"{name!r} is not a bundle name 'owner/name'")
+            raise RefError(f"{name!r} is not a bundle name 'owner/name'", path=name)
         return self._owner_dir(owner), short

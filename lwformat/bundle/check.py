@@ -109,7 +109,7 @@ def check(bundle: Bundle | Manifest, world: World, *, strict: bool = False, root
             continue
         found = world.digest(paths[path])
         outcome = Outcome.OK if found == expected else Outcome.DIGEST_MISMATCH
-        detail = "" if found == expected else f"expected {expected}, found {found}"
+        detail = "" if found == expected else f"expected {expected}, found {found}" + _cast_hint(world.block(paths[path]).module)
         blocks.append(Finding(path, outcome, detail, expected=expected, found=found))
     if root if root is not None else strict:
         found_root = world.root_digest()
@@ -122,3 +122,14 @@ def check(bundle: Bundle | Manifest, world: World, *, strict: bool = False, root
     seen = scans if scans is not None else {}
     slots = tuple(check_slot(world, paths, s, seen) for s in m.slots)
     return CompatReport(f"{m.name}@{m.version}", strict, root_finding, tuple(blocks), slots)
+
+
+def _cast_hint(module) -> str:
+    """Digests cover dtypes: a base cast after loading (fp16, bf16) no longer has the digests bundles name."""
+    import torch
+
+    cast = sorted({str(p.dtype).removeprefix("torch.") for p in module.parameters() if p.is_floating_point() and p.dtype != torch.float32})
+    if not cast:
+        return ""
+    return (f"; the block holds {', '.join(cast)} weights: if the world was cast after loading, apply the bundle "
+            "before casting (weights, mixed batches, fuse and remove work on a cast world)")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
+from ..errors import UsageError
 from .run import run_server
 
 parser = argparse.ArgumentParser(prog="python -m lwhub.server", description=__doc__)
@@ -13,4 +15,7 @@ parser.add_argument("--port", type=int, default=8700)
 parser.add_argument("--workers", type=int, default=1)
 parser.add_argument("--instance", default="")
 args = parser.parse_args()
-run_server(args.data_dir, host=args.host, port=args.port, workers=args.workers, instance=args.instance)
+try:
+    run_server(args.data_dir, host=args.host, port=args.port, workers=args.workers, instance=args.instance)
+except UsageError as exc:
+    sys.exit(f"python -m lwhub.server: {exc}")

@@ -217,6 +217,8 @@ class Registry:
         tag, body = request.path_params["tag"], await read_body(request, TagRequest)
         if not TAG.match(tag):
             raise BadRequestError(f"tag {tag!r} must start with a letter (lowercase, digits, '_.-')", code="invalid_name")
+        if tag == "latest":  # set by hand, it would outlive the yank of its version and every later release
+            raise BadRequestError("the tag 'latest' is the highest release not yanked; it cannot be set", code="invalid_name")
         if self.store.version(owner, name, body.version) is None:
             raise NotFoundError(f"{owner}/{name} has no version {body.version}", code="version_not_found")
         self.store.set_tag(owner, name, tag, body.version)

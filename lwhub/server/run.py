@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from ..errors import UsageError
 from .blobs import DirBlobStore
 from .store import open_store
 from .sweep import ORPHAN_GRACE, sweep
@@ -49,6 +50,7 @@ def run_server(data_dir: str | Path, *, host: str = "127.0.0.1", port: int = 870
     """Recover `data_dir`, then serve it until interrupted (blocking; what `lwhub serve` runs)."""
     from granian import Granian
 
+    ensure_port_free(host, port)
     data = Path(data_dir).resolve()
     recover(data)
     os.environ[_DATA_ENV], os.environ[_INSTANCE_ENV] = str(data), instance
@@ -56,6 +58,21 @@ def run_server(data_dir: str | Path, *, host: str = "127.0.0.1", port: int = 870
         "lwhub.server.run:worker_app", address=host, port=port, interface="asgi", factory=True,
         workers=workers, log_level="warning", backlog=1024,
     ).serve()  # fmt: skip
+
+
+def ensure_port_free(host: str, port: int) -> None:
+    """Refuse a port another server listens on. Granian binds with SO_REUSEPORT (for its
+    workers), so a second registry on the port would start and take half the requests."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: a closed connection's TIME_WAIT is no owner
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise UsageError(f"{host}:{port} is in use ({exc.strerror}); stop what listens there or pick another --port",
+                             path=f"{host}:{port}") from None  # fmt: skip
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -108,6 +125,7 @@ def serve(data_dir: str | Path, host: str = "127.0.0.1", port: int = 0, *, worke
     ``port=0`` picks a free port; a unique instance id in the health answer proves that
     the server answering is this one, and a lost race for the port is retried.
     """
+    ensure_port_free(host, port)
     for _ in range(5):
         instance, chosen = secrets.token_hex(8), port or free_port(host)
         cmd = [sys.executable, "-m", "lwhub.server", str(data_dir), "--host", host, "--port", str(chosen),

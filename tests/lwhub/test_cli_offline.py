@@ -141,6 +141,13 @@ def test_not_found_usage_and_format_errors(bundle, made, tmp_path, capsys):
     assert info.value.code == 2
 
 
+def test_an_owner_name_that_is_not_one_is_a_usage_error(made, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LWHUB_HOME", str(tmp_path / "home"))
+    for argv in (("trust", "list", "Author"), ("trust", "add", "../etc", made / "lwhub.pub"), ("trust", "remove", "Author", "0" * 64)):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and "is not an owner name" in err and "bug" not in err, argv
+
+
 def test_every_exit_code_is_in_the_documented_table():
     documented = {int(line.split()[0]) for line in cli.__doc__.splitlines() if line[:6].strip().isdigit()}
     assert {code for _, code, _ in cli.EXIT_CODES} | {0, cli.INTERNAL, cli.INTERRUPTED, cli.PIPE_CLOSED} == documented

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lwformat.bundle.keys import key_id, load_public_key
+from lwhub.errors import RefError
 from lwhub.trust import TrustStore
 
 
@@ -33,8 +34,10 @@ def test_owners_are_those_with_a_key_pinned(tmp_path, keys):
 
 
 def test_owner_names_cannot_escape_the_store(tmp_path, keys):
-    with pytest.raises(ValueError):
-        TrustStore(tmp_path).pin("../etc", keys[1])
+    for bad in ("../etc", "Author", ""):
+        with pytest.raises(RefError):
+            TrustStore(tmp_path).pin(bad, keys[1])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_seen_versions_only_grow_and_compare_by_precedence(tmp_path, keys):

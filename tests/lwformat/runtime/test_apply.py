@@ -214,3 +214,15 @@ def test_decustomize_leaves_applied_bundles_and_refuses_while_fused(world, bundl
     assert list(world.applied) == ["author/noir"] and torch.equal(lm_out(world, x), applied)
     world.remove("author/noir")
     assert torch.equal(lm_out(world, x), base)
+
+
+def test_a_world_cast_after_loading_says_so_and_takes_bundles_applied_before(bundles):
+    x = tokens()
+    cast = reference_world("tiny", seed=0).to(torch.bfloat16)
+    with pytest.raises(IncompatibleError, match="bfloat16 weights: if the world was cast after loading, apply the bundle before"):
+        cast.apply(bundles["noir"])
+    world = reference_world("tiny", seed=0)
+    world.apply(bundles["noir"], weight=0.7)
+    world.to(torch.bfloat16)
+    world.set_weight("author/noir", 0.0)
+    assert torch.equal(lm_out(world, x), lm_out(cast, x))

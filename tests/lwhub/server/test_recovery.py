@@ -128,3 +128,23 @@ def test_recover_removes_old_orphan_blobs_and_keeps_referenced_ones(tmp_path):
     assert recover(tmp_path, orphan_grace=-1) == {"temp": 0, "orphans": 1}
     assert blobs.size(hashlib.sha256(kept).hexdigest()) == len(kept)
     assert blobs.size(hashlib.sha256(orphan).hexdigest()) is None
+
+
+def test_a_second_registry_on_a_port_in_use_is_refused(hub, tmp_path):
+    """Granian binds with SO_REUSEPORT: without the check, both registries would answer, by turns."""
+    import subprocess
+    import sys
+    from urllib.parse import urlsplit
+
+    from lwhub.errors import UsageError
+
+    port = urlsplit(hub.url).port
+    began = time.monotonic()
+    with pytest.raises(UsageError, match=f"127.0.0.1:{port} is in use"):
+        serve(tmp_path / "other", port=port)
+    child = subprocess.run([sys.executable, "-m", "lwhub.server", str(tmp_path / "other"), "--port", str(port)],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert child.returncode == 1 and "is in use" in child.stderr and "Traceback" not in child.stderr
+    assert time.monotonic() - began < 30  # refused at once, not after the start timeout
+    assert not (tmp_path / "other").exists()  # nothing made for a server that never started
+    assert httpx.get(f"{hub.url}/v1/health").status_code == 200

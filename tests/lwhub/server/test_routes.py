@@ -12,7 +12,7 @@ import httpx
 import msgspec
 import pytest
 
-from lwhub.errors import ERROR_CODES, AuthError, ForbiddenError, NotFoundError
+from lwhub.errors import ERROR_CODES, AuthError, BadRequestError, ForbiddenError, NotFoundError
 from lwhub.protocol import SignedVersion, VersionInfo
 from lwhub.server import create_account, create_token
 
@@ -112,6 +112,9 @@ def test_latest_tags_and_yanks(hub, published, tmp_path):
     assert client.info("alice/noir").latest == "1.1.0"
     client.set_tag("alice/noir", "beta", "2.0.0-rc.1")
     assert client.resolve("alice/noir@beta").version == "2.0.0-rc.1"
+    with pytest.raises(BadRequestError) as caught:  # computed: a pinned "latest" would outlive yanks and releases
+        client.set_tag("alice/noir", "latest", "1.0.0")
+    assert caught.value.code == "invalid_name" and client.resolve("alice/noir").version == "1.1.0"
     client.yank("alice/noir@1.1.0", reason="bad colors")
     try:
         assert client.resolve("alice/noir").version == "1.0.0"
