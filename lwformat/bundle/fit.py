@@ -45,6 +45,9 @@ def check_slot(world: World, paths: dict[str, str], entry: SlotEntry, seen: dict
     kind = KINDS.get(entry.kind)
     if kind is None:
         return Finding(slot, Outcome.UNKNOWN_KIND, f"adapter kind {entry.kind!r} (known: {', '.join(sorted(KINDS))})")
+    if kind.uses_rank and entry.rank < 1:  # its scaling alpha / rank would divide by zero
+        return Finding(slot, Outcome.SHAPE_MISMATCH, f"rank {entry.rank}: a {entry.kind} adapter has rank 1 or more",
+                       expected="rank >= 1", found=str(entry.rank))  # fmt: skip
     want = kind.shapes(geo, slot_settings(entry))
     for name, shape in want.items():
         stored = entry.tensors.get(name)
@@ -52,6 +55,10 @@ def check_slot(world: World, paths: dict[str, str], entry: SlotEntry, seen: dict
             has = "absent" if stored is None else f"stored {stored.shape}"
             return Finding(slot, Outcome.SHAPE_MISMATCH, f"{name}: {has}, this layer needs {list(shape)}",
                            expected=str(list(shape)), found=None if stored is None else str(stored.shape))  # fmt: skip
+    index = entry.tensors.get("neuron_index") if entry.kind == "neuron" else None
+    if index is not None and (index.dtype != "I64" or len(index.shape) != 1):
+        return Finding(slot, Outcome.SHAPE_MISMATCH, f"neuron_index: stored {index.dtype} {index.shape}, the spec needs (k,) I64",
+                       expected="(k,) I64", found=f"{index.dtype} {index.shape}")  # fmt: skip
     base = dtype_name(layer.weight.dtype)
     stored_dtypes = sorted({entry.tensors[name].dtype for name in want} - {base})
     if stored_dtypes:

@@ -29,6 +29,7 @@ def routed(world: World, bundles: list[str | None]) -> Iterator[None]:
     """
     if world.fused_state is not None:
         raise FusedError("a mixed batch needs unfused adapters; call unfuse() first")
+    _check_picks(bundles)
     for name in bundles:
         if name is not None and name not in world.applied:
             raise NotAppliedError(f"sample asks for {name!r}, which is not applied", path=name)
@@ -37,6 +38,7 @@ def routed(world: World, bundles: list[str | None]) -> Iterator[None]:
     picks = [[float(b == name) for b in bundles] for name in names]  # (n, B)
     hosts = [host for _, host in iter_hosts(world)]
     tables: dict[tuple, torch.Tensor] = {}  # one copy to each dtype and device, not one per host and bundle
+    world.routes_open += 1
     try:
         for host in hosts:
             like = host.base.weight
@@ -46,11 +48,21 @@ def routed(world: World, bundles: list[str | None]) -> Iterator[None]:
             host.set_route({key: table[i] for i, key in enumerate(keys) if key in host.adapters}, len(bundles))
         yield
     finally:
+        world.routes_open -= 1
         for host in hosts:
             host.set_route(None)
 
 
+def _check_picks(bundles: list[str | None]) -> None:
+    if not isinstance(bundles, (list, tuple)):
+        raise TargetError(f"bundles is a list of applied bundle names or None, one per sample, not {type(bundles).__name__}")
+    for name in bundles:
+        if name is not None and not isinstance(name, str):
+            raise TargetError(f"bundles holds {name!r}: each sample names an applied bundle, or None for the base")
+
+
 def run(world: World, state: dict[str, torch.Tensor], bundles: list[str | None]) -> dict[str, torch.Tensor]:
+    _check_picks(bundles)
     for key, value in state.items():
         if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] != len(bundles):
             raise TargetError(f"state[{key!r}] has batch size {value.shape[0]}, but {len(bundles)} bundles were given", path=key)

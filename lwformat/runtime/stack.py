@@ -13,6 +13,7 @@ applying).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -20,10 +21,12 @@ import torch
 
 from ..adapters.host import AdapterHost
 from ..adapters.kinds import KINDS, Adapter
+from ..adapters.kinds.neuron import NeuronDelta
 from ..adapters.plan import parent_index, replace_module
 from ..bundle.manifest import slot_layout
 from ..bundle.read import Bundle
-from ..errors import AlreadyAppliedError, FusedError, LayoutError, NotAppliedError, TargetError, WeightError
+from ..errors import (AlreadyAppliedError, FusedError, LayoutError, NotAppliedError, RankError, RuntimeStateError, TargetError,
+                      WeightError)
 from ..world.digest import untouched_digest
 from ..world.paths import match_block
 from .resolve import ResolvedSlot, resolve
@@ -36,7 +39,7 @@ if TYPE_CHECKING:
 Weight = float | dict[str, float]
 
 
-@dataclass
+@dataclass(repr=False)
 class Applied:
     """One bundle applied to a world: its adapters, their storage and where they sit."""
 
@@ -51,6 +54,12 @@ class Applied:
     sentinels: list[Place] = field(default_factory=list)  # the first place of each block in each buffer
     packed: bool = False  # its storage matches the file's dtype runs one to one
     bound: tuple[tuple[str | None, str], ...] = ()  # (canonical path, digest) of each bound block, at the first fast swap
+    indexed: tuple[ResolvedSlot, ...] = ()  # the slots whose stored channel indices each new bundle must get right
+
+    def __repr__(self) -> str:  # the generated one prints every tensor: tens of KB in a notebook
+        m = self.bundle.manifest
+        size = sum(b.numel() * b.element_size() for b in self.buffers.values())
+        return f"Applied({self.name!r}, {m.name}@{m.version}, {len(self.slots)} slots, {size / 1e6:.2f} MB)"
 
 
 def _same_layout_swap(world: World, applied: Applied, bundle: Any) -> bool:
@@ -70,9 +79,20 @@ def _same_layout_swap(world: World, applied: Applied, bundle: Any) -> bool:
     for path, expected in applied.bound:
         if path is None or untouched_digest(world, path) != expected:
             return False  # the full check will say what changed
+    _check_indices(applied.indexed, lambda rs: bundle.slot_tensors(rs.entry.slot))
     copy_runs(applied.buffers, bundle)  # equal layouts give equal runs (the reader checked the order)
     applied.bundle = bundle
     return True
+
+
+def _indexed(slots: list[ResolvedSlot]) -> tuple[ResolvedSlot, ...]:
+    return tuple(rs for rs in slots if rs.entry.kind == "neuron")
+
+
+def _check_indices(slots: tuple[ResolvedSlot, ...], tensors_of) -> None:
+    """Neuron slots' stored channel indices (values, which the compatibility check cannot see)."""
+    for rs in slots:
+        NeuronDelta.check_index(tensors_of(rs)["neuron_index"], rs.geo, rs.slot)
 
 
 def _attached(applied: Applied) -> None:
@@ -177,6 +197,25 @@ def _unhost(parents: _Parents, slot: str, host: AdapterHost) -> None:
         replace_module(parents.of(slot), host, host.base)
 
 
+def _not_routed(world: World, what: str) -> None:
+    if world.routes_open:  # a routed sample would compute with whatever reuses the storage
+        raise RuntimeStateError(f"cannot {what} inside a mixed batch (`routed`); do it before entering or after leaving")
+
+
+def _opened(bundle: Any) -> Any:
+    """A `Bundle`, a `Blend`, or a path to open (a bundle directory or `.lwb` archive)."""
+    if isinstance(bundle, (str, os.PathLike)):
+        return Bundle.open(bundle)
+    if not hasattr(bundle, "manifest"):
+        raise TargetError(f"expected a Bundle, a Blend or the path of a bundle, not {type(bundle).__name__}")
+    return bundle
+
+
+def _check_reserve(reserve_rank: Any) -> None:
+    if isinstance(reserve_rank, bool) or not isinstance(reserve_rank, int) or reserve_rank < 0:
+        raise RankError(f"reserve_rank is a rank (an integer, 0 for none), not {reserve_rank!r}")
+
+
 def _not_fused(world: World, what: str) -> None:
     if world.fused_state is not None:
         raise FusedError(f"cannot {what} while the world is fused; call unfuse() first")
@@ -185,13 +224,18 @@ def _not_fused(world: World, what: str) -> None:
 @torch.inference_mode(False)  # storage made under inference mode could not be written outside it (set_weight, swap)
 @torch.no_grad()
 def apply(world: World, bundle: Any, weight: Weight = 1.0, *, name: str | None = None, strict: bool = False, reserve_rank: int = 0) -> Applied:
-    name = name or bundle.manifest.name
     _not_fused(world, "apply")
+    _not_routed(world, "apply")
+    bundle = _opened(bundle)
+    if name is not None and not (isinstance(name, str) and name):
+        raise TargetError(f"name is a non-empty string naming the applied bundle, not {name!r}", path=str(name))
+    name = name or bundle.manifest.name
     if name in world.applied:
         raise AlreadyAppliedError(f"{name} is applied already; swap() it or apply under another name", path=name)
     slots = resolve(world, bundle.manifest, strict=strict)
     weights = _weights(world, slots, weight, name) if isinstance(weight, dict) else {}
     default = 1.0 if isinstance(weight, dict) else _number(weight, name)
+    _check_reserve(reserve_rank)
     places = plan_layout(slots, reserve_rank)
     spare = world.spare_storage = world.spare_storage or Spare()
     buffers = allocate(places, spare)
@@ -204,6 +248,8 @@ def apply(world: World, bundle: Any, weight: Weight = 1.0, *, name: str | None =
             source = bundle.slot_tensors(rs.entry.slot)
             for tensor_name, target in by_slot[rs.slot].items():
                 fill(target, source[tensor_name], tensor_name)
+    applied.indexed = _indexed(slots)
+    _check_indices(applied.indexed, lambda rs: by_slot[rs.slot])  # as stored: the values, converted
     scalar_views = scalars(slots, [weights.get(rs.slot, default) for rs in slots], places)
     hosts: list[tuple[str, AdapterHost]] = []
     parents = _Parents(world)
@@ -240,6 +286,7 @@ def remove(world: World, name: str) -> None:
     ``world.spare_storage = None`` lets it go.
     """
     _not_fused(world, "remove a bundle")
+    _not_routed(world, "remove a bundle")
     applied = _applied(world, name)
     parents = _Parents(world)
     for slot, host in applied.hosts.items():
@@ -273,9 +320,11 @@ def swap(world: World, name: str, bundle: Any, *, strict: bool = False) -> None:
     """Copy another bundle of the same layout into the applied storage, in place.
 
     The new bundle must adapt the same slots with the same kinds; LoRA ranks may be
-    smaller than the stored rank (zero-padded, exact). Weights are kept.
+    smaller than the stored rank (zero-padded: the same sum, though the wider matmul may
+    round differently, about 1e-7). Weights are kept.
     """
     _not_fused(world, "swap")
+    bundle = _opened(bundle)
     applied = _applied(world, name)
     _attached(applied)
     if not strict and _same_layout_swap(world, applied, bundle):
@@ -294,6 +343,7 @@ def swap(world: World, name: str, bundle: Any, *, strict: bool = False) -> None:
             if place is None or not fits(place, shape):
                 stored = place.shape if place else "nothing"
                 raise LayoutError(f"{rs.slot}: {tensor_name} {tuple(shape)} does not fit the stored {stored}", path=rs.slot)
+    _check_indices(_indexed(slots), lambda rs: bundle.slot_tensors(rs.entry.slot))
     for rs in slots:  # the new scalings too, before the first write
         if hasattr(applied.adapters[rs.slot], "scaling"):
             check_scalar(rs.settings.scaling, applied.adapters[rs.slot].scaling.dtype, rs.slot, "scaling (alpha / rank)")
@@ -315,4 +365,4 @@ def swap(world: World, name: str, bundle: Any, *, strict: bool = False) -> None:
         if hasattr(adapter, "scaling"):
             adapter.scaling.fill_(adapter.settings.scaling)
     applied.packed, applied.bundle, applied.bound = packed, bundle, ()  # another binding, perhaps
-    applied.slots = slots
+    applied.slots, applied.indexed = slots, _indexed(slots)

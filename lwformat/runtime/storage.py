@@ -55,8 +55,9 @@ def plan_layout(slots: list[ResolvedSlot], reserve_rank: int = 0) -> list[Place]
     for rs in slots:
         like = rs.layer.weight
         floating = (like.dtype, like.device)
+        room = min(reserve_rank, rs.geo.out, prod(rs.geo.in_shape))  # past the layer's full rank no bundle could use it
         for name, t in rs.entry.tensors.items():  # the stored tensors, as `ResolvedSlot.shapes` lists them
-            shape = storage_shape(name, tuple(t.shape), reserve_rank) if reserve_rank else tuple(t.shape)
+            shape = storage_shape(name, tuple(t.shape), room) if room else tuple(t.shape)
             key = (torch.int64, floating[1]) if name == "neuron_index" else floating
             offset = ends.get(key, 0)
             ends[key] = offset + prod(shape)

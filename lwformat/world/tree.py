@@ -138,6 +138,7 @@ class World(nn.Module):
         self.applied: dict[str, Any] = {}  # bundle name -> runtime.Applied
         self.fused_state: dict[str, Any] | None = None  # slot -> saved base tensors while fused
         self.spare_storage: Any = None  # runtime.Spare: adapter storage released by remove, for the next apply
+        self.routes_open = 0  # `runtime.routed` blocks entered and not yet left
 
     def forward(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One pass of the cycle: each stage in cycle order adds its outputs to the state."""
@@ -313,7 +314,8 @@ class World(nn.Module):
     # -- runtime: bundles on a loaded world ---------------------------------------------
 
     def apply(self, bundle: Any, weight: Any = 1.0, *, name: str | None = None, strict: bool = False, reserve_rank: int = 0) -> Any:
-        """Check `bundle` against this world, then add its adapters with `weight` (a number or {glob: w})."""
+        """Check `bundle` (a Bundle, a Blend, or a bundle's path) against this world, then add its adapters with
+        `weight` (a number or {glob: w})."""
         from ..runtime import apply
 
         return apply(self, bundle, weight, name=name, strict=strict, reserve_rank=reserve_rank)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...errors import BundleFormatError
 from ..layers import Geometry
 from .base import Adapter, SlotSettings
 
@@ -29,6 +30,16 @@ class NeuronDelta(Adapter):
     @classmethod
     def shapes(cls, geo: Geometry, settings: SlotSettings) -> dict[str, tuple[int, ...]]:
         return {"neuron_delta": (len(settings.neurons), *geo.in_shape)}
+
+    @staticmethod
+    def check_index(index: torch.Tensor, geo: Geometry, slot: str) -> None:
+        """Stored indices must name distinct output channels; else every forward would fail (or add twice)."""
+        if index.dtype != torch.int64 or index.ndim != 1:
+            raise BundleFormatError(f"{slot}: neuron_index must be a 1-D int64 tensor, not {index.dtype} {tuple(index.shape)}", path=slot)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= geo.out):
+            raise BundleFormatError(f"{slot}: neuron_index names channels outside 0..{geo.out - 1}", path=slot)
+        if index.unique().numel() != index.numel():
+            raise BundleFormatError(f"{slot}: neuron_index names a channel twice", path=slot)
 
     def reset(self, base: nn.Module) -> None:
         nn.init.zeros_(self.neuron_delta)

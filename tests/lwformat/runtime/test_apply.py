@@ -1,5 +1,7 @@
 """apply / stack / set_weight / remove against references built from scratch."""
 
+import math
+
 import pytest
 import torch
 
@@ -226,3 +228,94 @@ def test_a_world_cast_after_loading_says_so_and_takes_bundles_applied_before(bun
     world.to(torch.bfloat16)
     world.set_weight("author/noir", 0.0)
     assert torch.equal(lm_out(world, x), lm_out(cast, x))
+
+
+def _with_indices(bundle, values):
+    """The bundle's file with its first neuron slot's stored channel indices overwritten in place (same size)."""
+    span = next(s for s in bundle.spans if s.name == "neuron_index")
+    data = torch.tensor(values, dtype=torch.int64)
+    assert data.numel() * 8 == span.end - span.begin
+    with open(bundle.weights_path, "r+b") as f:
+        f.seek(bundle.data_offset + span.begin)
+        f.write(data.numpy().tobytes())
+    return span.slot
+
+
+@pytest.mark.parametrize("fault", ["outside", "negative", "twice"])
+def test_stored_neuron_indices_must_name_distinct_channels(tmp_path, world, fault):
+    """The compatibility check sees shapes, not values: without this every forward raised IndexError."""
+    from lwformat.bundle.read import Bundle
+    from lwformat.errors import BundleFormatError
+
+    good, bad = make_bundle(tmp_path, 1, kind="neuron"), make_bundle(tmp_path, 2, kind="neuron")
+    k = next(s for s in bad.spans if s.name == "neuron_index").shape[0]
+    values = {"outside": [10**6] * k, "negative": [-1] + list(range(1, k)), "twice": [0] * k}[fault]
+    slot = _with_indices(bad, values)
+    bad = Bundle.open(bad.path)
+    x = tokens()
+    base = lm_out(world, x)
+    with pytest.raises(BundleFormatError) as caught:
+        world.apply(bad)
+    assert caught.value.path.endswith(slot.partition(":")[2]) and not world.applied and torch.equal(lm_out(world, x), base)
+    world.apply(good)
+    out = lm_out(world, x)
+    for strict in (False, True):
+        with pytest.raises(BundleFormatError):
+            world.swap("author/noir", bad, strict=strict)
+        assert world.applied["author/noir"].bundle is good and torch.equal(lm_out(world, x), out)
+
+
+def test_apply_takes_a_path_and_refuses_what_is_not_a_bundle(world, bundles):
+    from lwformat.errors import TargetError as Target
+
+    world.apply(str(bundles["noir"].path), weight=0.5)
+    reference = reference_world("tiny", seed=0)
+    reference.apply(bundles["noir"], weight=0.5)
+    assert torch.equal(lm_out(world, tokens()), lm_out(reference, tokens()))
+    assert repr(world.applied["author/noir"]).startswith("Applied('author/noir', author/noir@1.0.0, ")
+    assert len(repr(world.applied["author/noir"])) < 200
+    for bad in (None, 5, object()):
+        with pytest.raises(Target):
+            world.apply(bad, name="other")
+    for name in (5, ""):
+        with pytest.raises(Target):
+            world.apply(bundles["rain"], name=name)
+    assert list(world.applied) == ["author/noir"]
+
+
+def test_reserve_rank_is_a_rank_and_stops_at_each_layers_full_rank(world, bundles):
+    from lwformat.errors import RankError
+
+    for bad in (-1, 4.5, "8", True):
+        with pytest.raises(RankError):
+            world.apply(bundles["noir"], reserve_rank=bad)
+    assert not world.applied
+    applied = world.apply(bundles["creator"], reserve_rank=10**9)  # as much as every layer allows, no more
+    full = {rs.slot: min(rs.geo.out, math.prod(rs.geo.in_shape)) for rs in applied.slots}
+    ranks = {p.slot: p.shape[0] for p in applied.places if p.name == "lora_A"}  # (r, *in_shape)
+    assert ranks == full
+
+
+def test_a_lora_slot_of_rank_zero_does_not_fit(world, bundles):
+    import msgspec
+
+    from lwformat.bundle.check import check
+
+    m = bundles["noir"].manifest
+    zero = msgspec.structs.replace(m, slots=[msgspec.structs.replace(m.slots[0], rank=0), *m.slots[1:]])
+    report = check(zero, world)
+    assert not report.ok and report.problems[0].path == m.slots[0].slot and "rank 0" in report.problems[0].detail
+
+
+def test_apply_and_remove_wait_for_a_mixed_batch_to_end(world, bundles):
+    from lwformat.errors import RuntimeStateError, TargetError as Target
+
+    world.apply(bundles["noir"])
+    with world.routed(["author/noir", None]):
+        with pytest.raises(RuntimeStateError):
+            world.remove("author/noir")
+        with pytest.raises(RuntimeStateError):
+            world.apply(bundles["rain"])
+    world.remove("author/noir")
+    with pytest.raises(Target):
+        world.run({"tokens": tokens(batch=2)}, (b for b in [None, None]))
