@@ -125,15 +125,18 @@ def _weights(world: World, slots: list[ResolvedSlot], weight: Weight, name: str)
     aliases: dict[str, list[str]] = {}
     for path, canonical in world.block_paths().items():
         aliases.setdefault(canonical, []).append(path)
-    out = {}
+    out, used = {}, set()
     for rs in slots:
         paths = aliases[rs.slot.partition(":")[0]]
-        hit = next((w for glob, w in numbers.items() if any(match_block(p, glob) for p in paths)), None)
+        hit = next((glob for glob in numbers if any(match_block(p, glob) for p in paths)), None)
         if hit is not None:
-            out[rs.slot] = hit
-    unused = [g for g in weight if not any(match_block(p, g) for rs in slots for p in aliases[rs.slot.partition(":")[0]])]
-    if unused:
-        raise TargetError(f"weight glob {unused[0]!r} matches no block this bundle adapts", path=unused[0])
+            out[rs.slot] = numbers[hit]
+            used.add(hit)
+    for glob in numbers:
+        if glob not in used:  # it matches nothing, or only blocks an earlier glob weights (a shared block's other path)
+            matches = any(match_block(p, glob) for rs in slots for p in aliases[rs.slot.partition(":")[0]])
+            why = "only blocks an earlier glob already weights (a block shared by several paths is one block)" if matches else "no block this bundle adapts"
+            raise TargetError(f"weight glob {glob!r} matches {why}", path=glob)
     return out
 
 
@@ -342,7 +345,8 @@ def swap(world: World, name: str, bundle: Any, *, strict: bool = False) -> None:
             place = places.get((rs.slot, tensor_name))
             if place is None or not fits(place, shape):
                 stored = place.shape if place else "nothing"
-                raise LayoutError(f"{rs.slot}: {tensor_name} {tuple(shape)} does not fit the stored {stored}", path=rs.slot)
+                raise LayoutError(f"{rs.slot}: {tensor_name} {tuple(shape)} does not fit the stored {stored} (apply with "
+                                  "reserve_rank=R to leave room for ranks up to R)", path=rs.slot)  # fmt: skip
     _check_indices(_indexed(slots), lambda rs: bundle.slot_tensors(rs.entry.slot))
     for rs in slots:  # the new scalings too, before the first write
         if hasattr(applied.adapters[rs.slot], "scaling"):

@@ -330,7 +330,8 @@ class World(nn.Module):
         remove(self, name)
 
     def set_weight(self, name: str, weight: Any) -> None:
-        """Change an applied bundle's weight, for all its blocks or per block glob."""
+        """Change an applied bundle's weight, for all its blocks or per block glob ({glob: w}; the
+        first glob matching a block weights it, and blocks no glob matches keep their weight)."""
         from ..runtime import set_weight
 
         set_weight(self, name, weight)

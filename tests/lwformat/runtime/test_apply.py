@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lwformat.errors import AlreadyAppliedError, IncompatibleError, NotAppliedError, TargetError
+from lwformat.errors import AlreadyAppliedError, IncompatibleError, LayoutError, NotAppliedError, TargetError
 from lwformat.zoo import reference_world
 from tests.lwformat.runtime.conftest import LM, make_bundle, tokens, trained_world
 
@@ -319,3 +319,15 @@ def test_apply_and_remove_wait_for_a_mixed_batch_to_end(world, bundles):
     world.remove("author/noir")
     with pytest.raises(Target):
         world.run({"tokens": tokens(batch=2)}, (b for b in [None, None]))
+
+
+def test_a_weight_glob_shadowed_by_an_earlier_one_is_refused(world, bundles):
+    """The LLM is shared by author/ and environment/: one block, which the first matching glob weights."""
+    world.apply(bundles["noir"], weight=0.5)
+    before = lm_out(world, tokens())
+    with pytest.raises(TargetError, match="earlier glob"):
+        world.set_weight("author/noir", {"author/**": 0.2, "environment/**": 0.9})
+    assert torch.equal(lm_out(world, tokens()), before)
+    world.set_weight("author/noir", {"environment/**": 0.9})  # either path names it
+    with pytest.raises(LayoutError, match="reserve_rank"):
+        world.swap("author/noir", bundles["big"])
