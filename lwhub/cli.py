@@ -97,7 +97,7 @@ EXIT_CODES: list[tuple[type[BaseException], int, str]] = [  # (error class, exit
     (SignatureError, 1, "do not use this bundle: fetch it again, or ask its author for the right public key"),
     (IntegrityError, 1, "do not use this bundle: a file changed since it was written; fetch it again"),
     (DownloadIntegrityError, 1, "nothing unverified was kept: pull again; if it persists, the hub holds bad bytes"),
-    (TrustError, 1, "pin the publisher's key (`lwhub trust add OWNER KEY.pub`), or pull with --tofu to trust the hub's keys once"),
+    (TrustError, 1, "pin the publisher's key (`lwhub trust add OWNER KEY.pub`); --tofu trusts the hub's keys for an owner with none pinned"),
     (PublishRejectedError, 1, ("nothing was published: `lwhub verify DIR --key KEY.pub` checks the bundle, and "
                                "`lwhub key register KEY.pub` registers its key with the hub")),
     (RollbackError, 1, "pull an explicit version (owner/name@1.2.3), or pass --allow-rollback if you expect the older one"),
@@ -106,7 +106,7 @@ EXIT_CODES: list[tuple[type[BaseException], int, str]] = [  # (error class, exit
     (BlendError, 3, "--method is linear, svd, ties or dare, and the parents must agree on every block they share"),
     (ForbiddenError, 8, "use a token scoped to that namespace: an admin makes one with `lwhub token create ACCOUNT --scope OWNER`"),
     (AuthError, 8, "log in with a valid token: `lwhub login --token lwh_...` (`lwhub token create` makes one)"),
-    (ConflictError, 9, "versions are immutable: push under a new --version"),
+    (ConflictError, 9, "names are taken once: push under a new --version (versions are immutable), or pick another account name"),
     (HubUnavailableError, 10, ("is the hub running? check --url, LWHUB_URL or `lwhub login --url`; `lwhub pull --offline` "
                                "serves what is cached")),
     (UsageError, 2, "see `lwhub <verb> --help`"),
@@ -187,7 +187,7 @@ def existing(path: str, what: str) -> Path:
     "keygen", "write a new ECDSA P-256 key pair (PEM files)",
     arg("--out", default=".", help="directory for the files, or a path prefix (default: .)"),
     arg("--name", default="lwhub", help="file name stem when --out is a directory (default: lwhub)"),
-    arg("--register", action="store_true", help="register the public key with the owner on the hub"),
+    arg("--register", action="store_true", help="register the public key with the owner on the hub, and pin it here"),
     arg("--owner", help="with --register: the owner (default: the logged-in account)"), URL,
 )  # fmt: skip
 def keygen(args: argparse.Namespace) -> int:
@@ -203,8 +203,9 @@ def keygen(args: argparse.Namespace) -> int:
         data = {"private": str(private), "public": str(public), "key_id": kid}
         if client:
             client.register_key(owner, public)
-            text += f"\nregistered   for {owner} on {client.url}"
-            data |= {"registered": {"owner": owner, "url": client.url}}
+            client.trust.pin(owner, public)  # your own key: pulls and blends of what you publish verify here
+            text += f"\nregistered   for {owner} on {client.url}, and pinned here"
+            data |= {"registered": {"owner": owner, "url": client.url}, "pinned": {"owner": owner, "key_id": kid}}
     emit(args, text, data)
     return 0
 

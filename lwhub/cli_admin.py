@@ -18,6 +18,7 @@ import getpass
 import os
 import sys
 import time
+from pathlib import Path
 
 from .cli import URL, arg, emit, existing, group, verb
 from .cli_config import hub_client, load_config, save_config
@@ -67,8 +68,10 @@ def account_create(args: argparse.Namespace) -> int:
     from .server import create_account
 
     expires = _expires(args.ttl)
+    new = not (Path(args.data) / "registry.sqlite3").exists()  # bootstrapping a hub, or a typo in --data
     token = create_account(args.data, args.owner, expires=expires)
-    note = f"account {args.owner} made; its token, shown once (expires: {_when(expires)}):"
+    made = f"no registry was at {args.data}: a new one is made there, holding only this account\n" if new else ""
+    note = f"{made}account {args.owner} made; its token, shown once (expires: {_when(expires)}):"
     _print_token(args, token, note, {"account": args.owner, "scopes": [args.owner], "expires": expires})
     return 0
 

@@ -71,7 +71,13 @@ class TrustStore:
         return kid
 
     def unpin(self, owner: str, kid: str) -> bool:
-        path = self._owner_dir(owner) / f"{kid}.pub"
+        """Unpin the key `kid` (its id, or a prefix naming one pinned key, as `lwhub info` prints it)."""
+        matches = [k for k in self.key_ids(owner) if k.startswith(kid)] if kid else []
+        if len(matches) > 1 and kid not in matches:
+            raise RefError(f"{kid!r} begins {len(matches)} of {owner}'s pinned key ids; give more of it", path=kid)
+        if not matches:
+            return False
+        path = self._owner_dir(owner) / f"{kid if kid in matches else matches[0]}.pub"
         existed = path.exists()
         path.unlink(missing_ok=True)
         return existed

@@ -65,7 +65,8 @@ def check_rollback(client: Client, full: str, want: str, version: str, allow: bo
     if seen and newer(seen, version) and not allow and not is_valid(want):
         raise RollbackError(
             f"{full}@{want} resolves to {version}, older than {seen} which this client already verified "
-            f"(yanked upstream, or a rollback attack): pull {full}@{version} explicitly or allow_rollback=True",
+            f"(yanked upstream, or a rollback attack): pull {full}@{version} explicitly, or pass --allow-rollback "
+            f"(allow_rollback=True)",
             name=full, version=version, seen=seen,
         )  # fmt: skip
 
@@ -75,8 +76,8 @@ def _trusted_keys(client: Client, owner: str, tofu: bool) -> list:
     if keys or not tofu:
         if not keys:
             raise TrustError(
-                f"no publisher key is pinned for {owner!r}: pin the owner's public key (TrustStore.pin, "
-                f"`lwhub trust add`) or pull with tofu=True to trust the registry's keys on first use", owner=owner,
+                f"no publisher key is pinned for {owner!r}: pin the owner's public key (`lwhub trust add {owner} KEY.pub`, "
+                f"TrustStore.pin) or pull with --tofu (tofu=True) to trust the registry's keys on first use", owner=owner,
             )  # fmt: skip
         return keys
     if client.offline:
@@ -97,7 +98,8 @@ def check_signature(signature: bytes, manifest_bytes: bytes, manifest: Manifest,
     try:
         _, settled = check_against_manifest(signature, manifest_bytes, manifest, keys)
     except UntrustedSignatureError as exc:
-        raise TrustError(f"{full}: signed by none of the keys pinned for {owner!r} ({exc})", owner=owner) from exc
+        raise TrustError(f"{full}: signed by none of the keys pinned for {owner!r} ({exc}); if {owner} has a new key, "
+                         f"check it with them, then pin it (`lwhub trust add`)", owner=owner) from exc
     except SignedFileMismatchError as exc:
         raise IntegrityError(f"{full}: the signature does not match the manifest: {exc}", path=exc.path,
                              expected=str(exc.expected), found=str(exc.found)) from exc  # fmt: skip

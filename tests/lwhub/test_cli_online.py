@@ -136,12 +136,13 @@ def test_keygen_register_then_push_and_pull(hub, carol, capsys, tmp_path):
     assert f"sha256:{sha256(folder / 'manifest.json')}" in out
     assert listed["keys"][0]["key_id"] in out  # the registered key signed it
 
+    code, pinned = run_json(capsys, "trust", "list")  # `keygen --register` pinned the publisher's own key here
+    assert pinned["pinned"]["cli-carol"] == [listed["keys"][0]["key_id"]]
+    assert run(capsys, "trust", "remove", "cli-carol", listed["keys"][0]["key_id"])[0] == 0
     code, out, err = run(capsys, "pull", "cli-carol/noir")  # no key pinned for cli-carol on this machine
     assert code == 1 and "cli-carol" in err and "lwhub trust add" in err
     code, _, _ = run(capsys, "trust", "add", "cli-carol", carol / "carol.pub")
     assert code == 0
-    code, pinned = run_json(capsys, "trust", "list")
-    assert pinned["pinned"]["cli-carol"] == [listed["keys"][0]["key_id"]]
     code, out, _ = run(capsys, "pull", "cli-carol/noir")
     path = Path(out.strip())
     assert code == 0 and (path / "adapters.safetensors").read_bytes() == (folder / "adapters.safetensors").read_bytes()
@@ -294,7 +295,10 @@ def test_the_installed_console_script_runs():
 def test_serve_runs_a_hub_until_interrupted(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LWHUB_HOME", str(tmp_path / "home"))  # this login is not the module's
     data, port = tmp_path / "data", free_port()
-    token = run(capsys, "account", "create", "dana", "--data", data)[1].strip()  # bootstrap, before the hub runs
+    code, out, err = run(capsys, "account", "create", "dana", "--data", data)  # bootstrap, before the hub runs
+    token = out.strip()
+    assert code == 0 and f"no registry was at {data}: a new one is made there" in err
+    assert "a new one" not in run(capsys, "account", "create", "erin", "--data", data)[2]  # it is there now
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "lwhub", "serve", "--data", str(data), "--port", str(port)],
                               stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip

@@ -19,6 +19,8 @@ def test_pin_list_unpin(tmp_path, keys, other_keys):
     store.pin("alice", load_public_key(other_keys[1]))
     assert len(store.keys("alice")) == 2
     assert store.unpin("alice", kid) and not store.unpin("alice", kid)
+    store.pin("alice", keys[1])
+    assert not store.unpin("alice", "") and store.unpin("alice", kid[:16])  # a prefix, as `lwhub info` prints ids
     assert kid not in store.key_ids("alice")
 
 
