@@ -228,13 +228,21 @@ def check_version(value: Any) -> None:
         )  # fmt: skip
 
 
+_PLAIN = {
+    "$.name": "a bundle name is 'owner/name': lowercase letters, digits, '.', '_' and '-', each part starting with a letter or digit",
+    "$.version": "a version is semver, e.g. 1.2.3 or 1.2.3-rc.1",
+}
+
+
 def typed(value: Any) -> Manifest:
     """A JSON value -> a validated `Manifest` (schema, then the rules the schema cannot say)."""
     try:
         manifest = msgspec.convert(value, Manifest)
     except msgspec.ValidationError as exc:
         m = _AT.search(str(exc))
-        raise BundleFormatError(f"{MANIFEST}: {exc}", path=MANIFEST, field=m[1] if m else "$") from None
+        field = m[1] if m else "$"
+        why = _PLAIN.get(field) if "regex" in str(exc) else None  # the patterns say it, not to a reader
+        raise BundleFormatError(f"{MANIFEST}: {why} - at `{field}`" if why else f"{MANIFEST}: {exc}", path=MANIFEST, field=field) from None
     check_manifest(manifest)
     return manifest
 

@@ -88,6 +88,9 @@ def write_bundle(world: World, out_dir: str | os.PathLike, *, name: str, version
 
 def write_tensors(draft: Manifest, tensors: Mapping[str, torch.Tensor], out_dir: str | os.PathLike) -> Manifest:
     """Write a bundle from a manifest draft (its ``files`` ignored) and ``{key: tensor}``; all or nothing."""
+    if Path(out_dir).suffix == ".lwb":  # an archive name: a directory named so would not open as one
+        raise BundleFormatError(f"{out_dir}: a bundle is written as a directory; `pack` (lwformat.bundle.archive) "
+                                "makes the .lwb archive from it", path=str(out_dir))  # fmt: skip
     chunk_size = draft.chunk_size
     spans = plan_layout(draft)
     missing = [s.key for s in spans if s.key not in tensors]

@@ -117,8 +117,8 @@ def blend(parts: Sequence[tuple[Any, float]], *, method: str = "linear", rank: i
     ``density`` and ``seed`` drive ties and dare; ``name`` defaults to a digest of the recipe
     under the first parent's owner. Raises `BlendError` naming the slot or block at fault.
     """
-    parts = [(bundle, _weight(bundle, w)) for bundle, w in parts]
-    _check_request(parts, method, rank, density)
+    parts = [(bundle, _weight(bundle, w)) for bundle, w in _pairs(parts)]
+    _check_request(parts, method, rank, density, seed)
     parent_ids = [_identity(bundle) for bundle, _ in parts]
     recipe: dict[str, Any] = {"method": method}
     if rank is not None:
@@ -138,6 +138,9 @@ def blend(parts: Sequence[tuple[Any, float]], *, method: str = "linear", rank: i
     for slot, result in results.items():
         first = holders[slot][0][1]
         tensors[slot] = _stored(result, first)
+        if any(t.is_floating_point() and not bool(t.isfinite().all()) for t in tensors[slot].values()):
+            raise BlendError(f"{slot}: the blend overflows the stored dtype (weights this large make inf)", path=slot,
+                             parents=tuple(b.manifest.name for b, _ in parts))  # fmt: skip
         reports[slot] = SlotReport(slot, first.kind, result.method, result.rank, result.error, result.norm)
         entries.append(_entry(first, tensors[slot], result.rank))
     manifest = Manifest(
@@ -148,6 +151,17 @@ def blend(parts: Sequence[tuple[Any, float]], *, method: str = "linear", rank: i
 
 
 # -- checks: the request, the parents' bases, and every slot, before any tensor is read ----------
+
+
+def _pairs(parts: Any) -> list[tuple[Any, Any]]:
+    try:
+        pairs = [tuple(part) for part in parts]
+    except TypeError:
+        pairs = []
+    bad = next((p for p in pairs if len(p) != 2 or not hasattr(p[0], "manifest")), None)
+    if not pairs and parts or bad is not None:
+        raise BlendError("parts is a list of (bundle, weight) pairs, e.g. [(noir, 0.7), (rain, 0.3)]")
+    return pairs
 
 
 def _weight(bundle: Any, weight: Any) -> float:
@@ -161,7 +175,7 @@ def _weight(bundle: Any, weight: Any) -> float:
     return w
 
 
-def _check_request(parts: list[tuple[Any, float]], method: str, rank: int | None, density: float) -> None:
+def _check_request(parts: list[tuple[Any, float]], method: str, rank: int | None, density: float, seed: int) -> None:
     if not parts:
         raise BlendError("nothing to blend: give at least one (bundle, weight)")
     if method not in METHODS:
@@ -170,8 +184,10 @@ def _check_request(parts: list[tuple[Any, float]], method: str, rank: int | None
         raise BlendError(f"rank {rank!r} must be a positive integer")
     if rank is not None and method == "linear":
         raise BlendError("a linear blend is exact and keeps every rank; ask for method='svd' to re-rank")
-    if method in ("ties", "dare") and not 0 < density <= 1:
-        raise BlendError(f"density {density!r} must be in (0, 1]")
+    if method in ("ties", "dare") and not (isinstance(density, (int, float)) and not isinstance(density, bool) and 0 < density <= 1):
+        raise BlendError(f"density {density!r} must be a number in (0, 1]")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise BlendError(f"seed {seed!r} must be an integer in [0, 2**63)")
 
 
 def _identity(bundle: Any) -> str:

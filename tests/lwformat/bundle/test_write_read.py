@@ -130,3 +130,19 @@ def test_directory_form_refuses_links_and_subdirectories(tmp_path):
     assert info.value.path == "adapters.safetensors"
     with pytest.raises(BundleNotFoundError):
         Bundle.open(tmp_path / "nothing-here")
+
+
+def test_names_versions_and_archive_paths_are_explained(tmp_path):
+    from lwformat import LightConfig
+    from lwformat.zoo import reference_world
+
+    world = reference_world("tiny")
+    world.customize(LightConfig(kind="lora", rank=2, blocks=["author/narrate/text/llm"]))
+    with pytest.raises(BundleFormatError, match=r"a version is semver, e\.g\. 1\.2\.3"):
+        write_bundle(world, tmp_path / "a", name="author/x", version="1.0")
+    with pytest.raises(BundleFormatError, match="a bundle name is 'owner/name'"):
+        write_bundle(world, tmp_path / "b", name="noir", version="1.0.0")
+    with pytest.raises(BundleFormatError, match="pack"):
+        write_bundle(world, tmp_path / "c.lwb", name="author/x", version="1.0.0")
+    assert list(tmp_path.iterdir()) == []
+

@@ -346,3 +346,14 @@ def test_a_blend_saves_as_a_bundle_that_applies_like_the_blend(tmp_path, bundles
     x = torch.randint(0, 256, (2, 8))
     with torch.no_grad():
         assert torch.equal(a({"tokens": x})["author.logits"], b({"tokens": x})["author.logits"])
+
+
+def test_requests_that_make_no_sense_are_blend_errors(bundles):
+    noir, rain = bundles["noir"], bundles["rain"]
+    for kwargs in ({"parts": [noir]}, {"parts": noir}, {"parts": [(noir, 0.5, 1)]},
+                   {"parts": [(noir, 0.5), (rain, 0.5)], "method": "ties", "density": "0.5"},
+                   {"parts": [(noir, 0.5), (rain, 0.5)], "method": "dare", "seed": 2**70},
+                   {"parts": [(noir, 0.5), (rain, 0.5)], "method": "dare", "seed": "x"},
+                   {"parts": [(noir, 1e39)]}):  # fmt: skip
+        with pytest.raises(BlendError):
+            blend(**kwargs)
