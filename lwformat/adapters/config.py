@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import msgspec
 
+from ..errors import TargetError
+
 
 class LightConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     kind: str = "lora"
@@ -30,12 +32,36 @@ class LightConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_
     alpha_pattern: dict[str, float] = {}
     name: str = "default"
 
+    def __post_init__(self) -> None:
+        # Decoding JSON checks these types; building a config in Python does not, and a wrong
+        # one (rank="4") would fail deep inside `customize`.
+        def refuse(field: str, want: str) -> None:
+            raise TargetError(f"LightConfig.{field} must be {want}, not {getattr(self, field)!r}", path=field)
+
+        if not isinstance(self.kind, str):
+            refuse("kind", "a string")
+        if not _is_int(self.rank):
+            refuse("rank", "an integer")
+        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)):
+            refuse("alpha", "a number or None")
+        if not (_is_int(self.neurons) or isinstance(self.neurons, list) and all(map(_is_int, self.neurons))):
+            refuse("neurons", "an integer or a list of integers")
+        for field in ("block_types", "blocks", "slots", "exclude"):
+            if not (isinstance(getattr(self, field), list) and all(isinstance(v, str) for v in getattr(self, field))):
+                refuse(field, "a list of strings")
+        if not (isinstance(self.name, str) and self.name):
+            refuse("name", "a non-empty string")
+
     def to_json(self) -> bytes:
         return msgspec.json.encode(self, order="sorted")
 
     @classmethod
     def from_json(cls, data: bytes | str) -> LightConfig:
         return msgspec.json.decode(data, type=cls)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 WILDCARDS = frozenset("*?[")

@@ -120,3 +120,12 @@ def test_decustomize_restores_the_very_same_layers(world):
     world.decustomize()
     assert world.block(LLM).module.fc is fc
     assert world.root_digest() == before and world.customization is None
+
+
+@pytest.mark.parametrize("field, value", [("rank", "4"), ("rank", True), ("kind", 3), ("blocks", "author/**"),
+                                          ("alpha", "x"), ("neurons", [1.5]), ("name", "")])  # fmt: skip
+def test_a_config_built_in_python_is_checked_like_one_decoded(field, value):
+    """Decoding JSON checks the types; LightConfig(...) did not, and customize failed deep inside."""
+    with pytest.raises(TargetError) as caught:
+        LightConfig(**{field: value})
+    assert caught.value.path == field
