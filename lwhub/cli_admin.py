@@ -56,7 +56,9 @@ def _print_token(args: argparse.Namespace, token: str, note: str, data: dict) ->
 )  # fmt: skip
 def serve(args: argparse.Namespace) -> int:
     from .server import run_server
+    from .server.run import ensure_port_free
 
+    ensure_port_free(args.host, args.port)  # before saying it serves
     print(f"lwhub: serving {args.data} at http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr, flush=True)
     run_server(args.data, host=args.host, port=args.port, workers=args.workers)
     return 0

@@ -72,7 +72,8 @@ class TrustStore:
 
     def unpin(self, owner: str, kid: str) -> bool:
         """Unpin the key `kid` (its id, or a prefix naming one pinned key, as `lwhub info` prints it)."""
-        matches = [k for k in self.key_ids(owner) if k.startswith(kid)] if kid else []
+        folder = self._owner_dir(owner)  # by file name: a damaged key file can still be removed
+        matches = [p.name[: -len(".pub")] for p in folder.glob("*.pub") if p.name.startswith(kid)] if kid and folder.is_dir() else []
         if len(matches) > 1 and kid not in matches:
             raise RefError(f"{kid!r} begins {len(matches)} of {owner}'s pinned key ids; give more of it", path=kid)
         if not matches:

@@ -83,7 +83,7 @@ class AdapterHost(nn.Module):
             return self._routed(x, self.base(x))
         # Without autograd, sums accumulate in place: into y itself when no adapter reads it.
         # Not under autocast, which casts the inputs of out-of-place matmuls only.
-        inplace = not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+        inplace = not torch.is_grad_enabled() and not (x.device.type != "meta" and torch.is_autocast_enabled(x.device.type))
         adapters = self.adapters.values()
         if self.geo.layer in MATMUL_LAYERS and all(type(a) is LoRA for a in adapters):
             # The down-projections first, while x is still in cache from the layer that

@@ -59,7 +59,6 @@ class Bundle:
         for span in self.spans:
             self._by_slot.setdefault(span.slot, []).append(span)
         self._size = next(f.size for f in manifest.files if f.path == WEIGHTS)  # as checked by `open`
-        self._handle = None  # the weights file, open while mapped
         self._map: mmap.mmap | None = None
         self._packed: dict[str, torch.Tensor] | None = None
         self._cleanup = weakref.finalize(self, shutil.rmtree, tmp, True) if tmp is not None else None
@@ -137,19 +136,13 @@ class Bundle:
         still has the size `open` checked. A read from the map past the end of a file cut
         short since would kill the process (SIGBUS); this makes it an `IntegrityError`."""
         if self._map is None:
-            handle = open_member(self.path, WEIGHTS)
-            try:
-                self._map = mmap.mmap(handle.fileno(), self._intact(handle), access=mmap.ACCESS_COPY)
-            except BaseException:
-                handle.close()
-                raise
-            self._handle = handle
-            return self._map
-        self._intact(self._handle)
+            with open_member(self.path, WEIGHTS) as f:  # the map keeps its own descriptor
+                self._map = mmap.mmap(f.fileno(), self._intact(os.fstat(f.fileno()).st_size), access=mmap.ACCESS_COPY)
+        else:
+            self._intact(self._map.size())  # the size of the mapped file now, not of the map
         return self._map
 
-    def _intact(self, handle) -> int:
-        size = os.fstat(handle.fileno()).st_size
+    def _intact(self, size: int) -> int:
         if size != self._size:
             raise IntegrityError(f"{WEIGHTS}: {size} bytes now, {self._size} when the bundle was opened (changed in place since)",
                                  path=WEIGHTS, expected=self._size, found=size)  # fmt: skip
@@ -248,11 +241,7 @@ class Bundle:
         return runs
 
     def close(self) -> None:
-        # Tensors still viewing the map keep it alive; the descriptor goes now.
-        self._map = self._packed = None
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        self._map = self._packed = None  # tensors still viewing the map keep it alive
         if self._cleanup is not None:
             self._cleanup()
 

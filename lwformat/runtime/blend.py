@@ -40,6 +40,7 @@ from ..bundle.manifest import SPEC, BaseBinding, Manifest, Name, Parent, SemVer,
 from ..errors import BlendError, SlotNotFoundError
 from ..world.digest import DTYPE_NAMES
 from .blend_kinds import TENSOR_ORDER, Part, Recipe, SlotBlend, blend_slots
+from .storage import finite
 
 METHODS = ("linear", "svd", "ties", "dare")
 
@@ -165,11 +166,8 @@ def _pairs(parts: Any) -> list[tuple[Any, Any]]:
 
 
 def _weight(bundle: Any, weight: Any) -> float:
-    try:
-        w = float(weight)
-    except (TypeError, ValueError):
-        w = math.nan
-    if not math.isfinite(w):
+    w = finite(weight)  # as `apply` takes weights
+    if w is None:
         name = bundle.manifest.name
         raise BlendError(f"{name}: weight {weight!r} is not a finite number", parents=(name,))
     return w
@@ -186,8 +184,8 @@ def _check_request(parts: list[tuple[Any, float]], method: str, rank: int | None
         raise BlendError("a linear blend is exact and keeps every rank; ask for method='svd' to re-rank")
     if method in ("ties", "dare") and not (isinstance(density, (int, float)) and not isinstance(density, bool) and 0 < density <= 1):
         raise BlendError(f"density {density!r} must be a number in (0, 1]")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise BlendError(f"seed {seed!r} must be an integer in [0, 2**63)")
+    if isinstance(seed, bool) or not isinstance(seed, int) or abs(seed) > 2**53 - 1:  # the manifest's integers
+        raise BlendError(f"seed {seed!r} must be an integer within ±(2**53 - 1)")
 
 
 def _identity(bundle: Any) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,8 @@ from ..world.digest import untouched_digest
 from ..world.paths import match_block
 from .resolve import ResolvedSlot, resolve
 from .spare import Spare
-from .storage import Place, allocate, check_scalar, copy_packed, copy_runs, fill, fits, plan_layout, scalars, slot_views, view
+from .storage import (RANKED, Place, allocate, check_scalar, check_scalars, copy_packed, copy_runs, fill, finite, fits, plan_layout,
+                      scalars, slot_views, view)
 
 if TYPE_CHECKING:
     from ..world.tree import World
@@ -79,10 +81,15 @@ def _same_layout_swap(world: World, applied: Applied, bundle: Any) -> bool:
     for path, expected in applied.bound:
         if path is None or untouched_digest(world, path) != expected:
             return False  # the full check will say what changed
-    _check_indices(applied.indexed, lambda rs: bundle.slot_tensors(rs.entry.slot))
+    if applied.indexed and bundle not in _INDICES_CHECKED:  # a bundle's stored indices, read once
+        _check_indices(applied.indexed, lambda rs: bundle.slot_tensors(rs.entry.slot))
+        _INDICES_CHECKED.add(bundle)
     copy_runs(applied.buffers, bundle)  # equal layouts give equal runs (the reader checked the order)
     applied.bundle = bundle
     return True
+
+
+_INDICES_CHECKED: weakref.WeakSet = weakref.WeakSet()  # bundles whose channel indices passed, for repeated fast swaps
 
 
 def _indexed(slots: list[ResolvedSlot]) -> tuple[ResolvedSlot, ...]:
@@ -125,18 +132,15 @@ def _weights(world: World, slots: list[ResolvedSlot], weight: Weight, name: str)
     aliases: dict[str, list[str]] = {}
     for path, canonical in world.block_paths().items():
         aliases.setdefault(canonical, []).append(path)
-    out, used = {}, set()
+    out = {}
     for rs in slots:
         paths = aliases[rs.slot.partition(":")[0]]
-        hit = next((glob for glob in numbers if any(match_block(p, glob) for p in paths)), None)
+        hit = next((w for glob, w in numbers.items() if any(match_block(p, glob) for p in paths)), None)
         if hit is not None:
-            out[rs.slot] = numbers[hit]
-            used.add(hit)
-    for glob in numbers:
-        if glob not in used:  # it matches nothing, or only blocks an earlier glob weights (a shared block's other path)
-            matches = any(match_block(p, glob) for rs in slots for p in aliases[rs.slot.partition(":")[0]])
-            why = "only blocks an earlier glob already weights (a block shared by several paths is one block)" if matches else "no block this bundle adapts"
-            raise TargetError(f"weight glob {glob!r} matches {why}", path=glob)
+            out[rs.slot] = hit
+    unused = [g for g in numbers if not any(match_block(p, g) for rs in slots for p in aliases[rs.slot.partition(":")[0]])]
+    if unused:
+        raise TargetError(f"weight glob {unused[0]!r} matches no block this bundle adapts", path=unused[0])
     return out
 
 
@@ -148,15 +152,10 @@ def _is_glob(glob: Any) -> bool:
 
 def _number(value: Any, where: str) -> float:
     """A weight as a float: any finite real number; bool, None and strings are refused."""
-    if value is not None and not isinstance(value, (bool, str, bytes)):
-        try:
-            number = float(value)
-        except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several values
-            pass
-        else:
-            if math.isfinite(number):
-                return number
-    raise WeightError(f"{where}: the weight {value!r} is not a finite number", path=where)
+    number = finite(value)
+    if number is None:
+        raise WeightError(f"{where}: the weight {value!r} is not a finite number", path=where)
+    return number
 
 
 def _bank_key(world: World, name: str) -> str:
@@ -239,25 +238,26 @@ def apply(world: World, bundle: Any, weight: Weight = 1.0, *, name: str | None =
     weights = _weights(world, slots, weight, name) if isinstance(weight, dict) else {}
     default = 1.0 if isinstance(weight, dict) else _number(weight, name)
     _check_reserve(reserve_rank)
+    values = [weights.get(rs.slot, default) for rs in slots]
+    check_scalars(slots, values)  # all before the storage is taken or the weights read
+    indexed = _indexed(slots)
+    _check_indices(indexed, lambda rs: bundle.slot_tensors(rs.entry.slot))
     places = plan_layout(slots, reserve_rank)
     spare = world.spare_storage = world.spare_storage or Spare()
-    buffers = allocate(places, spare)
-    applied = Applied(name, _bank_key(world, name), bundle, slots, places, buffers)
-    applied.sentinels = list({(p.slot.partition(":")[0], p.dtype, p.device): p for p in reversed(places)}.values())
-    by_slot = slot_views(buffers, places)
-    applied.packed = copy_packed(places, buffers, bundle)
-    if not applied.packed:
-        for rs in slots:
-            source = bundle.slot_tensors(rs.entry.slot)
-            for tensor_name, target in by_slot[rs.slot].items():
-                fill(target, source[tensor_name], tensor_name)
-    applied.indexed = _indexed(slots)
-    _check_indices(applied.indexed, lambda rs: by_slot[rs.slot])  # as stored: the values, converted
-    scalar_views = scalars(slots, [weights.get(rs.slot, default) for rs in slots], places)
+    applied = Applied(name, _bank_key(world, name), bundle, slots, places, allocate(places, spare), indexed=indexed)
     hosts: list[tuple[str, AdapterHost]] = []
     parents = _Parents(world)
     try:
-        for rs, (mix_weight, scaling) in zip(slots, scalar_views):
+        buffers = applied.buffers
+        applied.sentinels = list({(p.slot.partition(":")[0], p.dtype, p.device): p for p in reversed(places)}.values())
+        by_slot = slot_views(buffers, places)
+        applied.packed = copy_packed(places, buffers, bundle)
+        if not applied.packed:
+            for rs in slots:
+                source = bundle.slot_tensors(rs.entry.slot)
+                for tensor_name, target in by_slot[rs.slot].items():
+                    fill(target, source[tensor_name], tensor_name)
+        for rs, (mix_weight, scaling) in zip(slots, scalars(slots, values, places)):
             host = _host(parents, rs)
             hosts.append((rs.slot, host))
             tensors = {**by_slot[rs.slot], "scaling": scaling}
@@ -265,7 +265,7 @@ def apply(world: World, bundle: Any, weight: Weight = 1.0, *, name: str | None =
             host.add(applied.key, adapter, mix_weight)
             applied.adapters[rs.slot] = adapter
             applied.hosts[rs.slot] = host
-    except BaseException:
+    except BaseException:  # the storage goes back to the spare pool, the hosts as they were
         for slot, host in hosts:
             host.adapters.pop(applied.key, None)
             _unhost(parents, slot, host)
@@ -345,24 +345,20 @@ def swap(world: World, name: str, bundle: Any, *, strict: bool = False) -> None:
             place = places.get((rs.slot, tensor_name))
             if place is None or not fits(place, shape):
                 stored = place.shape if place else "nothing"
-                raise LayoutError(f"{rs.slot}: {tensor_name} {tuple(shape)} does not fit the stored {stored} (apply with "
-                                  "reserve_rank=R to leave room for ranks up to R)", path=rs.slot)  # fmt: skip
+                hint = " (apply with reserve_rank=R to leave room for ranks up to R)" if tensor_name in RANKED else ""
+                raise LayoutError(f"{rs.slot}: {tensor_name} {tuple(shape)} does not fit the stored {stored}{hint}", path=rs.slot)
     _check_indices(_indexed(slots), lambda rs: bundle.slot_tensors(rs.entry.slot))
     for rs in slots:  # the new scalings too, before the first write
         if hasattr(applied.adapters[rs.slot], "scaling"):
             check_scalar(rs.settings.scaling, applied.adapters[rs.slot].scaling.dtype, rs.slot, "scaling (alpha / rank)")
-    saved = {key: buffer.clone() for key, buffer in applied.buffers.items()}  # a failed read puts these back
-    try:
-        packed = copy_packed(applied.places, applied.buffers, bundle)
-        if not packed:
-            for rs in slots:
-                source = bundle.slot_tensors(rs.entry.slot)
-                for tensor_name in rs.shapes():
-                    fill(view(applied.buffers, places[(rs.slot, tensor_name)]), source[tensor_name], tensor_name)
-    except BaseException:
-        for key, buffer in applied.buffers.items():
-            buffer.copy_(saved[key])
-        raise
+    # Read from the bundle's map, whose size is checked before each read: nothing fails once
+    # writing has begun (reading a file straight into the storage could stop halfway).
+    packed = copy_packed(applied.places, applied.buffers, bundle, read=False)
+    if not packed:
+        sources = {rs.slot: bundle.slot_tensors(rs.entry.slot) for rs in slots}
+        for rs in slots:
+            for tensor_name in rs.shapes():
+                fill(view(applied.buffers, places[(rs.slot, tensor_name)]), sources[rs.slot][tensor_name], tensor_name)
     for rs in slots:
         adapter = applied.adapters[rs.slot]
         adapter.settings = rs.settings

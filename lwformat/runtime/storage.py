@@ -11,6 +11,8 @@ which leaves B·A, and so the output, exactly unchanged.
 
 from __future__ import annotations
 
+import functools
+import math
 from math import prod
 from typing import NamedTuple
 
@@ -106,10 +108,35 @@ def _scaling(rs: ResolvedSlot) -> float:
     return rs.settings.scaling if KINDS[rs.settings.kind].uses_rank else 1.0  # unused by kinds without a rank
 
 
+def finite(value: object) -> float | None:
+    """`value` as a float when it is a finite real number (not a string, bool or None); else None."""
+    if value is None or isinstance(value, (str, bytes, bool)):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several values
+        return None
+    return number if math.isfinite(number) else None
+
+
+@functools.cache
+def _largest(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).max
+
+
 def check_scalar(value: float, dtype: torch.dtype, slot: str, what: str) -> None:
     """Refuse a weight or scaling that `dtype` cannot hold (torch.tensor and fill_ would store inf or fail midway)."""
-    if not abs(value) <= torch.finfo(dtype).max:
+    if not abs(value) <= _largest(dtype):
         raise WeightError(f"{slot}: the {what} {value!r} overflows the adapters' {dtype}", path=slot)
+
+
+def check_scalars(slots: list[ResolvedSlot], weights: list[float]) -> None:
+    """Every slot's weight and scaling fit its adapters' dtype (the base layer's, as `plan_layout` stores them)."""
+    for rs, weight in zip(slots, weights):
+        dtype = rs.layer.weight.dtype
+        if dtype.is_floating_point:
+            check_scalar(weight, dtype, rs.slot, "weight")
+            check_scalar(_scaling(rs), dtype, rs.slot, "scaling (alpha / rank)")
 
 
 def scalars(slots: list[ResolvedSlot], weights: list[float], places: list[Place]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -128,9 +155,6 @@ def scalars(slots: list[ResolvedSlot], weights: list[float], places: list[Place]
     out: list = [None] * len(slots)
     for (dtype, device), members in groups.items():
         values = [weights[i] for i in members] + [_scaling(slots[i]) for i in members]
-        for i in members:
-            check_scalar(weights[i], dtype, slots[i].slot, "weight")
-            check_scalar(_scaling(slots[i]), dtype, slots[i].slot, "scaling (alpha / rank)")
         views = torch.tensor(values, dtype=dtype, device=device).unbind()  # 2n 0-d views of one (2n,) tensor
         for j, i in enumerate(members):
             out[i] = (views[j], views[len(members) + j])
@@ -157,12 +181,12 @@ def fits(place: Place, shape: tuple[int, ...]) -> bool:
     return all(a == b for i, (a, b) in enumerate(zip(shape, place.shape)) if i != dim) and shape[dim] <= place.shape[dim]
 
 
-def copy_packed(places: list[Place], buffers: dict, bundle) -> bool:
+def copy_packed(places: list[Place], buffers: dict, bundle, *, read: bool = True) -> bool:
     """One copy per buffer from the bundle's memory-mapped dtype runs, when the layouts agree.
 
     They agree when nothing is padded and, for every buffer, the bundle's run of that
     dtype lists the same tensors in the same order (the spec's canonical order). Returns
-    False, having copied nothing, otherwise.
+    False, having copied nothing, otherwise. `read` as in `copy_runs`.
     """
     spans = getattr(bundle, "spans", None)
     if spans is None or len({p.device for p in places}) != 1:
@@ -179,7 +203,7 @@ def copy_packed(places: list[Place], buffers: dict, bundle) -> bool:
         stored.setdefault(TORCH_DTYPES[s.dtype], []).append((s.slot, s.name))
     if stored != runs:
         return False
-    copy_runs(buffers, bundle, read=True)
+    copy_runs(buffers, bundle, read=read)
     return True
 
 

@@ -167,10 +167,12 @@ class Registry:
     def _lookup(self, owner: str, name: str, ref: str) -> VersionInfo:
         if is_valid(ref):
             info = self.store.version(owner, name, ref)
+        elif ref == "latest":  # always computed, even where an older registry let a tag of that name be set
+            info = self.store.latest(owner, name)
         elif (version := self.store.tags(owner, name).get(ref)) is not None:
             info = self.store.version(owner, name, version)
         else:
-            info = self.store.latest(owner, name) if ref == "latest" else None
+            info = None
         if info is None:
             if self.store.bundle(owner, name) is None:
                 raise NotFoundError(f"no bundle {owner}/{name}", code="bundle_not_found")

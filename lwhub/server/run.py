@@ -14,6 +14,7 @@ stopped or killed whole) and returns once it answers; ``port=0`` picks a free po
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import signal
@@ -71,8 +72,9 @@ def ensure_port_free(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as exc:
-            raise UsageError(f"{host}:{port} is in use ({exc.strerror}); stop what listens there or pick another --port",
-                             path=f"{host}:{port}") from None  # fmt: skip
+            why = ("is in use; stop what listens there or pick another --port" if exc.errno == errno.EADDRINUSE
+                   else f"cannot be listened on ({exc.strerror or exc}); check --host and --port")  # fmt: skip
+            raise UsageError(f"{host}:{port} {why}", path=f"{host}:{port}") from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:

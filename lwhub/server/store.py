@@ -220,9 +220,9 @@ class SQLiteStore:
     def _bundle(self, row: tuple) -> BundleInfo:
         owner, name, full, description, tags, updated = row
         latest, named = self.latest(owner, name), self.tags(owner, name)
+        named.pop("latest", None)  # computed; a tag of that name could be set before it was reserved
         count = self._one("SELECT COUNT(*) FROM versions WHERE owner = ? AND name = ?", owner, name)[0]
-        resolved = named.get("latest") or (latest.version if latest else None)
-        return BundleInfo(full, description, json.loads(tags), resolved, named, count, updated)
+        return BundleInfo(full, description, json.loads(tags), latest.version if latest else None, named, count, updated)
 
     def bundle(self, owner: str, name: str) -> BundleInfo | None:
         row = self._one("SELECT owner, name, full, description, tags, updated FROM bundles WHERE owner = ? AND name = ?", owner, name)

@@ -159,8 +159,8 @@ def test_a_bundle_file_cut_short_since_it_was_mapped_is_refused_and_changes_noth
         Bundle.open(rain.path)  # and opening it again says the same
 
 
-def test_a_swap_that_fails_while_copying_puts_the_storage_back(tmp_path, world):
-    """The per-slot path reads slot after slot: a weights file replaced after open fails midway."""
+def test_a_swap_to_a_bundle_whose_file_changed_since_open_writes_nothing(tmp_path, world):
+    """The per-slot path: every slot is read from the bundle's size-checked map before the first write."""
     from lwformat.errors import IntegrityError
     from tests.lwformat.runtime.conftest import make_bundle
 

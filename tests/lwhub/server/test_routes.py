@@ -115,6 +115,11 @@ def test_latest_tags_and_yanks(hub, published, tmp_path):
     with pytest.raises(BadRequestError) as caught:  # computed: a pinned "latest" would outlive yanks and releases
         client.set_tag("alice/noir", "latest", "1.0.0")
     assert caught.value.code == "invalid_name" and client.resolve("alice/noir").version == "1.1.0"
+    from lwhub.server.store import SQLiteStore
+
+    SQLiteStore(hub.data / "registry.sqlite3").set_tag("alice", "noir", "latest", "1.0.0")  # as an older registry let one be set
+    assert client.resolve("alice/noir").version == "1.1.0" and client.info("alice/noir").latest == "1.1.0"
+    assert "latest" not in client.info("alice/noir").named_tags
     client.yank("alice/noir@1.1.0", reason="bad colors")
     try:
         assert client.resolve("alice/noir").version == "1.0.0"
