@@ -12,7 +12,6 @@ applying).
 
 from __future__ import annotations
 
-import math
 import os
 import weakref
 from dataclasses import dataclass, field
