@@ -23,6 +23,7 @@ from pathlib import Path
 from .cli import URL, arg, emit, existing, group, verb
 from .cli_config import hub_client, load_config, save_config
 from .errors import UsageError
+from .protocol import MAX_TTL
 
 DATA = arg("--data", metavar="DIR", help="the hub's data directory (offline, on the hub's machine)")
 TTL = arg("--ttl", type=float, metavar="SECONDS", help="the token expires after this long (default: never)")
@@ -32,13 +33,18 @@ group("token", "bearer tokens: scoped to namespaces, shown once")
 
 
 def _expires(ttl: float | None) -> float | None:
-    if ttl is not None and ttl <= 0:
-        raise UsageError(f"--ttl {ttl:g}: give a positive number of seconds")
+    if ttl is not None and not 0 < ttl <= MAX_TTL:  # also NaN and inf, before anything is written
+        raise UsageError(f"--ttl {ttl:g}: give a positive number of seconds, up to {MAX_TTL} (100 years)")
     return None if ttl is None else time.time() + ttl
 
 
 def _when(expires: float | None) -> str:
-    return "never" if expires is None else time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(expires))
+    if expires is None:
+        return "never"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(expires))
+    except (OverflowError, OSError, ValueError):  # a registry may hand out expiries no clock here can print
+        return f"{expires:.0f} s after 1970"
 
 
 def _print_token(args: argparse.Namespace, token: str, note: str, data: dict) -> None:

@@ -16,6 +16,7 @@ import msgspec
 API = "/v1"
 DIGEST = re.compile(r"^sha256:([0-9a-f]{64})\Z")
 OWNER = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,63}\Z")  # either half of a manifest Name "owner/name"
+MAX_TTL = 100 * 365 * 86400  # seconds: a token's lifetime, at most (an expiry every clock can print)
 TAG = re.compile(r"^[a-z][a-z0-9_.\-]{0,63}\Z")  # starts with a letter: never a version
 MAX_PAGE = 200
 T = TypeVar("T")
@@ -99,7 +100,7 @@ class TagRequest(Struct):
 
 class TokenRequest(Struct):
     scopes: list[str] | None = None  # None: the caller's own scopes
-    ttl: float | None = None  # seconds; None: does not expire
+    ttl: float | None = None  # seconds (cut to MAX_TTL, and to the maker's expiry); None: does not expire
 
 
 class BlobInfo(Struct):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import hashlib
 import json
 from collections.abc import Iterable
@@ -83,11 +84,20 @@ def sign_envelope(payload: bytes, private_key: K.PrivateKey) -> bytes:
     return json.dumps(bundle, separators=(",", ":")).encode()
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):  # readers disagree on which one counts
+        raise MalformedSignatureError(f"{SIGNATURE}: a JSON object names a key twice", path=SIGNATURE)
+    return doc
+
+
 def _fields(signature: bytes) -> tuple[str | None, bytes, bytes]:
     """(key hint, payload, DER signature), every field checked."""
+    if signature.startswith(codecs.BOM_UTF8):  # Python's reader skips it; Sigstore's (model_signing's) refuse it
+        raise MalformedSignatureError(f"{SIGNATURE}: starts with a byte order mark", path=SIGNATURE)
     try:
-        doc = json.loads(signature)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = json.loads(signature, object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise MalformedSignatureError(f"{SIGNATURE}: not JSON ({exc})", path=SIGNATURE) from exc
     doc = _exact(doc, {"mediaType", "verificationMaterial", "dsseEnvelope"}, "the bundle")
     expect(doc["mediaType"] == BUNDLE_MEDIA_TYPE, f"media type {doc['mediaType']!r}, expected {BUNDLE_MEDIA_TYPE}")

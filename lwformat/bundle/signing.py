@@ -107,7 +107,7 @@ def parse_statement(payload: bytes) -> tuple[str, int | None, dict[str, str]]:
     """(model name, shard size or None, resources) of a signed statement, checked for consistency."""
     try:
         doc = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise MalformedSignatureError(f"{SIGNATURE}: the signed statement is not JSON", path=SIGNATURE) from exc
     expect(isinstance(doc, dict) and doc.get("_type") == STATEMENT_TYPE, f"statement type must be {STATEMENT_TYPE}")
     expect(doc.get("predicateType") == PREDICATE_TYPE, f"predicate type must be {PREDICATE_TYPE}")

@@ -24,7 +24,7 @@ from lwformat.errors import SigningKeyError
 
 from ..errors import BadRequestError, ForbiddenError, NotFoundError, TooLargeError
 from ..protocol import (
-    OWNER, TAG, BlobInfo, NewToken, Page, PublishRequest, SignedVersion, TagRequest, TokenRequest, VersionInfo, Whoami,
+    MAX_TTL, OWNER, TAG, BlobInfo, NewToken, Page, PublishRequest, SignedVersion, TagRequest, TokenRequest, VersionInfo, Whoami,
     YankRequest, digest_hex,
 )
 from ..semver import is_valid
@@ -76,7 +76,8 @@ class Registry:
         if body.ttl is not None and not (0 < body.ttl < float("inf")):
             raise BadRequestError(f"ttl must be a positive number of seconds, not {body.ttl}", code="invalid_request")
         # A token never outlives the one that made it: an expiring token cannot mint a lasting one.
-        expires = None if body.ttl is None else time.time() + body.ttl
+        # A lifetime past MAX_TTL is cut to it, as it is to the maker's: an expiry every clock can print.
+        expires = None if body.ttl is None else time.time() + min(body.ttl, MAX_TTL)
         if p.expires is not None:
             expires = p.expires if expires is None else min(expires, p.expires)
         token = auth.issue_token(self.store, p.account, scopes, expires=expires)
@@ -204,8 +205,8 @@ class Registry:
         owner, name = _bundle_path(request)
         principal = self.principal(request)
         body = await read_body(request, PublishRequest)
-        info = await run_in_threadpool(publish, self.store, self.blobs, principal, owner, name, request.path_params["version"], body)
-        return json_answer(info, 201)
+        info, made = await run_in_threadpool(publish, self.store, self.blobs, principal, owner, name, request.path_params["version"], body)
+        return json_answer(info, 201 if made else 200)
 
     async def yank(self, request: Request) -> Response:
         owner, name = _bundle_path(request)

@@ -15,7 +15,7 @@ import time
 import anyio
 import msgspec
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, Response
 from starlette.types import Send
 
@@ -40,10 +40,13 @@ def error_answer(exc: RegistryError) -> Response:
 
 async def read_body(request: Request, kind: type, limit: int = 64 << 10):
     data = bytearray()
-    async for piece in request.stream():
-        data += piece
-        if len(data) > limit:
-            raise TooLargeError(f"the request body is over {limit} bytes")
+    try:
+        async for piece in request.stream():
+            data += piece
+            if len(data) > limit:
+                raise TooLargeError(f"the request body is over {limit} bytes")
+    except ClientDisconnect:  # cut short, or framing the server could not read
+        raise BadRequestError("the request body was cut off before its end", code="invalid_request") from None
     try:
         return msgspec.json.decode(data or b"{}", type=kind)
     except msgspec.ValidationError as exc:

@@ -8,7 +8,10 @@ Protocol (the client has uploaded every blob by digest first):
 Steps, each refusing with a stable code and leaving nothing visible:
 
     1. the token's scopes cover owner/name                    namespace_forbidden
-    2. the version is new                                     version_exists
+    2. the version is new, and no published version differs
+       from it only in build metadata (1.0.0, 1.0.0+b1)        version_exists
+       (the same signed bundle again, a push retried after its
+       answer was lost, answers 200 with the existing record)
     3. the owner has registered publisher keys                no_publisher_key
     4. the manifest blob parses as a manifest                 manifest_invalid
        naming this owner/name and version                     manifest_mismatch
@@ -42,7 +45,7 @@ from lwformat.bundle.verify import verify_files
 from lwformat.errors import BundleLimitError, IntegrityError, LWFormatError, SignatureError
 
 from ..errors import BadRequestError, ConflictError, NotFoundError, PublishRejectedError, TooLargeError
-from ..protocol import PublishRequest, VersionInfo, digest_hex
+from ..protocol import MAX_PAGE, PublishRequest, VersionInfo, digest_hex
 from ..semver import is_valid
 from .auth import Principal, authorize
 from .blobs import BlobStore
@@ -94,10 +97,12 @@ def _verify_staged(blobs: BlobStore, manifest_hex: str, signature_hex: str, mani
     stage = blobs.scratch() / "bundle"
     try:
         stage.mkdir()
-        blobs.materialize(manifest_hex, stage / MANIFEST)
-        blobs.materialize(signature_hex, stage / SIGNATURE)
-        for entry in manifest.files:
-            blobs.materialize(entry.sha256, stage / entry.path)
+        for hexdigest, name in [(manifest_hex, MANIFEST), (signature_hex, SIGNATURE), *((f.sha256, f.path) for f in manifest.files)]:
+            try:
+                blobs.materialize(hexdigest, stage / name)
+            except FileNotFoundError:  # swept (an orphan past its grace) since it was checked
+                raise _reject("blob_missing", f"{name}: blob sha256:{hexdigest} is gone; upload it again",
+                              path=name, digest=f"sha256:{hexdigest}") from None  # fmt: skip
         try:
             with Bundle.open(stage) as bundle:
                 verify_files(bundle, whole=False)
@@ -116,17 +121,24 @@ def _verify_staged(blobs: BlobStore, manifest_hex: str, signature_hex: str, mani
         shutil.rmtree(stage.parent, ignore_errors=True)
 
 
-def publish(store: Store, blobs: BlobStore, principal: Principal, owner: str, name: str, version: str, request: PublishRequest) -> VersionInfo:
+def publish(store: Store, blobs: BlobStore, principal: Principal, owner: str, name: str, version: str,
+            request: PublishRequest) -> tuple[VersionInfo, bool]:  # fmt: skip
+    """The version record, and whether this call made it (False: the same signed bundle was there)."""
     full = f"{owner}/{name}"
     authorize(principal, owner, name)
     if not is_valid(version):
         raise BadRequestError(f"{version!r} is not a semantic version (MAJOR.MINOR.PATCH)", code="invalid_version")
-    if store.version(owner, name, version) is not None:
+    manifest_hex, signature_hex = _hex(request.manifest, "manifest"), _hex(request.signature, "signature")
+    if (existing := store.version(owner, name, version)) is not None:
+        if (existing.manifest, existing.signature) == (f"sha256:{manifest_hex}", f"sha256:{signature_hex}"):
+            return existing, False  # a push retried after its answer was lost: it is published
         raise ConflictError(f"{full}@{version} exists already; versions are immutable, publish a new version", code="version_exists")
+    if (twin := _same_precedence(store, owner, name, version)) is not None:
+        raise ConflictError(f"{full}@{twin} exists, and {version} differs from it only in build metadata, which version "
+                            "order ignores: publish a new version", code="version_exists")  # fmt: skip
     keys = [loads_public_key(k.pem.encode()) for k in store.keys(owner)]
     if not keys:
         raise _reject("no_publisher_key", f"owner {owner!r} has no publisher key: register one first (`lwhub keygen`)", owner=owner)
-    manifest_hex, signature_hex = _hex(request.manifest, "manifest"), _hex(request.signature, "signature")
     manifest_bytes = _read(blobs, manifest_hex, MAX_MANIFEST_BYTES, MANIFEST)
     signature = _read(blobs, signature_hex, MAX_SIGNATURE_BYTES, SIGNATURE)  # present and bounded
     manifest = _parse(manifest_bytes)
@@ -142,5 +154,22 @@ def publish(store: Store, blobs: BlobStore, principal: Principal, owner: str, na
         size=sum(f.size for f in manifest.files), key_id=key_id, created=time.time(),
         description=manifest.description, tags=list(manifest.tags),
     )  # fmt: skip
-    store.add_version(info, [f"sha256:{f.sha256}" for f in manifest.files])
-    return info
+    try:
+        store.add_version(info, [f"sha256:{f.sha256}" for f in manifest.files])
+    except ConflictError:  # a racing publish won: if it was this same bundle, so is this call
+        won = store.version(owner, name, version)
+        if won is None or (won.manifest, won.signature) != (info.manifest, info.signature):
+            raise
+        return won, False
+    return info, True
+
+
+def _same_precedence(store: Store, owner: str, name: str, version: str) -> str | None:
+    """A published version equal to `version` but for build metadata (1.0.0 and 1.0.0+b1), if any."""
+    core, after = version.partition("+")[0], None
+    while rows := store.versions(owner, name, after=after, limit=MAX_PAGE):
+        for _, info in rows:
+            if info.version != version and info.version.partition("+")[0] == core:  # itself: a racing publish
+                return info.version
+        after = rows[-1][0]
+    return None

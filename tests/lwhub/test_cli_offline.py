@@ -158,3 +158,12 @@ def test_python_dash_m_lwhub_runs(tmp_path):
                           capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[2])  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert Path(json.loads(done.stdout)["public"]).is_file()
+
+
+def test_a_token_lifetime_is_checked_before_anything_is_written(tmp_path, capsys):
+    for ttl in ("nan", "inf", "-1", "1e12"):
+        code, out, err = run(capsys, "account", "create", "dave", "--data", tmp_path / "hub", "--ttl", ttl)
+        assert code == 2 and "--ttl" in err and out == "", ttl
+    assert not (tmp_path / "hub").exists()
+    code, out, _ = run(capsys, "account", "create", "dave", "--data", tmp_path / "hub", "--ttl", "3600")
+    assert code == 0 and out.strip().startswith("lwh_")

@@ -189,6 +189,21 @@ def test_unsupported_hash_type_is_malformed(signed, pair):
         signing.verify_signature(signed, pair[1])
 
 
+@pytest.mark.parametrize("variant", ["nested", "bom", "twice"])
+def test_signature_files_other_readers_would_refuse_are_malformed(signed, pair, variant):
+    """Deep nesting crashed the parser (RecursionError); a BOM or a repeated key read here but not in model_signing."""
+    good = (signed / "bundle.sig").read_bytes()
+    changed = {
+        "nested": b"[" * 100_000 + b"]" * 100_000,
+        "bom": b"\xef\xbb\xbf" + good,
+        "twice": good.replace(b'{"mediaType"', b'{"mediaType": "x", "mediaType"', 1),
+    }[variant]
+    assert changed != good
+    (signed / "bundle.sig").write_bytes(changed)
+    with pytest.raises(MalformedSignatureError):
+        signing.verify_signature(signed, pair[1])
+
+
 def test_missing_signature_and_missing_directory(tmp_path, pair):
     d = bundle_like(tmp_path / "b")
     with pytest.raises(MissingSignatureError, match="not signed") as info:

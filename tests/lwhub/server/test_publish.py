@@ -59,12 +59,18 @@ def bundle(request, tmp_path, hub, make_bundle):
     return make_bundle(tmp_path / "b", name, "1.0.0", hub.private, features=128, rank=128), name  # 3 chunks
 
 
-def test_an_untouched_bundle_publishes(hub, bundle):
+def test_an_untouched_bundle_publishes_and_a_retry_of_it_is_answered_by_its_record(hub, bundle, tmp_path, make_bundle):
     bundle, name = bundle
     r = publish_raw(hub, bundle, name, "1.0.0")
     assert r.status_code == 201 and r.json()["version"] == "1.0.0"
-    again = publish_raw(hub, bundle, name, "1.0.0")
-    assert again.status_code == 409 and code(again) == "version_exists"
+    again = publish_raw(hub, bundle, name, "1.0.0")  # the same signed bundle: a push whose answer was lost
+    assert again.status_code == 200 and again.json() == r.json()
+    other = make_bundle(tmp_path / "other", name, "1.0.0", hub.private, features=128, rank=128, seed=9)
+    clash = publish_raw(hub, other, name, "1.0.0")
+    assert clash.status_code == 409 and code(clash) == "version_exists"
+    twin = make_bundle(tmp_path / "twin", name, "1.0.0+b1", hub.private, features=128, rank=128)
+    clash = publish_raw(hub, twin, name, "1.0.0+b1")  # equal to 1.0.0 in version order
+    assert clash.status_code == 409 and code(clash) == "version_exists" and "build metadata" in clash.text
 
 
 def test_bytes_that_do_not_match_their_digest_are_refused_on_upload(hub, bundle):
@@ -159,7 +165,7 @@ def test_an_owner_without_a_publisher_key_cannot_publish(hub, tmp_path, make_bun
 
 
 def test_racing_publishes_of_one_version_have_exactly_one_winner(hub, tmp_path, make_bundle):
-    """Eight clients publish alice/race@1.0.0 at once, from two different bundles."""
+    """Eight clients publish alice/race@1.0.0 at once, four from each of two bundles: one bundle wins."""
     folders = [make_bundle(tmp_path / f"b{k}", "alice/race", "1.0.0", hub.private, features=64, rank=32) for k in range(2)]
     manifests = {"sha256:" + hashlib.sha256((f / MANIFEST).read_bytes()).hexdigest() for f in folders}
     barrier, outcomes = threading.Barrier(8), []
@@ -177,7 +183,31 @@ def test_racing_publishes_of_one_version_have_exactly_one_winner(hub, tmp_path, 
         t.start()
     for t in threads:
         t.join()
-    winners = [o for o in outcomes if o != "version_exists"]
-    assert len(outcomes) == 8 and len(winners) == 1 and winners[0] in manifests
-    assert httpx.get(f"{hub.url}/v1/bundles/alice/race/versions/1.0.0").json()["manifest"] == winners[0]
+    published = [o for o in outcomes if o != "version_exists"]  # the winner, and the pushes of its very bundle
+    assert len(outcomes) == 8 and len(published) == 4 and len(set(published)) == 1 and published[0] in manifests
+    assert httpx.get(f"{hub.url}/v1/bundles/alice/race/versions/1.0.0").json()["manifest"] == published[0]
     shutil.rmtree(tmp_path)
+
+
+def test_a_blob_swept_after_the_check_is_blob_missing_not_an_internal_error(tmp_path, bundle, keys):
+    """The sweep may remove an orphan past its grace between the publish's check and its staging."""
+    from lwformat.bundle.keys import load_public_key
+    from lwhub.errors import PublishRejectedError
+    from lwhub.server.blobs import DirBlobStore
+    from lwhub.server.publish import _verify_staged
+
+    folder, _ = bundle
+    blobs = DirBlobStore(tmp_path / "blobs")
+    digests = {}
+    for name in (MANIFEST, SIGNATURE, WEIGHTS):
+        data = (folder / name).read_bytes()
+        digests[name] = hashlib.sha256(data).hexdigest()
+        writer = blobs.writer(digests[name])
+        writer.write(data)
+        writer.commit()
+    blobs.delete(digests[WEIGHTS])  # what the sweep does, a moment after the check found it
+    manifest_bytes, signature = (folder / MANIFEST).read_bytes(), (folder / SIGNATURE).read_bytes()
+    with pytest.raises(PublishRejectedError) as caught:
+        _verify_staged(blobs, digests[MANIFEST], digests[SIGNATURE], loads(manifest_bytes), [load_public_key(keys[1])],
+                       (manifest_bytes, signature))  # fmt: skip
+    assert caught.value.code == "blob_missing" and caught.value.detail["path"] == WEIGHTS

@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from lwhub.errors import ERROR_CODES, AuthError, BadRequestError, ForbiddenError, NotFoundError
-from lwhub.protocol import SignedVersion, VersionInfo
+from lwhub.protocol import MAX_TTL, SignedVersion, VersionInfo
 from lwhub.server import create_account, create_token
 
 
@@ -231,3 +231,24 @@ def test_a_token_never_outlives_the_one_that_made_it(hub):
         minted = httpx.post(f"{hub.url}/v1/tokens", json=body, headers=auth)
         assert minted.status_code == 201 and minted.json()["expires"] <= time.time() + 60
     assert httpx.post(f"{hub.url}/v1/tokens", json={"ttl": -5}, headers=auth).status_code == 400
+    lasting = {"authorization": f"Bearer {create_token(hub.data, 'alice')}"}  # never expires
+    minted = httpx.post(f"{hub.url}/v1/tokens", json={"ttl": 1e308}, headers=lasting)
+    assert minted.status_code == 201 and minted.json()["expires"] <= time.time() + MAX_TTL  # a date clocks can print
+
+
+def test_a_json_body_cut_short_is_a_bad_request(hub):
+    """A client that stops sending (or frames chunks badly) gets 400, not an internal error."""
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(hub.url)
+    for head, body in [(b"Content-Length: 100\r\n", b"{"), (b"Transfer-Encoding: chunked\r\n", b"ZZ\r\n")]:
+        with socket.create_connection((where.hostname, where.port), timeout=10) as s:
+            s.sendall(b"POST /v1/tokens HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + hub.token.encode() + b"\r\n"
+                      b"Content-Type: application/json\r\n" + head + b"\r\n" + body)  # fmt: skip
+            s.shutdown(socket.SHUT_WR)
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        status = answer.split(b"\r\n", 1)[0]
+        assert b" 400 " in status and b'"invalid_request"' in answer, answer[:300]
