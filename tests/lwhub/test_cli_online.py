@@ -176,7 +176,10 @@ def test_push_as_another_name_and_version_writes_a_resigned_copy(hub, carol, cap
     assert code == 2 and "not signed" in err
     code, out, _ = run(capsys, "push", unsigned, "--key", carol / "carol.pem")
     assert code == 0 and (unsigned / "bundle.sig").is_file() and "pushed cli-carol/unsigned@1.0.0" in out
-    code, out, err = run(capsys, "push", unsigned)  # versions are immutable
+    code, out, err = run(capsys, "push", unsigned)  # the same signed bundle again: a retry, answered by its record
+    assert code == 0 and "pushed cli-carol/unsigned@1.0.0" in out
+    other = adapter_bundle(tmp_path / "other", "cli-carol/unsigned", "1.0.0", carol / "carol.pem", adapter_seed=4)
+    code, out, err = run(capsys, "push", other)  # versions are immutable
     assert code == 9 and "new --version" in err
 
 
