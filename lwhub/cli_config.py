@@ -36,8 +36,8 @@ def load_config() -> dict[str, Any]:
         return {}
     except ValueError as exc:
         raise UsageError(f"{path}: not a JSON settings file ({exc}); delete it and `lwhub login` again", path=str(path)) from None
-    if not isinstance(value, dict):
-        raise UsageError(f"{path}: not a JSON object; delete it and `lwhub login` again", path=str(path))
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise UsageError(f"{path}: not a JSON object of strings; delete it and `lwhub login` again", path=str(path))
     return value
 
 

@@ -30,7 +30,13 @@ from .errors import MissingPathError, UsageError
 
 group("key", "publisher public keys registered with the hub, per owner")
 group("trust", "publisher keys pinned on this machine, per owner: pulls accept only signatures they made")
-LIMIT = arg("--limit", type=int, default=50, help="show at most this many (default: 50)")
+def _count(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+LIMIT = arg("--limit", type=_count, default=50, help="show at most this many (default: 50)")
 
 
 def _date(t: float) -> str:

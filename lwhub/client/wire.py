@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import httpx
 import msgspec
 
-from ..errors import HubUnavailableError, ProtocolError, error_for
+from ..errors import HubUnavailableError, ProtocolError, UsageError, error_for
 
 
 class _Answer(msgspec.Struct):
@@ -83,3 +83,5 @@ def reaching(url: str) -> Iterator[None]:
         yield
     except httpx.TransportError as exc:
         raise HubUnavailableError(f"cannot reach the registry at {url}: {exc or type(exc).__name__}", url=url) from exc
+    except httpx.InvalidURL as exc:
+        raise UsageError(f"{url!r} is not a URL a registry can be reached at ({exc})", path=url) from None

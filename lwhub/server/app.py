@@ -127,7 +127,7 @@ class Registry:
         hexdigest = self._blob_hex(request)
         if (size := self.blobs.size(hexdigest)) is not None:
             return json_answer(BlobInfo(f"sha256:{hexdigest}", size, False))
-        declared = request.headers.get("content-length", "")
+        declared = request.headers.get("content-length", "").lstrip("0") or "0"  # 1*DIGIT: leading zeros are allowed
         if declared.isascii() and declared.isdigit() and (len(declared) > 19 or int(declared) > MAX_BUNDLE_BYTES):
             raise TooLargeError(f"a blob of {declared} bytes is larger than a bundle may be ({MAX_BUNDLE_BYTES})")
         writer = self.blobs.writer(hexdigest, limit=MAX_BUNDLE_BYTES)

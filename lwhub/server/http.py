@@ -61,10 +61,13 @@ def page_args(request: Request) -> tuple[str | None, int]:
         raise BadRequestError(f"limit must be an integer from 1 to {MAX_PAGE}", code="invalid_request")
     if token is None:
         return None, int(limit)
-    try:
-        return base64.urlsafe_b64decode(token.encode()).decode(), int(limit)
+    try:  # validate: the url-safe decoder would drop characters outside its alphabet and read "" for "!!!"
+        cursor = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
     except (ValueError, UnicodeDecodeError):
-        raise BadRequestError("page is not a token this registry gave out", code="invalid_request") from None
+        cursor = ""
+    if not cursor:  # page_token never makes an empty one
+        raise BadRequestError("page is not a token this registry gave out", code="invalid_request")
+    return cursor, int(limit)
 
 
 def page_token(cursor: str) -> str:

@@ -167,3 +167,19 @@ def test_a_token_lifetime_is_checked_before_anything_is_written(tmp_path, capsys
     assert not (tmp_path / "hub").exists()
     code, out, _ = run(capsys, "account", "create", "dave", "--data", tmp_path / "hub", "--ttl", "3600")
     assert code == 0 and out.strip().startswith("lwh_")
+
+
+def test_ordinary_mistakes_are_usage_errors_not_internal_ones(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LWHUB_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LWHUB_CACHE", str(tmp_path / "cache"))
+    code, _, err = run(capsys, "pull", "alice/b", "--url", "http://[::1")
+    assert code == 2 and "not a URL" in err
+    for argv in (("search", "--limit", "-1"), ("info", "alice/b", "--limit", "0")):
+        with pytest.raises(SystemExit) as info:
+            cli.main(list(argv))
+        assert info.value.code == 2
+    config = tmp_path / "home" / "config.json"  # $LWHUB_HOME/config.json
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text('{"token": 5, "url": 7}')
+    code, _, err = run(capsys, "whoami")
+    assert code == 2 and "delete it and `lwhub login` again" in err

@@ -104,6 +104,9 @@ def test_versions_and_search_paginate(hub, published, tmp_path):
     assert [b.name for b in client.search("falling")] == ["alice/rain"]
     bad = httpx.get(f"{hub.url}/v1/bundles", params={"limit": 0})
     assert bad.json()["error"]["code"] == "invalid_request"
+    for token in ("!!!", "%FF", ""):  # the url-safe decoder read "" for the first two: "no versions"
+        bad = httpx.get(f"{hub.url}/v1/bundles/alice/noir/versions", params={"page": token})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request", token
 
 
 def test_latest_tags_and_yanks(hub, published, tmp_path):
@@ -252,3 +255,21 @@ def test_a_json_body_cut_short_is_a_bad_request(hub):
                 answer += chunk
         status = answer.split(b"\r\n", 1)[0]
         assert b" 400 " in status and b'"invalid_request"' in answer, answer[:300]
+
+
+def test_a_content_length_with_leading_zeros_is_the_number_it_spells(hub):
+    import socket
+    from urllib.parse import urlsplit
+
+    data = b"leading zeros"
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    where = urlsplit(hub.url)
+    with socket.create_connection((where.hostname, where.port), timeout=10) as s:
+        s.sendall(f"PUT /v1/blobs/{digest} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {hub.token}\r\n"
+                  f"Connection: close\r\nContent-Length: {len(data):024d}\r\n\r\n".encode() + data)  # fmt: skip
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answer.split(b"\r\n", 1)[0].split()[1] in (b"200", b"201"), answer[:300]
+    assert httpx.get(f"{hub.url}/v1/blobs/{digest}").content == data
+
