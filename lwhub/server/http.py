@@ -22,7 +22,7 @@ from starlette.types import Send
 from ..errors import BadRequestError, NotFoundError, RangeError, RegistryError, ServerError, TooLargeError
 from ..protocol import MAX_PAGE
 
-RANGE = re.compile(r"^bytes=([0-9]{0,19})-([0-9]{0,19})\Z")
+SPEC = re.compile(r"([0-9]{0,19})-([0-9]{0,19})")  # one byte range of a Range header: first-last, first- or -suffix
 
 
 def json_answer(obj: object, status: int = 200) -> Response:
@@ -119,12 +119,16 @@ class BlobResponse(FileResponse):
 
 
 def check_range(header: str, size: int) -> None:
-    """Refuse, with a JSON error, a single range that starts past the end (multi-range passes through)."""
-    m = RANGE.match(header.replace(" ", ""))
-    if m is None:
-        return
-    start, end = m.groups()
-    if (start and int(start) >= size) or (not start and (not end or int(end) == 0)) or (start and end and int(end) < int(start)):
+    """Answer in JSON what Starlette would answer in plain text: a Range header that is not
+    ``bytes=`` and byte ranges (400), or whose ranges all lie outside the blob (416)."""
+    unit, _, specs = header.replace(" ", "").partition("=")
+    parts = [SPEC.fullmatch(spec) for spec in specs.split(",")]
+    if unit != "bytes" or not all(m and (m[1] or m[2]) for m in parts):
+        raise BadRequestError(f"range {header!r} is not 'bytes=' and byte ranges (first-last, first-, -suffix) of at most "
+                              "19 digits", code="invalid_request")  # fmt: skip
+    if any(m[1] and m[2] and int(m[2]) < int(m[1]) for m in parts):
+        raise BadRequestError(f"range {header!r} has a range that ends before it starts", code="invalid_request")
+    if not all((int(m[1]) < size) if m[1] else (size > 0 and int(m[2]) > 0) for m in parts):  # Starlette wants each
         raise RangeError(f"range {header!r} is outside the blob's {size} bytes", detail={"size": size})
 
 

@@ -273,3 +273,14 @@ def test_a_content_length_with_leading_zeros_is_the_number_it_spells(hub):
     assert answer.split(b"\r\n", 1)[0].split()[1] in (b"200", b"201"), answer[:300]
     assert httpx.get(f"{hub.url}/v1/blobs/{digest}").content == data
 
+
+
+@pytest.mark.parametrize("header, status", [("bytes=abc", 400), ("items=0-1", 400), ("bytes=", 400), ("bytes=2-1,0-1", 400),
+                                           ("bytes=12345678901234567890-", 400), ("bytes=0-" + "9" * 5000, 400),
+                                           ("bytes=0-1,99999999-99999999999", 416), ("bytes=0-1,3-4", 206)])  # fmt: skip
+def test_every_range_answer_is_json_or_the_bytes(hub, published, header, status):
+    info = published[("alice/noir", "1.0.0")]
+    r = httpx.get(f"{hub.url}/v1/blobs/{info.manifest}", headers={"range": header})
+    assert r.status_code == status, r.text[:200]
+    if status >= 400:
+        assert r.json()["error"]["code"] == ("range_not_satisfiable" if status == 416 else "invalid_request")
