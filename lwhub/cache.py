@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import struct
 import tempfile
 from pathlib import Path
@@ -125,13 +126,32 @@ class Cache:
             shutil.rmtree(stage, ignore_errors=True)
         return final
 
-    def drop_bundle(self, manifest_hex: str) -> None:
-        """Remove a bundle directory: renamed away first, so no reader sees it half-deleted."""
-        doomed = self.tmp / f"drop-{manifest_hex}-{os.getpid()}"
+    def open_bundle_dir(self, manifest_hex: str) -> int | None:
+        """A descriptor holding the bundle directory as it is now (None when absent), for `drop_bundle`:
+        while it is open, the directory's inode cannot go to another one."""
         try:
-            os.rename(self.bundle_dir(manifest_hex), doomed)
+            return os.open(self.bundle_dir(manifest_hex), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def drop_bundle(self, manifest_hex: str, held: int | None = None) -> None:
+        """Remove a bundle directory: renamed away first, so no reader sees it half-deleted.
+
+        With `held` (from `open_bundle_dir`), only that directory: one another process sharing
+        the cache installed since is put back.
+        """
+        final = self.bundle_dir(manifest_hex)
+        doomed = self.tmp / f"drop-{manifest_hex}-{os.getpid()}-{threading.get_ident()}"
+        try:
+            os.rename(final, doomed)
         except FileNotFoundError:
             return
+        if held is not None and os.stat(doomed).st_ino != os.fstat(held).st_ino:
+            try:
+                os.rename(doomed, final)  # a fresh install, not the broken one
+                return
+            except OSError:  # yet another install took the place: this copy is spare
+                pass
         shutil.rmtree(doomed, ignore_errors=True)
 
     # -- refs ------------------------------------------------------------------------------

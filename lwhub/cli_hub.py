@@ -73,7 +73,8 @@ def check_target(name: str | None, version: str | None) -> None:
 
 
 def pushed_text(info) -> str:
-    return f"pushed {info.name}@{info.version}\nmanifest {info.manifest}\nkey id   {info.key_id}"
+    yanked = f"\nyanked   {info.yank_reason or 'yes'} (published before, then yanked: `lwhub yank REF --undo` restores it)" if info.yanked else ""
+    return f"pushed {info.name}@{info.version}\nmanifest {info.manifest}\nkey id   {info.key_id}{yanked}"
 
 
 # -- keys and trust ----------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import codecs
 import hashlib
 import json
 from collections.abc import Iterable
@@ -86,17 +85,16 @@ def sign_envelope(payload: bytes, private_key: K.PrivateKey) -> bytes:
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     doc = dict(pairs)
-    if len(doc) != len(pairs):  # readers disagree on which one counts
+    if len(doc) != len(pairs):  # JSON readers disagree on which one counts (Python's: the last)
         raise MalformedSignatureError(f"{SIGNATURE}: a JSON object names a key twice", path=SIGNATURE)
     return doc
 
 
 def _fields(signature: bytes) -> tuple[str | None, bytes, bytes]:
     """(key hint, payload, DER signature), every field checked."""
-    if signature.startswith(codecs.BOM_UTF8):  # Python's reader skips it; Sigstore's (model_signing's) refuse it
-        raise MalformedSignatureError(f"{SIGNATURE}: starts with a byte order mark", path=SIGNATURE)
-    try:
-        doc = json.loads(signature, object_pairs_hook=_unique_keys)
+    try:  # UTF-8 strictly, no byte order mark: from bytes, Python's json would read UTF-16 and UTF-32 too, which
+        # Sigstore's readers (model_signing's) refuse
+        doc = json.loads(signature.decode("utf-8"), object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise MalformedSignatureError(f"{SIGNATURE}: not JSON ({exc})", path=SIGNATURE) from exc
     doc = _exact(doc, {"mediaType", "verificationMaterial", "dsseEnvelope"}, "the bundle")

@@ -41,6 +41,14 @@ OPERATIONS: list[tuple[str, str, str, bool, type | None, object]] = [
 ]
 
 
+CREATED = {  # the operations that answer 201
+    ("post", "/v1/tokens"): "always",
+    ("post", "/v1/owners/{owner}/keys"): "always",
+    ("put", "/v1/blobs/{digest}"): "when new",
+    ("post", BUNDLE + "/versions/{version}"): "when new",
+}
+
+
 def _schema(kind: object, refs: dict[str, dict]) -> dict:
     if kind is bytes:
         return {"type": "string", "format": "binary"}
@@ -61,7 +69,14 @@ def _operation(method: str, path: str, summary: str, token: bool, body: object, 
     if result is not None:
         media = "application/octet-stream" if result is bytes else "application/json"
         ok["content"] = {media: {"schema": _schema(result, refs)}}
-    op["responses"] = {"200": ok, "default": {"description": "An error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}}
+    error = {"description": "An error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    made = CREATED.get((method, path))
+    if made == "always":
+        op["responses"] = {"201": {**ok, "description": "Created"}, "default": error}
+    elif made == "when new":  # 200 when it was there already (the same blob, the same signed bundle)
+        op["responses"] = {"200": {**ok, "description": "There already"}, "201": {**ok, "description": "Created"}, "default": error}
+    else:
+        op["responses"] = {"200": ok, "default": error}
     return op
 
 

@@ -8,8 +8,7 @@ Protocol (the client has uploaded every blob by digest first):
 Steps, each refusing with a stable code and leaving nothing visible:
 
     1. the token's scopes cover owner/name                    namespace_forbidden
-    2. the version is new, and no published version differs
-       from it only in build metadata (1.0.0, 1.0.0+b1)        version_exists
+    2. the version is new                                     version_exists
        (the same signed bundle again, a push retried after its
        answer was lost, answers 200 with the existing record)
     3. the owner has registered publisher keys                no_publisher_key
@@ -22,8 +21,10 @@ Steps, each refusing with a stable code and leaving nothing visible:
        sha256 was checked as it was uploaded)                 blob_mismatch
        the signature verifies with one of the owner's keys
        and covers exactly these files                         signature_invalid
-    7. one INSERT of the version and its blob references; the PRIMARY KEY makes
-       exactly one of racing publishes win                    version_exists
+    7. one transaction: no published version may differ from this one only in build
+       metadata (1.0.0, 1.0.0+b1), then the INSERT of the version and its blob
+       references; the PRIMARY KEY makes exactly one of racing publishes win
+                                                              version_exists
 
 Blobs are immutable and content-addressed, so nothing can change between the checks
 and the commit. A crash anywhere before step 7 leaves at most a staging directory in
@@ -45,7 +46,7 @@ from lwformat.bundle.verify import verify_files
 from lwformat.errors import BundleLimitError, IntegrityError, LWFormatError, SignatureError
 
 from ..errors import BadRequestError, ConflictError, NotFoundError, PublishRejectedError, TooLargeError
-from ..protocol import MAX_PAGE, PublishRequest, VersionInfo, digest_hex
+from ..protocol import PublishRequest, VersionInfo, digest_hex
 from ..semver import is_valid
 from .auth import Principal, authorize
 from .blobs import BlobStore
@@ -133,9 +134,6 @@ def publish(store: Store, blobs: BlobStore, principal: Principal, owner: str, na
         if (existing.manifest, existing.signature) == (f"sha256:{manifest_hex}", f"sha256:{signature_hex}"):
             return existing, False  # a push retried after its answer was lost: it is published
         raise ConflictError(f"{full}@{version} exists already; versions are immutable, publish a new version", code="version_exists")
-    if (twin := _same_precedence(store, owner, name, version)) is not None:
-        raise ConflictError(f"{full}@{twin} exists, and {version} differs from it only in build metadata, which version "
-                            "order ignores: publish a new version", code="version_exists")  # fmt: skip
     keys = [loads_public_key(k.pem.encode()) for k in store.keys(owner)]
     if not keys:
         raise _reject("no_publisher_key", f"owner {owner!r} has no publisher key: register one first (`lwhub keygen`)", owner=owner)
@@ -163,13 +161,3 @@ def publish(store: Store, blobs: BlobStore, principal: Principal, owner: str, na
         return won, False
     return info, True
 
-
-def _same_precedence(store: Store, owner: str, name: str, version: str) -> str | None:
-    """A published version equal to `version` but for build metadata (1.0.0 and 1.0.0+b1), if any."""
-    core, after = version.partition("+")[0], None
-    while rows := store.versions(owner, name, after=after, limit=MAX_PAGE):
-        for _, info in rows:
-            if info.version != version and info.version.partition("+")[0] == core:  # itself: a racing publish
-                return info.version
-        after = rows[-1][0]
-    return None

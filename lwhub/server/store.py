@@ -5,7 +5,9 @@ standard library's sqlite3 (WAL, synchronous=FULL, one connection per thread), i
 plain SQL that PostgreSQL also speaks, so a `PostgresStore` can replace it.
 
 Versions are immutable: ``PRIMARY KEY (owner, name, version)`` makes exactly one of
-several concurrent publishes of a version win; the others get `version_exists`. A
+several concurrent publishes of a version win; the others get `version_exists` (the
+publish answers those of the very same bundle with the winner's record), as does a
+version differing from a published one only in build metadata. A
 version and the blobs it references are written in one transaction: it is visible
 whole or not at all. ``ord`` is the semver precedence key (`lwhub.semver.sort_key`)
 followed by the version string, so listings sort and paginate in SQL.
@@ -152,8 +154,19 @@ class SQLiteStore:
         owner, _, name = info.name.partition("/")
         ord_ = sort_key(info.version) + "\x02" + info.version
         tags = json.dumps(info.tags)
+        core = info.version.partition("+")[0]
         try:
-            with self._tx() as db:
+            with self._tx() as db:  # BEGIN IMMEDIATE: the look for a twin and the insert are one step
+                twin = db.execute(
+                    "SELECT version FROM versions WHERE owner = ? AND name = ? AND version != ? AND (version = ? OR version LIKE ?)",
+                    (owner, name, info.version, core, core + "+%"),  # semver has no '%' or '_' to escape
+                ).fetchone()  # fmt: skip
+                if twin is not None:
+                    raise ConflictError(
+                        f"{info.name}@{twin[0]} exists, and {info.version} differs from it only in build metadata, which "
+                        "version order ignores: publish a new version", code="version_exists",
+                        detail={"name": info.name, "version": info.version},
+                    )  # fmt: skip
                 db.execute(
                     "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, '')",
                     (owner, name, info.version, ord_, is_prerelease(info.version), info.manifest, info.signature,

@@ -29,3 +29,21 @@ def test_installing_a_bundle_that_another_process_installed_first(tmp_path):
     assert list(cache.tmp.iterdir()) == []
     cache.drop_bundle("cd" * 32)
     assert not first.exists() and list(cache.tmp.iterdir()) == []
+
+
+def test_a_drop_takes_only_the_directory_found_broken(tmp_path):
+    """Another process sharing the cache may drop and install the bundle again between a look and a drop."""
+    cache = Cache(tmp_path)
+    folder = cache.install_bundle("ab" * 32, {"manifest.json": b"first"})
+    held = cache.open_bundle_dir("ab" * 32)  # found broken, say
+    try:
+        cache.drop_bundle("ab" * 32)  # another process dropped it...
+        cache.install_bundle("ab" * 32, {"manifest.json": b"again"})  # ...and installed it again
+        cache.drop_bundle("ab" * 32, held=held)  # the late drop leaves the new one
+    finally:
+        os.close(held)
+    assert (folder / "manifest.json").read_bytes() == b"again"
+    held = cache.open_bundle_dir("ab" * 32)
+    cache.drop_bundle("ab" * 32, held=held)
+    os.close(held)
+    assert not folder.exists() and not list(cache.tmp.iterdir()) and cache.open_bundle_dir("ab" * 32) is None

@@ -189,13 +189,15 @@ def test_unsupported_hash_type_is_malformed(signed, pair):
         signing.verify_signature(signed, pair[1])
 
 
-@pytest.mark.parametrize("variant", ["nested", "bom", "twice"])
-def test_signature_files_other_readers_would_refuse_are_malformed(signed, pair, variant):
-    """Deep nesting crashed the parser (RecursionError); a BOM or a repeated key read here but not in model_signing."""
+@pytest.mark.parametrize("variant", ["nested", "bom", "utf16", "twice"])
+def test_signature_files_that_are_not_plain_unambiguous_json_are_malformed(signed, pair, variant):
+    """Deep nesting crashed the parser (RecursionError); a BOM or UTF-16 read here but not in model_signing; a key
+    named twice means what each reader makes of it."""
     good = (signed / "bundle.sig").read_bytes()
     changed = {
         "nested": b"[" * 100_000 + b"]" * 100_000,
         "bom": b"\xef\xbb\xbf" + good,
+        "utf16": good.decode().encode("utf-16"),
         "twice": good.replace(b'{"mediaType"', b'{"mediaType": "x", "mediaType"', 1),
     }[variant]
     assert changed != good

@@ -210,6 +210,8 @@ def test_the_openapi_document_lists_every_route(hub):
         for method in route.methods - {"HEAD"}:
             assert method.lower() in doc["paths"][route.path], f"{method} {route.path} is not documented"
     assert set(doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"]) == set(ERROR_CODES)
+    publish = doc["paths"]["/v1/bundles/{owner}/{name}/versions/{version}"]["post"]["responses"]
+    assert {"200", "201"} <= set(publish) and "201" in doc["paths"]["/v1/tokens"]["post"]["responses"]
 
 
 def test_names_digests_and_numbers_are_matched_whole(hub, published):
