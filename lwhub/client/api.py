@@ -19,7 +19,7 @@ import msgspec
 from lwformat.bundle.keys import PublicKey, loads_public_key, public_pem
 
 from ..cache import Cache
-from ..errors import NotCachedError, RefError, TooLargeError
+from ..errors import NotCachedError, RefError, TooLargeError, UsageError
 from ..protocol import API, BlobInfo, BundleInfo, KeyInfo, NewToken, Page, TagRequest, TokenRequest, VersionInfo, Whoami, YankRequest
 from ..semver import is_valid
 from ..trust import TrustStore
@@ -50,6 +50,8 @@ class Client:
         if url is None and not offline:
             raise ValueError("a registry URL is needed (or offline=True to use only the cache)")
         self.url = (url or "").rstrip("/")
+        if self.url and not self.url.startswith(("http://", "https://")):  # httpx would only say "unreachable"
+            raise UsageError(f"{url!r} is not an http:// or https:// URL", path=url)
         self.token = token
         self.offline = offline
         self.streams = max(1, streams if streams is not None else min(4, os.cpu_count() or 1))
