@@ -72,7 +72,9 @@ def _same_layout_swap(world: World, applied: Applied, bundle: Any) -> bool:
     ``swap(strict=True)``). Returns False, having changed nothing, when it does not apply.
     """
     old = applied.bundle.manifest
-    if not (applied.packed and isinstance(bundle, Bundle)) or bundle.manifest.base.blocks != old.base.blocks or _layout(bundle) != _layout(applied.bundle):
+    if not (applied.packed and isinstance(bundle, Bundle)):  # a Blend holds no file runs to copy
+        return False
+    if bundle.manifest.base.blocks != old.base.blocks or _layout(bundle) != _layout(applied.bundle):
         return False
     if not applied.bound:  # kept for later swaps: their bindings are equal
         canonical = world.block_paths()
@@ -92,7 +94,7 @@ _INDICES_CHECKED: weakref.WeakSet = weakref.WeakSet()  # bundles whose channel i
 
 
 def _indexed(slots: list[ResolvedSlot]) -> tuple[ResolvedSlot, ...]:
-    return tuple(rs for rs in slots if rs.entry.kind == "neuron")
+    return tuple(rs for rs in slots if rs.entry.kind == NeuronDelta.kind)
 
 
 def _check_indices(slots: tuple[ResolvedSlot, ...], tensors_of) -> None:
