@@ -5,7 +5,8 @@
     ├── MissingPathError (FileNotFoundError)  a path given on the command line that does not exist
     ├── RegistryError                         the registry refused a request; `.code` is stable
     │   ├── BadRequestError (ValueError)        400  invalid_request, invalid_name, invalid_version,
-    │   │                                            invalid_digest, invalid_key, digest_mismatch
+    │   │   │                                        invalid_digest, invalid_key, digest_mismatch
+    │   │   └── MethodNotAllowedError           405  method_not_allowed (the answer's Allow lists the methods)
     │   ├── AuthError (PermissionError)         401  token_missing, token_invalid, token_expired
     │   │   └── ForbiddenError                  403  namespace_forbidden
     │   ├── NotFoundError (LookupError)         404  not_found, bundle_not_found, version_not_found,
@@ -84,6 +85,13 @@ class BadRequestError(RegistryError, ValueError):
     codes = ("invalid_request", "invalid_name", "invalid_version", "invalid_digest", "invalid_key", "digest_mismatch")
 
 
+class MethodNotAllowedError(BadRequestError):
+    """A method the route does not take; ``detail["allow"]`` lists the ones it does."""
+
+    status = 405
+    codes = ("method_not_allowed",)
+
+
 class AuthError(RegistryError, PermissionError):
     """No token, an unknown token, or an expired one: log in again (`lwhub login`)."""
 
@@ -144,8 +152,8 @@ class ServerError(RegistryError):
 
 ERROR_CODES: dict[str, type[RegistryError]] = {
     code: cls
-    for cls in (BadRequestError, AuthError, ForbiddenError, NotFoundError, ConflictError, PublishRejectedError,
-                TooLargeError, RangeError, StorageError, ServerError)
+    for cls in (BadRequestError, MethodNotAllowedError, AuthError, ForbiddenError, NotFoundError, ConflictError,
+                PublishRejectedError, TooLargeError, RangeError, StorageError, ServerError)
     for code in cls.codes
 }  # fmt: skip
 

@@ -19,7 +19,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, Response
 from starlette.types import Send
 
-from ..errors import BadRequestError, NotFoundError, RangeError, RegistryError, ServerError, TooLargeError
+from ..errors import BadRequestError, MethodNotAllowedError, NotFoundError, RangeError, RegistryError, ServerError, TooLargeError
 from ..protocol import MAX_PAGE
 
 SPEC = re.compile(r"([0-9]{0,19})-([0-9]{0,19})")  # one byte range of a Range header: first-last, first- or -suffix
@@ -35,6 +35,8 @@ def error_answer(exc: RegistryError) -> Response:
     response = Response(msgspec.json.encode(body), status_code=exc.status, media_type="application/json", headers=headers)
     if exc.code == "range_not_satisfiable":
         response.headers["content-range"] = f"bytes */{exc.detail['size']}"
+    elif exc.code == "method_not_allowed":
+        response.headers["allow"] = exc.detail["allow"]
     return response
 
 
@@ -137,8 +139,11 @@ async def registry_error(request: Request, exc: RegistryError) -> Response:
 
 
 async def http_error(request: Request, exc: HTTPException) -> Response:
-    code = {404: "not_found", 405: "invalid_request"}.get(exc.status_code, "invalid_request")
-    error = (NotFoundError if exc.status_code == 404 else BadRequestError)(f"{request.method} {request.url.path}: {exc.detail}", code=code)
+    where = f"{request.method} {request.url.path}: {exc.detail}"
+    if exc.status_code == 405:
+        allow = (exc.headers or {}).get("Allow", "")
+        return error_answer(MethodNotAllowedError(f"{where} (this route takes {allow})", detail={"allow": allow}))
+    error = NotFoundError(where, code="not_found") if exc.status_code == 404 else BadRequestError(where, code="invalid_request")
     return error_answer(error)
 
 

@@ -286,3 +286,9 @@ def test_every_range_answer_is_json_or_the_bytes(hub, published, header, status)
     assert r.status_code == status, r.text[:200]
     if status >= 400:
         assert r.json()["error"]["code"] == ("range_not_satisfiable" if status == 416 else "invalid_request")
+
+
+def test_a_method_a_route_does_not_take_is_405_with_allow(hub):
+    r = httpx.request("DELETE", f"{hub.url}/v1/tokens")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    assert "POST" in r.headers["allow"] and r.headers["allow"] == r.json()["error"]["detail"]["allow"]
