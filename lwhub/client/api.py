@@ -150,7 +150,7 @@ class Client:
     def register_key(self, owner: str, key: PublicKey | bytes | str | os.PathLike) -> KeyInfo:
         """Register a publisher public key (key object, PEM bytes or PEM path) for `owner`."""
         if isinstance(key, (str, os.PathLike)):
-            key = Path(key).read_bytes()
+            key = loads_public_key(Path(key).read_bytes(), path=str(key))  # errors name the file
         pem = public_pem(key if isinstance(key, PublicKey) else loads_public_key(key))
         return self.post(f"{API}/owners/{owner}/keys", {"pem": pem.decode()}, KeyInfo)
 

@@ -223,6 +223,8 @@ class Registry:
         if tag == "latest":  # set by hand, it would outlive the yank of its version and every later release
             raise BadRequestError("the tag 'latest' is the highest release not yanked; it cannot be set", code="invalid_name")
         if self.store.version(owner, name, body.version) is None:
+            if self.store.bundle(owner, name) is None:
+                raise NotFoundError(f"no bundle {owner}/{name}", code="bundle_not_found")
             raise NotFoundError(f"{owner}/{name} has no version {body.version}", code="version_not_found")
         self.store.set_tag(owner, name, tag, body.version)
         return json_answer({"tag": tag, "version": body.version})

@@ -225,6 +225,8 @@ class SQLiteStore:
                        (yanked, reason if yanked else "", owner, name, version))  # fmt: skip
         found = self.version(owner, name, version)
         if found is None:
+            if self.bundle(owner, name) is None:
+                raise NotFoundError(f"no bundle {owner}/{name}", code="bundle_not_found")
             raise NotFoundError(f"{owner}/{name} has no version {version}", code="version_not_found")
         return found
 

@@ -292,3 +292,12 @@ def test_a_method_a_route_does_not_take_is_405_with_allow(hub):
     r = httpx.request("DELETE", f"{hub.url}/v1/tokens")
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
     assert "POST" in r.headers["allow"] and r.headers["allow"] == r.json()["error"]["detail"]["allow"]
+
+
+def test_yank_and_tag_of_a_bundle_that_is_not_there_say_so(hub, tmp_path):
+    client = hub.client(tmp_path / "c")
+    for act in (lambda: client.yank("alice/never@1.0.0"), lambda: client.set_tag("alice/never", "stable", "1.0.0")):
+        with pytest.raises(NotFoundError) as caught:
+            act()
+        assert caught.value.code == "bundle_not_found"
+
