@@ -73,6 +73,9 @@ class Bundle:
             return cls._open_dir(source, source)
         if not source.is_file():
             raise BundleNotFoundError(f"{source}: no bundle directory or archive here", path=str(source))
+        if source.suffix == ".safetensors":  # a weights file alone: the manifest that binds it is missing
+            raise BundleFormatError(f"{source}: a safetensors file, not a bundle (a directory or .lwb archive); "
+                                    "lwformat.interop.import_kohya reads kohya LoRA files", path=str(source))  # fmt: skip
         from .archive import unpack
 
         tmp = Path(tempfile.mkdtemp(prefix="lwbundle-", dir=tmp_dir))
@@ -89,7 +92,8 @@ class Bundle:
     def _open_dir(cls, root: Path, source: Path, tmp: Path | None = None) -> Bundle:
         present = list_members(root)
         if MANIFEST not in present:
-            raise BundleFormatError(f"{root}: no {MANIFEST}", path=MANIFEST)
+            peft = " (a PEFT adapter directory: lwformat.interop.import_peft reads it)" if "adapter_config.json" in present else ""
+            raise BundleFormatError(f"{root}: no {MANIFEST}{peft}", path=MANIFEST)
         data = read_member(root, MANIFEST, limits.MAX_MANIFEST_BYTES, "MAX_MANIFEST_BYTES")
         manifest = loads(data)
         listed = {f.path: f for f in manifest.files}

@@ -146,3 +146,15 @@ def test_names_versions_and_archive_paths_are_explained(tmp_path):
         write_bundle(world, tmp_path / "c.lwb", name="author/x", version="1.0.0")
     assert list(tmp_path.iterdir()) == []
 
+
+
+def test_opening_a_peft_directory_or_a_safetensors_file_points_to_the_importers(tmp_path):
+    from lwformat.bundle.read import Bundle
+
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "adapter_config.json").write_text("{}")
+    (tmp_path / "lora.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(BundleFormatError, match="import_peft"):
+        Bundle.open(tmp_path / "peft")
+    with pytest.raises(BundleFormatError, match="import_kohya"):
+        Bundle.open(tmp_path / "lora.safetensors")
