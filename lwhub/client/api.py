@@ -52,6 +52,8 @@ class Client:
         self.url = (url or "").rstrip("/")
         if self.url and not self.url.startswith(("http://", "https://")):  # httpx would only say "unreachable"
             raise UsageError(f"{url!r} is not an http:// or https:// URL", path=url)
+        if self.url.endswith(API):  # every request adds it: /v1/v1/... would answer 404s
+            raise UsageError(f"{url!r}: give the registry's root URL, without {API}", path=url)
         self.token = token
         self.offline = offline
         self.streams = max(1, streams if streams is not None else min(4, os.cpu_count() or 1))

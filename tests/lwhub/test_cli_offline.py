@@ -174,9 +174,9 @@ def test_ordinary_mistakes_are_usage_errors_not_internal_ones(tmp_path, capsys, 
     monkeypatch.setenv("LWHUB_CACHE", str(tmp_path / "cache"))
     code, _, err = run(capsys, "pull", "alice/b", "--url", "http://[::1")
     assert code == 2 and "not a URL" in err
-    for url in ("localhost:8700", "ftp://x"):
+    for url in ("localhost:8700", "ftp://x", "http://127.0.0.1:8700/v1"):
         code, _, err = run(capsys, "pull", "alice/b", "--url", url)
-        assert code == 2 and "http://" in err, url
+        assert code == 2 and ("http://" in err or "root URL" in err), url
     for argv in (("search", "--limit", "-1"), ("info", "alice/b", "--limit", "0")):
         with pytest.raises(SystemExit) as info:
             cli.main(list(argv))
