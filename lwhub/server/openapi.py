@@ -12,8 +12,9 @@ import re
 import msgspec
 
 from ..errors import ERROR_CODES
+from ..semver import PATTERN as SEMVER
 from ..protocol import (
-    BlobInfo, BundleInfo, KeyInfo, NewToken, Page, PublishRequest, SignedVersion, TagRequest, TokenRequest, VersionInfo, Whoami,
+    DIGEST, OWNER, TAG, BlobInfo, BundleInfo, KeyInfo, NewToken, Page, PublishRequest, SignedVersion, TagRequest, TokenRequest, VersionInfo, Whoami,
     YankRequest,
 )
 
@@ -41,6 +42,16 @@ OPERATIONS: list[tuple[str, str, str, bool, type | None, object]] = [
 ]
 
 
+def _bare(pattern: re.Pattern) -> str:
+    return pattern.pattern.removeprefix("^").removesuffix("\\Z")  # JSON Schema patterns are ECMA: no \Z
+
+
+# The server's own patterns for path parameters, so a client knows what passes before asking.
+PATTERNS = {
+    "owner": f"^{_bare(OWNER)}$", "name": f"^{_bare(OWNER)}$", "digest": f"^{_bare(DIGEST)}$", "tag": f"^{_bare(TAG)}$",
+    "version": f"^{_bare(SEMVER)}$", "ref": f"^(?:{_bare(SEMVER)}|{_bare(TAG)})$",
+}  # fmt: skip
+
 CREATED = {  # the operations that answer 201
     ("post", "/v1/tokens"): "always",
     ("post", "/v1/owners/{owner}/keys"): "always",
@@ -59,7 +70,8 @@ def _schema(kind: object, refs: dict[str, dict]) -> dict:
 
 def _operation(method: str, path: str, summary: str, token: bool, body: object, result: object, refs: dict) -> dict:
     op: dict = {"summary": summary, "operationId": f"{method}_{re.sub(r'[^a-z]+', '_', path.lower()).strip('_')}"}
-    op["parameters"] = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in re.findall(r"{(\w+)}", path)]
+    op["parameters"] = [{"name": p, "in": "path", "required": True, "schema": {"type": "string", "pattern": PATTERNS[p]}}
+                        for p in re.findall(r"{(\w+)}", path)]  # fmt: skip
     if token:
         op["security"] = [{"bearer": []}]
     if body is not None:

@@ -211,6 +211,11 @@ def test_the_openapi_document_lists_every_route(hub):
             assert method.lower() in doc["paths"][route.path], f"{method} {route.path} is not documented"
     assert set(doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"]) == set(ERROR_CODES)
     publish = doc["paths"]["/v1/bundles/{owner}/{name}/versions/{version}"]["post"]["responses"]
+    import re
+
+    patterns = {p["name"]: p["schema"]["pattern"] for p in doc["paths"]["/v1/bundles/{owner}/{name}/resolve/{ref}"]["get"]["parameters"]}
+    assert all(re.fullmatch(patterns["ref"], r) for r in ("1.2.3", "1.0.0-rc.1+b2", "latest", "stable"))
+    assert not any(re.fullmatch(patterns["ref"], r) for r in ("01.0.0", "Latest", "1.0")) and not re.fullmatch(patterns["owner"], "Alice")
     assert {"200", "201"} <= set(publish) and "201" in doc["paths"]["/v1/tokens"]["post"]["responses"]
 
 
