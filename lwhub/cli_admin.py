@@ -126,6 +126,8 @@ def _describe(account: str, scopes: list[str], expires: float | None, url: str) 
       URL, arg("--token", help="the token (default: LWHUB_TOKEN, else asked for on a terminal)"))  # fmt: skip
 def login(args: argparse.Namespace) -> int:
     token = args.token or _ask_token()
+    if not token.startswith("lwh_"):  # the registry would speak of Authorization headers
+        raise UsageError("a token starts with lwh_ (`lwhub account create` or `lwhub token create` prints one)")
     with hub_client(args, token=token) as client:
         who = client.whoami()  # a refused token raises here, and nothing is saved
         url = client.url

@@ -181,6 +181,8 @@ def test_ordinary_mistakes_are_usage_errors_not_internal_ones(tmp_path, capsys, 
         with pytest.raises(SystemExit) as info:
             cli.main(list(argv))
         assert info.value.code == 2
+    code, _, err = run(capsys, "login", "--url", "http://127.0.0.1:9", "--token", "nope")
+    assert code == 2 and "starts with lwh_" in err
     config = tmp_path / "home" / "config.json"  # $LWHUB_HOME/config.json
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text('{"token": 5, "url": 7}')
