@@ -30,7 +30,7 @@ def build_world(spec: WorldSpec, *, device: torch.device | str | None = None) ->
                 for n, node in graph.nodes.items():
                     path = "/".join((check_name(s, "stage"), check_name(p, "pipeline"), check_name(g, "graph"), check_name(n, "node")))
                     nodes[n] = built[path] = _node(node, path, built, device)
-                graphs[g] = Graph(nodes, graph.flow)
+                graphs[g] = Graph(nodes, graph.flow, where=f"{s}/{p}/{g}")
             pipelines[p] = Pipeline(graphs)
         stages[s] = Stage(pipelines)
     return World(stages, cycle=spec.cycle or None, name=spec.name, spec=spec)

@@ -56,7 +56,7 @@ class Block(nn.Module):
 class Graph(nn.Module):
     """Nodes (each holding one block) and the flow that runs them."""
 
-    def __init__(self, nodes: Mapping[str, Block], flow: str = "sequential") -> None:
+    def __init__(self, nodes: Mapping[str, Block], flow: str = "sequential", *, where: str | None = None) -> None:
         super().__init__()
         for name, block in nodes.items():
             check_name(name, "node")
@@ -64,7 +64,7 @@ class Graph(nn.Module):
                 raise WorldConfigError(f"node {name!r} holds {type(block).__name__}, not a Block", path=name)
         self.nodes = nn.ModuleDict(nodes)
         self.flow = flow
-        registry.flow(flow, where=f"flow of graph with nodes {list(nodes)}")
+        registry.flow(flow, where=where or f"flow of graph with nodes {list(nodes)}")  # where: the graph's path
 
     def forward(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return registry.flow(self.flow)(self, state)
@@ -177,7 +177,7 @@ class World(nn.Module):
         flows = flows or {}
         stages = {
             s: Stage({
-                p: Pipeline({g: Graph(nodes, flows.get(f"{s}/{p}/{g}", "sequential")) for g, nodes in graphs.items()})
+                p: Pipeline({g: Graph(nodes, flows.get(f"{s}/{p}/{g}", "sequential"), where=f"{s}/{p}/{g}") for g, nodes in graphs.items()})
                 for p, graphs in pipelines.items()
             })
             for s, pipelines in tree.items()

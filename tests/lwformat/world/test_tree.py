@@ -63,3 +63,9 @@ def test_any_module_can_be_a_block():
     world = World.from_blocks({"s/p/g/n": block})
     tokens = torch.randint(0, 16, (2, 3))
     assert torch.equal(world.block("s/p/g/n")(tokens), block.module(tokens))
+
+
+def test_an_unknown_flow_names_its_graph():
+    with pytest.raises(WorldConfigError) as caught:
+        World.from_blocks({"s/p/g/a": Block(nn.Linear(2, 2), "x")}, flows={"s/p/g": "sequentail"})
+    assert caught.value.path == "s/p/g" and "sequential" in str(caught.value)
