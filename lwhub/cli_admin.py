@@ -38,6 +38,12 @@ def _expires(ttl: float | None) -> float | None:
     return None if ttl is None else time.time() + ttl
 
 
+def _data_dir(path: str) -> str:
+    if Path(path).exists() and not Path(path).is_dir():
+        raise UsageError(f"--data {path}: a file; --data names the hub's data directory", path=path)
+    return path
+
+
 def _when(expires: float | None) -> str:
     if expires is None:
         return "never"
@@ -65,6 +71,7 @@ def serve(args: argparse.Namespace) -> int:
     from .server.run import ensure_port_free
 
     ensure_port_free(args.host, args.port)  # before saying it serves
+    _data_dir(args.data)
     print(f"lwhub: serving {args.data} at http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr, flush=True)
     run_server(args.data, host=args.host, port=args.port, workers=args.workers)
     return 0
@@ -76,7 +83,7 @@ def account_create(args: argparse.Namespace) -> int:
     from .server import create_account
 
     expires = _expires(args.ttl)
-    new = not (Path(args.data) / "registry.sqlite3").exists()  # bootstrapping a hub, or a typo in --data
+    new = not (Path(_data_dir(args.data)) / "registry.sqlite3").exists()  # bootstrapping a hub, or a typo in --data
     token = create_account(args.data, args.owner, expires=expires)
     made = f"no registry was at {args.data}: a new one is made there, holding only this account\n" if new else ""
     note = f"{made}account {args.owner} made; its token, shown once (expires: {_when(expires)}):"

@@ -165,6 +165,9 @@ def test_a_token_lifetime_is_checked_before_anything_is_written(tmp_path, capsys
         code, out, err = run(capsys, "account", "create", "dave", "--data", tmp_path / "hub", "--ttl", ttl)
         assert code == 2 and "--ttl" in err and out == "", ttl
     assert not (tmp_path / "hub").exists()
+    (tmp_path / "file").write_text("not a hub")
+    code, _, err = run(capsys, "account", "create", "dave", "--data", tmp_path / "file")
+    assert code == 2 and "a file; --data names the hub's data directory" in err
     code, out, _ = run(capsys, "account", "create", "dave", "--data", tmp_path / "hub", "--ttl", "3600")
     assert code == 0 and out.strip().startswith("lwh_")
 
