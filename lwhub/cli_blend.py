@@ -76,6 +76,8 @@ def blend(args: argparse.Namespace) -> int:
     parents = ", ".join(f"{p.name}@{p.version} x {p.weight:g}" for p in manifest.parents)
     lines = [f"blended {m.name}@{m.version} from {parents} ({result.report.method}{f', rank {args.rank}' if args.rank else ''})",
              f"reconstruction error {result.report.relative_error:.3e} (relative, Frobenius, over all slots)",
+             *(["  lossy: --method linear blends exactly (its rank is the parents' ranks summed)"]
+               if result.report.method != "linear" and result.report.relative_error > 0.01 else []),
              *([f"saved to {out}" + ("" if key else " (unsigned)")] if args.out or args.no_push else []),
              *([pushed_text(info)] if info else [])]  # fmt: skip
     data = {

@@ -252,7 +252,8 @@ def test_blend_pulls_blends_signs_and_pushes_with_parents(hub, carol, capsys, tm
         error = torch.linalg.norm(_delta(blended) - exact) / torch.linalg.norm(exact)
         assert blended.manifest.slots[0].rank == 4 and 0 < error.item() < 1
         assert made["relative_error"] == pytest.approx(error.item(), rel=1e-4)
-    assert f"{made['relative_error']:.3e}" in run(capsys, *argv, "--version", "0.2.0", "--key", carol / "carol.pem")[1]
+    text = run(capsys, *argv, "--version", "0.2.0", "--key", carol / "carol.pem")[1]
+    assert f"{made['relative_error']:.3e}" in text and "lossy: --method linear blends exactly" in text
     code, made = run_json(capsys, "blend", "cli-carol/sky:0.5", "cli-carol/sea:0.5", "--method", "linear", "--as",
                           "cli-carol/even", "--no-push", "--out", tmp_path / "even")  # fmt: skip
     assert code == 0 and made["pushed"] is None and made["relative_error"] == 0.0
