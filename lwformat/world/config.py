@@ -55,8 +55,10 @@ def decode(data: bytes | str, *, suffix: str = ".json") -> WorldSpec:
 
 
 def encode(spec: WorldSpec) -> bytes:
-    """Canonical JSON bytes of a config: sorted keys, no whitespace."""
-    return msgspec.json.encode(spec, order="sorted")
+    """JSON bytes of a config, no whitespace, its stages, pipelines, graphs and nodes in the
+    world's own order: that order is what runs (and a ``ref`` names a node built before it),
+    so sorting them would load another world. The same spec always gives the same bytes."""
+    return msgspec.json.encode(spec)
 
 
 def read(path: str | Path) -> WorldSpec:

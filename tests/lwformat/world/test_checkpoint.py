@@ -72,3 +72,30 @@ def test_save_replaces_an_existing_checkpoint_whole(tmp_path):
     second.save(tmp_path / "base")
     assert World.load(tmp_path / "base").root_digest() == second.root_digest()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "world.json"]
+
+
+def test_a_saved_world_loads_in_its_own_order(tmp_path):
+    """Stages, pipelines, graphs and nodes run in order, and a ref names a node built before it: sorting them
+    made worlds that could not load, loaded ones that computed otherwise, and bundles that listed their slots
+    in another order (no swap between a bundle made on the built world and one made on the loaded one)."""
+    import msgspec
+
+    from lwformat import LightConfig
+    from lwformat.world.config import GraphSpec, NodeSpec, PipelineSpec, StageSpec
+    from lwformat.zoo import reference_spec
+
+    spec = reference_spec("tiny")
+    stages = dict(spec.stages)  # the architect (sorting first) shares the philosopher's conditioner
+    stages["architect"] = StageSpec(pipelines={"layout": PipelineSpec(graphs={"scene": GraphSpec(
+        nodes={"conditioner": NodeSpec(ref="philosopher/reflect/ideas/conditioner")}, flow="layout")})})  # fmt: skip
+    torch.manual_seed(0)
+    world = World.from_spec(msgspec.structs.replace(spec, stages=stages))
+    world.save(tmp_path / "base")
+    loaded = World.load(tmp_path / "base")
+    assert [path for path, _ in loaded.walk()] == [path for path, _ in world.walk()]
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = world({"tokens": x}), loaded({"tokens": x})
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    config = LightConfig(kind="lora", rank=2, block_types=["llm", "conditioner"])
+    assert [s.slot for s in world.plan(config).slots] == [s.slot for s in loaded.plan(config).slots]
