@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..adapters.plan import iter_hosts
-from ..errors import FusedError, NotAppliedError, TargetError
+from ..errors import FusedError, NotAppliedError, RuntimeStateError, TargetError
 
 if TYPE_CHECKING:
     from ..world.tree import World
@@ -29,6 +29,9 @@ def routed(world: World, bundles: list[str | None]) -> Iterator[None]:
     """
     if world.fused_state is not None:
         raise FusedError("a mixed batch needs unfused adapters; call unfuse() first")
+    if world.customization is not None:  # its adapters are no applied bundle: samples could not pick them
+        raise RuntimeStateError("a mixed batch picks among applied bundles, and this world carries a customization "
+                                "(training adapters): write it as a bundle (write_bundle) and apply that")  # fmt: skip
     _check_picks(bundles)
     for name in bundles:
         if name is not None and name not in world.applied:

@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError, WorldConfigError
+from ..errors import CheckpointError, FusedError, WorldConfigError
 from . import config as cfg
 from .digest import base_tensors, seed_cache, verify_world, world_digests
 
@@ -81,6 +81,8 @@ def weights_of(world: World) -> dict[str, torch.Tensor]:
 
 
 def save_world(world: World, path: str | os.PathLike) -> None:
+    if world.fused_state is not None:  # its weights hold the adapters' deltas: not the base
+        raise FusedError("cannot save a fused world as a base; call unfuse() first")
     target = Path(path)
     spec = spec_of(world)
     digests = world_digests(world)
@@ -114,7 +116,8 @@ def load_world(path: str | os.PathLike, *, device=None, verify: bool = False) ->
     for name in (CONFIG, WEIGHTS):
         if not (root / name).is_file():
             raise CheckpointError(f"{root}: missing {name}; not a saved world", path=str(root / name))
-    world = World.from_spec(cfg.read(root / CONFIG))
+    with torch.random.fork_rng(devices=[]):  # the layers' initial values are overwritten: leave the caller's generator alone
+        world = World.from_spec(cfg.read(root / CONFIG))
     try:
         stored = load_file(str(root / WEIGHTS))
     except SafetensorError as exc:

@@ -82,3 +82,13 @@ def test_bad_requests(world, bundles):
         world.run({"tokens": tokens()}, ["author/noir", "author/ghost", None])
     with pytest.raises(TargetError, match="batch size 3"):
         world.run({"tokens": tokens()}, ["author/noir", None])
+
+
+def test_a_mixed_batch_on_a_customized_world_says_what_to_do(world, bundles):
+    from lwformat import LightConfig
+    from lwformat.errors import RuntimeStateError
+
+    world.customize(LightConfig(kind="lora", rank=2, blocks=["creator/**"]))
+    world.apply(bundles["noir"])
+    with pytest.raises(RuntimeStateError, match="write_bundle"):
+        world.run({"tokens": tokens(batch=2)}, ["author/noir", None])

@@ -99,3 +99,23 @@ def test_a_saved_world_loads_in_its_own_order(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     config = LightConfig(kind="lora", rank=2, block_types=["llm", "conditioner"])
     assert [s.slot for s in world.plan(config).slots] == [s.slot for s in loaded.plan(config).slots]
+
+
+def test_a_fused_world_is_not_saved_as_a_base_and_loading_leaves_the_generator_alone(tmp_path):
+    from lwformat.errors import FusedError
+    from lwformat.zoo import reference_world
+    from tests.lwformat.runtime.conftest import make_bundle
+
+    world = reference_world("tiny", seed=0)
+    world.apply(make_bundle(tmp_path, 1))
+    world.fuse()
+    with pytest.raises(FusedError):
+        world.save(tmp_path / "fused")
+    assert not (tmp_path / "fused").exists()
+    world.unfuse()
+    world.save(tmp_path / "base")
+    torch.manual_seed(5)
+    World.load(tmp_path / "base")
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(torch.rand(3), after)
