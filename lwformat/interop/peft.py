@@ -103,14 +103,17 @@ def read_config(peft_dir: Path) -> dict:
 
 
 def _read_slots(
-    world: World, block_path: str, slots: dict, config: dict, tensors: dict, kind: str
+    world: World, block_path: str, slots: dict, config: dict, tensors: dict, kind: str, root: str = ""
 ) -> dict[str, ForeignSlot]:
     grouped: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    peft_names: dict[str, str] = {}  # our module path -> PEFT's, which its rank and alpha patterns name
     for key, value in tensors.items():
         suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
         if not key.startswith(PREFIX) or suffix is None:
             raise InteropError(f"{key}: not a PEFT LoRA/DoRA tensor key", path=key)
-        module = key[len(PREFIX) : -len(suffix)]
+        peft_name = key[len(PREFIX) : -len(suffix)]
+        module = f"{root}.{peft_name}" if root else peft_name
+        peft_names[module] = peft_name
         geo = check_module(world, block_path, slots, module, key)
         name, for_embedding = SUFFIXES[suffix]
         if for_embedding is not None and for_embedding != (geo.layer == "embedding"):
@@ -125,19 +128,23 @@ def _read_slots(
             raise InteropError(f"{PREFIX}{module}: has no lora_A tensor", path=module)
         key_A, A = found["lora_A"]
         rank = A.shape[0]  # (r, in, ...)
-        if rank != (expected := _pattern(config.get("rank_pattern") or {}, module, config.get("r", 8))):
+        if rank != (expected := _pattern(config.get("rank_pattern") or {}, peft_names[module], config.get("r", 8))):
             raise InteropError(f"{key_A}: rank {rank}, the config says {expected}", path=key_A)
         want = shapes_for(kind, geo, rank)
         if missing := sorted(set(want) - set(found)) or sorted(set(found) - set(want)):
             raise InteropError(f"{PREFIX}{module}: tensors {missing} missing or unexpected for {kind}", path=module)
-        alpha = float(_pattern(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8)))
+        alpha = float(_pattern(config.get("alpha_pattern") or {}, peft_names[module], config.get("lora_alpha", 8)))
         ours = {n: to_ours(n, geo, want[n], t, key) for n, (key, t) in found.items()}
         out[module] = ForeignSlot(rank, alpha, ours)
     return out
 
 
-def import_peft(world: World, block_path: str, peft_dir: str | os.PathLike, *, name: str | None = None) -> Plan:
-    """Customize `world` with a PEFT LoRA/DoRA adapter on the block at `block_path`; returns the plan."""
+def import_peft(world: World, block_path: str, peft_dir: str | os.PathLike, *, name: str | None = None, root: str = "") -> Plan:
+    """Customize `world` with a PEFT LoRA/DoRA adapter on the block at `block_path`; returns the plan.
+
+    `root` is the module path, inside the block, of the model the adapter was made for: a block
+    wrapping a Hugging Face model as ``.model`` takes adapters made on that model with ``root="model"``.
+    """
     peft_dir = Path(peft_dir)
     config = read_config(peft_dir)
     weights = peft_dir / WEIGHTS
@@ -147,7 +154,7 @@ def import_peft(world: World, block_path: str, peft_dir: str | os.PathLike, *, n
         raise InteropError(f"{weights}: missing{why}", path=str(weights))
     canonical, slots = block_slots(world, block_path)
     kind = "dora" if config.get("use_dora") else "lora"
-    foreign = _read_slots(world, block_path, slots, config, read_safetensors(weights), kind)
+    foreign = _read_slots(world, block_path, slots, config, read_safetensors(weights), kind, root)
     return attach(world, canonical, foreign, kind=kind, rslora=bool(config.get("use_rslora")), name=name or "default")
 
 
@@ -167,15 +174,21 @@ def _targets(modules: list[str], all_paths: list[str]) -> list[str] | str:
     return modules
 
 
-def export_peft(world: World, block_path: str, out_dir: str | os.PathLike) -> Path:
-    """Write the block's adapters as a PEFT adapter directory; returns `out_dir`."""
+def export_peft(world: World, block_path: str, out_dir: str | os.PathLike, *, root: str = "") -> Path:
+    """Write the block's adapters as a PEFT adapter directory; returns `out_dir`.
+
+    `root` is the module path, inside the block, of the model PEFT will load the adapter on
+    (``"model"`` for a block wrapping a Hugging Face model as ``.model``); only adapters under it
+    are written, named from it.
+    """
     if world.customization is None:
         raise InteropError("the world carries no adapters to export; customize it or import some first")
     canonical, _ = block_slots(world, block_path)
     _, plan = world.customization
-    slots = [s for s in plan.slots if s.block_path == canonical]
+    under = f"{root}." if root else ""
+    slots = [s for s in plan.slots if s.block_path == canonical and s.module_path.startswith(under)]
     if not slots:
-        raise InteropError(f"{block_path}: this block carries no adapters", path=block_path)
+        raise InteropError(f"{block_path}: this block carries no adapters" + (f" under {root}" if root else ""), path=block_path)
     if len(kinds := {s.kind for s in slots}) != 1 or not kinds <= {"lora", "dora"}:
         raise InteropError(
             f"{block_path}: a PEFT adapter is all lora or all dora, this block has {sorted(kinds)}", path=block_path
@@ -187,9 +200,9 @@ def export_peft(world: World, block_path: str, out_dir: str | os.PathLike) -> Pa
         host = hosts[s.slot]
         for name, t in host.adapters[plan.name].state_dict().items():
             peft_shape = foreign_shape(name, host.geo, tuple(t.shape))
-            tensors[PREFIX + s.module_path + _suffix(name, host.geo.layer)] = t.detach().reshape(peft_shape).contiguous()
-    modules = [s.module_path for s in slots]
-    all_paths = [n for n, _ in world.block(canonical).module.named_modules()]
+            tensors[PREFIX + s.module_path[len(under) :] + _suffix(name, host.geo.layer)] = t.detach().reshape(peft_shape).contiguous()
+    modules = [s.module_path[len(under) :] for s in slots]
+    all_paths = [n[len(under) :] for n, _ in world.block(canonical).module.named_modules() if n.startswith(under)]
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -197,8 +210,8 @@ def export_peft(world: World, block_path: str, out_dir: str | os.PathLike) -> Pa
         "r": rank,
         "lora_alpha": _number(alpha),
         "target_modules": _targets(modules, all_paths),
-        "rank_pattern": {f"^{re.escape(s.module_path)}": s.rank for s in slots if s.rank != rank},
-        "alpha_pattern": {f"^{re.escape(s.module_path)}": _number(s.alpha) for s in slots if s.alpha != alpha},
+        "rank_pattern": {f"^{re.escape(s.module_path[len(under) :])}": s.rank for s in slots if s.rank != rank},
+        "alpha_pattern": {f"^{re.escape(s.module_path[len(under) :])}": _number(s.alpha) for s in slots if s.alpha != alpha},
         "use_rslora": slots[0].rslora,
         "use_dora": slots[0].kind == "dora",
         "fan_in_fan_out": all(s.layer == "gpt2_conv1d" for s in slots),

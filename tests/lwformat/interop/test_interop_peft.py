@@ -273,3 +273,33 @@ def test_an_imported_adapter_ships_as_a_signed_bundle(base, tmp_path):
         assert verify(bundle, public)
         lora_B = bundle.slot_tensors(f"{PATH}:mix")["lora_B"]  # (out, r): PEFT's (out, r, 1) without the 1
         assert torch.equal(lora_B, original["base_model.model.mix.lora_B.weight"].squeeze(-1))
+
+
+def test_a_block_wrapping_a_hugging_face_model_trades_adapters_with_peft_on_that_model(tmp_path):
+    """The zoo's MiniLM block holds the BertModel as `.model`: root="model" names adapters as PEFT does on it."""
+    from transformers import BertModel
+
+    from lwformat.zoo import minilm_block, minilm_tokenize
+    from lwformat.zoo.hf import minilm_dir
+
+    path = "philosopher/reflect/ideas/conditioner"
+    world = World.from_blocks({path: minilm_block()})
+    world.customize(LightConfig(kind="lora", rank=4, alpha=8, slots=["*.query", "*.value"]))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in world.adapter_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    ids, mask = minilm_tokenize(["Rain fell on the neon sign.", "The detective lit a cigarette."])
+    with torch.no_grad():
+        ours = world.block(path)(ids, attention_mask=mask)
+    export_peft(world, path, tmp_path / "out", root="model")
+    plain = BertModel.from_pretrained(minilm_dir(), add_pooling_layer=False, local_files_only=True, dtype=torch.float32).eval()
+    theirs_model = PeftModel.from_pretrained(plain, tmp_path / "out").eval()
+    with torch.no_grad():
+        theirs = theirs_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    theirs_model.save_pretrained(tmp_path / "back")  # and PEFT's own files come back in
+    again = World.from_blocks({path: minilm_block()})
+    import_peft(again, path, tmp_path / "back", root="model")
+    with torch.no_grad():
+        assert torch.equal(again.block(path)(ids, attention_mask=mask), ours)
