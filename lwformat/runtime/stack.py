@@ -129,7 +129,9 @@ def _weights(world: World, slots: list[ResolvedSlot], weight: Weight, name: str)
     if not isinstance(weight, dict):
         number = _number(weight, name)
         return {rs.slot: number for rs in slots}
-    numbers = {glob: _number(w, glob) for glob, w in weight.items() if _is_glob(glob)}
+    if bad := [glob for glob in weight if not isinstance(glob, str)]:  # a list: the key 0 is falsy
+        raise TargetError(f"weight globs are block paths or globs (strings), not {bad[0]!r}", path=str(bad[0]))
+    numbers = {glob: _number(w, glob) for glob, w in weight.items()}
     aliases: dict[str, list[str]] = {}
     for path, canonical in world.block_paths().items():
         aliases.setdefault(canonical, []).append(path)
@@ -143,12 +145,6 @@ def _weights(world: World, slots: list[ResolvedSlot], weight: Weight, name: str)
     if unused:
         raise TargetError(f"weight glob {unused[0]!r} matches no block this bundle adapts", path=unused[0])
     return out
-
-
-def _is_glob(glob: Any) -> bool:
-    if not isinstance(glob, str):
-        raise TargetError(f"weight globs are block paths or globs (strings), not {glob!r}", path=str(glob))
-    return True
 
 
 def _number(value: Any, where: str) -> float:
