@@ -104,7 +104,7 @@ def token_create(args: argparse.Namespace) -> int:
     if args.data:
         if not args.account:
             raise UsageError("with --data, name the ACCOUNT the token is for")
-        token = create_token(existing(args.data, "hub data directory"), args.account, args.scope, expires=expires)
+        token = create_token(existing(_data_dir(args.data), "hub data directory"), args.account, args.scope, expires=expires)
         account, scopes = args.account, args.scope or [args.account]
     else:
         if args.account:

@@ -129,7 +129,7 @@ def generate_keypair(where: str | os.PathLike = ".", *, name: str = DEFAULT_NAME
     private_path, public_path = prefix.with_name(prefix.name + ".pem"), prefix.with_name(prefix.name + ".pub")
     for p in (private_path, public_path):
         if p.exists():
-            raise SigningKeyError(f"{p}: already exists; refusing to overwrite a key (write the new pair under another name: --name, --out)", path=str(p))
+            raise SigningKeyError(f"{p}: already exists; refusing to overwrite a key (write the new pair under another name)", path=str(p))
     if not prefix.parent.is_dir():
         raise SigningKeyError(f"{prefix.parent}: no such directory", path=str(prefix.parent))
     key = ec.generate_private_key(ec.SECP256R1())

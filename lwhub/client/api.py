@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import TypeVar
 
 import httpx
@@ -50,9 +51,9 @@ class Client:
         if url is None and not offline:
             raise ValueError("a registry URL is needed (or offline=True to use only the cache)")
         self.url = (url or "").rstrip("/")
-        if self.url and not self.url.startswith(("http://", "https://")):  # httpx would only say "unreachable"
+        if not offline and not self.url.lower().startswith(("http://", "https://")):  # httpx would say "unreachable"
             raise UsageError(f"{url!r} is not an http:// or https:// URL", path=url)
-        if self.url.endswith(API):  # every request adds it: /v1/v1/... would answer 404s
+        if not offline and _path(self.url) == API:  # every request adds it: /v1/v1/... answers 404s
             raise UsageError(f"{url!r}: give the registry's root URL, without {API}", path=url)
         self.token = token
         self.offline = offline
@@ -200,3 +201,11 @@ class Client:
              progress: Callable[[int], None] | None = None) -> Path:  # fmt: skip
         """Verified download into the cache; returns the bundle directory (`Bundle.open` reads it)."""
         return _pull.pull(self, ref, tofu=tofu, allow_rollback=allow_rollback, progress=progress)
+
+
+def _path(url: str) -> str:
+    try:
+        return urlsplit(url).path
+    except ValueError as exc:  # a malformed host ("http://[::1")
+        raise UsageError(f"{url!r} is not a URL a registry can be reached at ({exc})", path=url) from None
+

@@ -17,6 +17,7 @@ import msgspec
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, Response
+from starlette.routing import Match
 from starlette.types import Send
 
 from ..errors import BadRequestError, MethodNotAllowedError, NotFoundError, RangeError, RegistryError, ServerError, TooLargeError
@@ -140,9 +141,10 @@ async def registry_error(request: Request, exc: RegistryError) -> Response:
 
 async def http_error(request: Request, exc: HTTPException) -> Response:
     where = f"{request.method} {request.url.path}: {exc.detail}"
-    if exc.status_code == 405:
-        allow = (exc.headers or {}).get("Allow", "")
-        return error_answer(MethodNotAllowedError(f"{where} (this route takes {allow})", detail={"allow": allow}))
+    if exc.status_code == 405:  # a path may be several routes (GET and POST apart): their methods together
+        methods = {m for route in request.app.routes if route.matches(request.scope)[0] != Match.NONE for m in route.methods or ()}
+        allow = ", ".join(sorted(methods)) or (exc.headers or {}).get("Allow", "")
+        return error_answer(MethodNotAllowedError(f"{where} (this path takes {allow})", detail={"allow": allow}))
     error = NotFoundError(where, code="not_found") if exc.status_code == 404 else BadRequestError(where, code="invalid_request")
     return error_answer(error)
 

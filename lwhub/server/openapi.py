@@ -49,7 +49,8 @@ def _bare(pattern: re.Pattern) -> str:
 # The server's own patterns for path parameters, so a client knows what passes before asking.
 PATTERNS = {
     "owner": f"^{_bare(OWNER)}$", "name": f"^{_bare(OWNER)}$", "digest": f"^{_bare(DIGEST)}$", "tag": f"^{_bare(TAG)}$",
-    "version": f"^{_bare(SEMVER)}$", "ref": f"^(?:{_bare(SEMVER)}|{_bare(TAG)})$",
+    # `version` is a ref too: GET .../versions/{version} resolves tags (publish takes semver only)
+    "version": f"^(?:{_bare(SEMVER)}|{_bare(TAG)})$", "ref": f"^(?:{_bare(SEMVER)}|{_bare(TAG)})$",
 }  # fmt: skip
 
 CREATED = {  # the operations that answer 201

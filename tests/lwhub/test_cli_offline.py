@@ -180,6 +180,12 @@ def test_ordinary_mistakes_are_usage_errors_not_internal_ones(tmp_path, capsys, 
     for url in ("localhost:8700", "ftp://x", "http://127.0.0.1:8700/v1"):
         code, _, err = run(capsys, "pull", "alice/b", "--url", url)
         assert code == 2 and ("http://" in err or "root URL" in err), url
+        code, _, err = run(capsys, "pull", "alice/b", "--url", url, "--offline")  # offline, the URL is not used
+        assert code == 4 and "without --offline" in err, url
+    from lwhub.client import Client
+
+    for url in ("HTTP://127.0.0.1:9", "https://gateway.example/registry/v1"):  # a proxy's path may end in /v1
+        Client(url, cache_dir=tmp_path / "c").close()
     for argv in (("search", "--limit", "-1"), ("info", "alice/b", "--limit", "0")):
         with pytest.raises(SystemExit) as info:
             cli.main(list(argv))

@@ -294,9 +294,11 @@ def test_every_range_answer_is_json_or_the_bytes(hub, published, header, status)
 
 
 def test_a_method_a_route_does_not_take_is_405_with_allow(hub):
-    r = httpx.request("DELETE", f"{hub.url}/v1/tokens")
-    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
-    assert "POST" in r.headers["allow"] and r.headers["allow"] == r.json()["error"]["detail"]["allow"]
+    for path, methods in [("/v1/tokens", {"POST"}), ("/v1/owners/alice/keys", {"GET", "HEAD", "POST"}),
+                          (f"/v1/blobs/sha256:{'0' * 64}", {"GET", "HEAD", "PUT"})]:  # two routes on one path  # fmt: skip
+        r = httpx.request("DELETE", f"{hub.url}{path}")
+        assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+        assert set(r.headers["allow"].split(", ")) == methods and r.headers["allow"] == r.json()["error"]["detail"]["allow"]
 
 
 def test_yank_and_tag_of_a_bundle_that_is_not_there_say_so(hub, tmp_path):
