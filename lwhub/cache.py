@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 import struct
 import tempfile
+import threading
 from pathlib import Path
 
 import msgspec

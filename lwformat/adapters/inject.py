@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from ..errors import FusedError
-
 from .config import LightConfig
 from .host import AdapterHost
 from .kinds import KINDS

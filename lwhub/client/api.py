@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Self, TypeVar
 from urllib.parse import urlsplit
-from typing import TypeVar
 
 import httpx
 import msgspec
@@ -70,7 +70,7 @@ class Client:
         if self._own_http:
             self.http.close()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -12,11 +12,11 @@ import re
 import msgspec
 
 from ..errors import ERROR_CODES
-from ..semver import PATTERN as SEMVER
 from ..protocol import (
-    DIGEST, OWNER, TAG, BlobInfo, BundleInfo, KeyInfo, NewToken, Page, PublishRequest, SignedVersion, TagRequest, TokenRequest, VersionInfo, Whoami,
-    YankRequest,
+    DIGEST, OWNER, TAG, BlobInfo, BundleInfo, KeyInfo, NewToken, Page, PublishRequest, SignedVersion, TagRequest, TokenRequest,
+    VersionInfo, Whoami, YankRequest,
 )
+from ..semver import PATTERN as SEMVER
 
 BUNDLE = "/v1/bundles/{owner}/{name}"
 # (method, path, summary, needs a token, request body type, response type)
