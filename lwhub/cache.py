@@ -18,11 +18,13 @@ they are trusted, so a crash (or a lost page cache) costs a re-download, never a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import struct
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -126,18 +128,24 @@ class Cache:
             shutil.rmtree(stage, ignore_errors=True)
         return final
 
-    def open_bundle_dir(self, manifest_hex: str) -> int | None:
+    @contextlib.contextmanager
+    def holding_bundle_dir(self, manifest_hex: str) -> Iterator[int | None]:
         """A descriptor holding the bundle directory as it is now (None when absent), for `drop_bundle`:
         while it is open, the directory's inode cannot go to another one."""
         try:
-            return os.open(self.bundle_dir(manifest_hex), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            held = os.open(self.bundle_dir(manifest_hex), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         except (FileNotFoundError, NotADirectoryError):
-            return None
+            held = None
+        try:
+            yield held
+        finally:
+            if held is not None:
+                os.close(held)
 
     def drop_bundle(self, manifest_hex: str, held: int | None = None) -> None:
         """Remove a bundle directory: renamed away first, so no reader sees it half-deleted.
 
-        With `held` (from `open_bundle_dir`), only that directory: one another process sharing
+        With `held` (from `holding_bundle_dir`), only that directory: one another process sharing
         the cache installed since is put back.
         """
         final = self.bundle_dir(manifest_hex)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import TextIO
+from typing import Self, TextIO
 
 WIDTH = 24
 INTERVAL = 0.1
@@ -57,7 +57,7 @@ class Progress:
                 self.stream.write("\n")
                 self.stream.flush()
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -22,7 +22,7 @@ import tempfile
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 from ..errors import BundleFormatError, BundleNotFoundError, IntegrityError, SlotNotFoundError
 from . import limits
@@ -152,20 +152,19 @@ class Bundle:
                                  path=WEIGHTS, expected=self._size, found=size)  # fmt: skip
         return size
 
-    def _views(self, spans) -> list[tuple[TensorSpan, torch.Tensor]]:
-        """Each span's tensor, a view of the copy-on-write map."""
+    def _view(self, buf: mmap.mmap, dtype: torch.dtype, begin: int, end: int) -> torch.Tensor:
+        """Bytes ``[begin, end)`` of the data section as a 1-D tensor of `dtype` viewing the map."""
         import torch
 
+        count = (end - begin) // dtype.itemsize
+        if not count:  # frombuffer refuses empty views
+            return torch.empty(0, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype, count=count, offset=self.data_offset + begin)  # (count,)
+
+    def _views(self, spans) -> list[tuple[TensorSpan, torch.Tensor]]:
+        """Each span's tensor, a view of the copy-on-write map."""
         buf, dtypes = self._mapping(), _torch_dtypes()
-        out = []
-        for s in spans:
-            dtype = dtypes[s.dtype]
-            count = (s.end - s.begin) // dtype.itemsize
-            if not count:  # frombuffer refuses empty views
-                out.append((s, torch.empty(s.shape, dtype=dtype)))
-                continue
-            out.append((s, torch.frombuffer(buf, dtype=dtype, count=count, offset=self.data_offset + s.begin).view(s.shape)))
-        return out
+        return [(s, self._view(buf, dtypes[s.dtype], s.begin, s.end).view(s.shape)) for s in spans]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor by key (``<slot>.<name>``), in canonical order."""
@@ -186,20 +185,9 @@ class Bundle:
         one bundle read warm pages; each call checks the file was not cut since.
         """
         buf = self._mapping()
-        if self._packed is not None:
-            return self._packed
-        import torch
-
-        out = {}
-        for dtype, (b, e) in self._runs().items():
-            t = _torch_dtypes()[dtype]
-            count = (e - b) // t.itemsize
-            if not count:  # frombuffer refuses empty views
-                out[dtype] = torch.empty(0, dtype=t)
-                continue
-            out[dtype] = torch.frombuffer(buf, dtype=t, count=count, offset=self.data_offset + b)  # (count,)
-        self._packed = out
-        return out
+        if self._packed is None:
+            self._packed = {dtype: self._view(buf, _torch_dtypes()[dtype], b, e) for dtype, (b, e) in self._runs().items()}
+        return self._packed
 
     @functools.cached_property
     def slot_layout(self) -> bytes:
@@ -249,7 +237,7 @@ class Bundle:
         if self._cleanup is not None:
             self._cleanup()
 
-    def __enter__(self) -> Bundle:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -25,7 +25,6 @@ so they are not hashed a second time as whole files.
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -131,8 +130,7 @@ def _materials(client: Client, info: VersionInfo, mhex: str, shex: str, sent: tu
     """The manifest and signature bytes: from the cached bundle directory when their digests
     match, else as the registry sent them with the resolution, else fetched by digest."""
     folder = client.cache.bundle_dir(mhex)
-    held = client.cache.open_bundle_dir(mhex)  # the directory read from (installs are atomic: a whole one or none)
-    try:
+    with client.cache.holding_bundle_dir(mhex) as held:  # the directory read from (installs are atomic)
         if held is not None:
             try:
                 m, s = (folder / MANIFEST).read_bytes(), (folder / SIGNATURE).read_bytes()
@@ -145,9 +143,6 @@ def _materials(client: Client, info: VersionInfo, mhex: str, shex: str, sent: tu
             raise NotCachedError(f"{info.name}@{info.version} is not in the cache at {client.cache.root} (offline)", path=str(client.cache.root))
         if held is not None:  # that directory, damaged: not one another process may have installed since
             client.cache.drop_bundle(mhex, held=held)
-    finally:
-        if held is not None:
-            os.close(held)
     # URLs from the checked hex digests, never from the registry's strings as sent.
     return (_small(client, f"sha256:{mhex}", sent[0], MAX_MANIFEST_BYTES, MANIFEST),
             _small(client, f"sha256:{shex}", sent[1], MAX_SIGNATURE_BYTES, SIGNATURE))  # fmt: skip
@@ -178,8 +173,7 @@ def _install(client: Client, info: VersionInfo, mhex: str, materials: tuple[byte
     """The verified bundle directory: the cached one if every file checks, else rebuilt from verified blobs."""
     cache, folder = client.cache, client.cache.bundle_dir(mhex)
     with ThreadPoolExecutor(max_workers=client.hashers) as pool:
-        held = cache.open_bundle_dir(mhex)
-        try:
+        with cache.holding_bundle_dir(mhex) as held:
             broken = [job for job in jobs if verify_file(folder / job.path, job, pool) is not None] if held is not None else jobs
             if not broken:
                 return folder
@@ -188,9 +182,6 @@ def _install(client: Client, info: VersionInfo, mhex: str, materials: tuple[byte
                                      "cannot be fetched again", path=broken[0].path, expected=broken[0].hexdigest, found="corrupt")  # fmt: skip
             if held is not None:  # that directory, found broken: not one another process may have installed since
                 cache.drop_bundle(mhex, held=held)
-        finally:
-            if held is not None:
-                os.close(held)
         for job in jobs:  # a blob behind a broken file may be broken too (they are hard links)
             if cache.blob(job.hexdigest).exists() and verify_file(cache.blob(job.hexdigest), job, pool) is not None:
                 cache.blob(job.hexdigest).unlink(missing_ok=True)

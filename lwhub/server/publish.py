@@ -130,8 +130,9 @@ def publish(store: Store, blobs: BlobStore, principal: Principal, owner: str, na
     if not is_valid(version):
         raise BadRequestError(f"{version!r} is not a semantic version (MAJOR.MINOR.PATCH)", code="invalid_version")
     manifest_hex, signature_hex = _hex(request.manifest, "manifest"), _hex(request.signature, "signature")
+    signed = (f"sha256:{manifest_hex}", f"sha256:{signature_hex}")  # what this call publishes
     if (existing := store.version(owner, name, version)) is not None:
-        if (existing.manifest, existing.signature) == (f"sha256:{manifest_hex}", f"sha256:{signature_hex}"):
+        if (existing.manifest, existing.signature) == signed:
             return existing, False  # a push retried after its answer was lost: it is published
         raise ConflictError(f"{full}@{version} exists already; versions are immutable, publish a new version", code="version_exists")
     keys = [loads_public_key(k.pem.encode()) for k in store.keys(owner)]
@@ -156,7 +157,7 @@ def publish(store: Store, blobs: BlobStore, principal: Principal, owner: str, na
         store.add_version(info, [f"sha256:{f.sha256}" for f in manifest.files])
     except ConflictError:  # a racing publish won: if it was this same bundle, so is this call
         won = store.version(owner, name, version)
-        if won is None or (won.manifest, won.signature) != (info.manifest, info.signature):
+        if won is None or (won.manifest, won.signature) != signed:
             raise
         return won, False
     return info, True

@@ -35,15 +35,12 @@ def test_a_drop_takes_only_the_directory_found_broken(tmp_path):
     """Another process sharing the cache may drop and install the bundle again between a look and a drop."""
     cache = Cache(tmp_path)
     folder = cache.install_bundle("ab" * 32, {"manifest.json": b"first"})
-    held = cache.open_bundle_dir("ab" * 32)  # found broken, say
-    try:
+    with cache.holding_bundle_dir("ab" * 32) as held:  # found broken, say
         cache.drop_bundle("ab" * 32)  # another process dropped it...
         cache.install_bundle("ab" * 32, {"manifest.json": b"again"})  # ...and installed it again
         cache.drop_bundle("ab" * 32, held=held)  # the late drop leaves the new one
-    finally:
-        os.close(held)
     assert (folder / "manifest.json").read_bytes() == b"again"
-    held = cache.open_bundle_dir("ab" * 32)
-    cache.drop_bundle("ab" * 32, held=held)
-    os.close(held)
-    assert not folder.exists() and not list(cache.tmp.iterdir()) and cache.open_bundle_dir("ab" * 32) is None
+    with cache.holding_bundle_dir("ab" * 32) as held:
+        cache.drop_bundle("ab" * 32, held=held)
+    with cache.holding_bundle_dir("ab" * 32) as absent:
+        assert not folder.exists() and not list(cache.tmp.iterdir()) and absent is None
