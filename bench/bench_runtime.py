@@ -124,6 +124,8 @@ def bench_swap(s: Sides, budget: Budget) -> tuple[list[Row], list[str]]:
                 f"{gbs:.1f} GB/s)", c["ours"], c["memcpy"], ("<=", 2), sense="ratio"),
         compare("2c  (info) the same copy from a fresh map of the bundle file vs the plain copy", c["mapped"],
                 c["memcpy"], sense="ratio"),
+        # 2a's ceiling for any swap that copies the adapter bytes: below 20x, 2a cannot be met here
+        compare("2d  (info) the plain copy vs `hotswap_adapter`", c["memcpy"], c["peft"]),
     ], []  # fmt: skip
 
 

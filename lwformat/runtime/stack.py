@@ -67,9 +67,10 @@ def _same_layout_swap(world: World, applied: Applied, bundle: Any) -> bool:
     """The fast swap: same binding and layout as the applied bundle, one copy per buffer.
 
     The full check already passed for the applied bundle's identical binding, so it is
-    enough that the bound blocks' tensors are unwritten since (`untouched_digest`; a
-    module replaced since is seen by the full check of the next apply, or by
-    ``swap(strict=True)``). Returns False, having changed nothing, when it does not apply.
+    enough that no bound block was reloaded, cast or moved since (`untouched_digest`
+    checks two tensors a block). One tensor written or replaced since, or a module
+    replaced, is seen by the full check of the next apply, or by ``swap(strict=True)``.
+    Returns False, having changed nothing, when it does not apply.
     """
     old = applied.bundle.manifest
     if not (applied.packed and isinstance(bundle, Bundle)):  # a Blend holds no file runs to copy
@@ -321,7 +322,10 @@ def swap(world: World, name: str, bundle: Any, *, strict: bool = False) -> None:
 
     The new bundle must adapt the same slots with the same kinds; LoRA ranks may be
     smaller than the stored rank (zero-padded: the same sum, though the wider matmul may
-    round differently, about 1e-7). Weights are kept.
+    round differently, about 1e-7). Weights are kept. A bundle bound to the same blocks
+    as the applied one trusts apply's check of the base, and re-checks only that no bound
+    block was reloaded, cast or moved since; `strict` checks every base tensor and the
+    world's root again.
     """
     _not_fused(world, "swap")
     bundle = _opened(bundle)

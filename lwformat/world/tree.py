@@ -337,7 +337,11 @@ class World(nn.Module):
         set_weight(self, name, weight)
 
     def swap(self, name: str, bundle: Any, *, strict: bool = False) -> None:
-        """Replace an applied bundle in place by one of the same layout (no allocation, no recompile)."""
+        """Replace an applied bundle in place by one of the same layout (no allocation, no recompile).
+
+        `strict` re-checks every base tensor first, as `apply` does; without it, a bundle
+        bound to the same blocks as the applied one is one copy (see `runtime.swap`).
+        """
         from ..runtime import swap
 
         swap(self, name, bundle, strict=strict)

@@ -77,33 +77,51 @@ def test_compiled_world_does_not_recompile_on_swap_or_weight(world, bundles):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("swapped_before", [False, True])  # the first swap records where each base tensor sits
-def test_a_swap_onto_a_changed_base_is_refused(world, bundles, swapped_before):
+@pytest.mark.parametrize("swapped_before", [False, True])  # the first swap records where the block's tensors sit
+def test_a_swap_onto_a_reloaded_base_is_refused(world, bundles, swapped_before):
     from lwformat.errors import IncompatibleError
+    from lwformat.world.digest import base_tensors
 
     world.apply(bundles["noir2" if swapped_before else "noir"], weight=0.6)
     if swapped_before:
         world.swap("author/noir", bundles["noir"])
-    with torch.no_grad():
-        world.block(LM).module.ln_f.weight.add_(1.0)  # the base changed after applying
+    other = base_tensors(reference_world("tiny", seed=1).block(LM).module)
+    with torch.no_grad():  # the block reloaded in place, tensor by tensor, after applying
+        for name, t in base_tensors(world.block(LM).module).items():
+            t.copy_(other[name])
     with pytest.raises(IncompatibleError) as err:
         world.swap("author/noir", bundles["rain"])
     assert err.value.path == LM and world.applied["author/noir"].bundle is bundles["noir"]
 
 
-@pytest.mark.parametrize("swapped_before", [False, True])
-def test_a_swap_after_a_base_tensor_was_replaced_is_refused(world, bundles, swapped_before):
-    from lwformat.errors import IncompatibleError
+def _write_ln_f(world):
+    with torch.no_grad():
+        world.block(LM).module.ln_f.weight.add_(1.0)
 
-    world.apply(bundles["noir2" if swapped_before else "noir"], weight=0.6)
-    if swapped_before:
-        world.swap("author/noir", bundles["noir"])
+
+def _replace_ln_f(world):
     ln = world.block(LM).module.ln_f
     old = ln.weight  # still alive: only where the tensor sits tells
     ln.weight = torch.nn.Parameter(old.detach() + 1, requires_grad=False)
+    return old
+
+
+@pytest.mark.parametrize("change", [_write_ln_f, _replace_ln_f])
+@pytest.mark.parametrize("swapped_before", [False, True])
+def test_one_base_tensor_changed_since_apply_is_seen_by_a_strict_swap_and_the_next_apply(world, bundles, change, swapped_before):
+    """The same-binding swap re-checks a block's first and last tensors only; strict re-checks every one."""
+    from lwformat.errors import IncompatibleError
+
+    world.apply(bundles["noir2" if swapped_before else "noir"], weight=0.6)
+    if swapped_before:
+        world.swap("author/noir", bundles["noir"])
+    kept = change(world)
     with pytest.raises(IncompatibleError) as err:
-        world.swap("author/noir", bundles["rain"])
+        world.swap("author/noir", bundles["rain"], strict=True)
     assert err.value.path == LM and world.applied["author/noir"].bundle is bundles["noir"]
+    with pytest.raises(IncompatibleError):
+        world.apply(bundles["rain"])
+    del kept
 
 
 def test_a_strict_swap_walks_the_modules_again(world, bundles):
