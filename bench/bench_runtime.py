@@ -38,11 +38,12 @@ from pathlib import Path
 
 import peft
 import torch
+import torch.nn.functional as F
 from peft.utils.hotswap import hotswap_adapter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _blend_bench import blend_rows  # noqa: E402
-from _runtime_setup import Sides, build, load_factors  # noqa: E402
+from _runtime_setup import ALPHA, RANK, Sides, build, load_factors  # noqa: E402
 from _timing import Case, Row, compare, interleave, table  # noqa: E402
 
 from lwformat.bundle.read import Bundle  # noqa: E402
@@ -152,9 +153,21 @@ def bench_forward(s: Sides, budget: Budget) -> tuple[list[Row], list[str]]:
         w.unfuse()
         w.remove("bench/fwd")
 
+    # The LoRA matmuls of one forward on their own (inputs of the right shapes, in the
+    # order the layers run): the base plus these is the floor of any unmerged forward.
+    gen = torch.Generator().manual_seed(0)
+    tokens = BATCH * TOKENS
+    loras = [(torch.randn(tokens, A.shape[1], generator=gen), A, B, torch.randn(tokens, B.shape[0], generator=gen))
+             for A, B in s.factors[0].values()]  # (N, in), (r, in), (out, r), (N, out)
+
+    def floor() -> None:
+        for xin, A, B, out in loras:
+            out.addmm_(F.linear(xin, A) * (ALPHA / RANK), B.t())  # (N, out) += s·(N, r) @ (r, out)
+
     with torch.no_grad():
         cases = [
             Case("base", lambda: lm(x)),
+            Case("floor", lambda: (lm(x), floor())),
             Case("unmerged", lambda: lm(x), before=on, after=lambda: w.remove("bench/fwd")),
             Case("fused", lambda: lm(x), before=fused_on, after=fused_off),
             Case("peft", lambda: pm(x)),
@@ -172,6 +185,8 @@ def bench_forward(s: Sides, budget: Budget) -> tuple[list[Row], list[str]]:
                 ("<=", 1.03), sense="ratio"),
         compare("4b  (PEFT) forward, one adapter unmerged vs the same base", c["peft"], c["base"], sense="ratio"),
         compare("4c forward, fused vs base", c["fused"], c["base"], ("<=", 1.01), sense="ratio"),
+        compare("4d  (info) the base forward, then the same LoRA matmuls alone vs base: 4a's floor", c["floor"],
+                c["base"], sense="ratio"),
     ], notes  # fmt: skip
 
 
