@@ -24,6 +24,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -186,9 +187,13 @@ def export_peft(world: World, block_path: str, out_dir: str | os.PathLike, *, ro
     canonical, _ = block_slots(world, block_path)
     _, plan = world.customization
     under = f"{root}." if root else ""
-    slots = [s for s in plan.slots if s.block_path == canonical and s.module_path.startswith(under)]
+    in_block = [s for s in plan.slots if s.block_path == canonical]
+    slots = [s for s in in_block if s.module_path.startswith(under)]
     if not slots:
         raise InteropError(f"{block_path}: this block carries no adapters" + (f" under {root}" if root else ""), path=block_path)
+    if left := [s.module_path for s in in_block if not s.module_path.startswith(under)]:
+        # PEFT loads the adapter on the model at `root`: the others have no name there
+        warnings.warn(f"{block_path}: {len(left)} adapters outside {root} are not written (first: {left[0]})", stacklevel=2)
     if len(kinds := {s.kind for s in slots}) != 1 or not kinds <= {"lora", "dora"}:
         raise InteropError(
             f"{block_path}: a PEFT adapter is all lora or all dora, this block has {sorted(kinds)}", path=block_path

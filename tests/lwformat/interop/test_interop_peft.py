@@ -303,3 +303,14 @@ def test_a_block_wrapping_a_hugging_face_model_trades_adapters_with_peft_on_that
     import_peft(again, path, tmp_path / "back", root="model")
     with torch.no_grad():
         assert torch.equal(again.block(path)(ids, attention_mask=mask), ours)
+
+
+def test_an_export_under_a_root_names_the_adapters_it_leaves_out(tmp_path):
+    """PEFT loads the adapter on the model at `root`; adapters elsewhere in the block cannot go along."""
+    world = World.from_blocks({PATH: Block(Tiny(), "llm")})
+    world.customize(LightConfig(kind="lora", rank=2, alpha=4, slots=["blocks.*.up"]))
+    with pytest.warns(UserWarning, match=r"1 adapters outside blocks\.0 are not written \(first: blocks\.1\.up\)"):
+        export_peft(world, PATH, tmp_path / "out", root="blocks.0")
+    assert sorted(load_file(tmp_path / "out" / "adapter_model.safetensors")) == [
+        "base_model.model.up.lora_A.weight", "base_model.model.up.lora_B.weight",
+    ]  # fmt: skip
