@@ -134,7 +134,11 @@ def plan(world: World, config: LightConfig) -> Plan:
     if config.kind not in KINDS:
         raise TargetError(f"unknown adapter kind {config.kind!r} (known: {', '.join(sorted(KINDS))})")
     if (host := next(iter_hosts(world), None)) is not None:
-        fix = f"remove() the bundles applied ({', '.join(world.applied)}) first" if world.applied else "call decustomize() first"
+        fix = (
+            f"remove() the bundles applied ({', '.join(world.applied)}) first, then customize, then apply them again "
+            "(bundles applied after customize stay frozen beside the trainable adapters)"
+            if world.applied else "call decustomize() first"
+        )  # fmt: skip
         raise AlreadyCustomizedError(f"{host[0]}: the world already carries adapters; {fix}", path=host[0])
     aliases: dict[str, list[str]] = {}
     for path, canonical in world.block_paths().items():

@@ -338,3 +338,24 @@ def test_the_first_matching_glob_weights_a_block(world, bundles):
     assert torch.equal(lm_out(world, x), lm_out(reference, x))
     with pytest.raises(LayoutError, match="reserve_rank"):
         world.swap("author/noir", bundles["big"])
+
+
+def test_training_on_top_of_an_applied_style_follows_the_order_the_refusal_names(world, bundles):
+    """customize refuses while bundles are applied and says how: remove, customize, apply again."""
+    from lwformat import LightConfig
+    from lwformat.errors import AlreadyCustomizedError
+
+    x = tokens()
+    world.apply(bundles["noir"], weight=0.7)
+    styled = lm_out(world, x)
+    config = LightConfig(kind="lora", rank=2, blocks=[LM], slots=["*.attn.qkv"])
+    with pytest.raises(AlreadyCustomizedError, match=r"remove\(\) the bundles applied \(author/noir\) first, then customize"):
+        world.customize(config)
+    world.remove("author/noir")
+    world.customize(config)
+    world.apply(bundles["noir"], weight=0.7)
+    assert torch.equal(lm_out(world, x), styled)  # fresh LoRA starts at zero: the style alone
+    trainable = list(world.adapter_parameters())
+    frozen = [t for a in world.applied["author/noir"].adapters.values() for t in a.state_dict(keep_vars=True).values()]
+    assert trainable and all(t.requires_grad for t in trainable) and not any(t.requires_grad for t in frozen)
+    assert not {id(t) for t in trainable} & {id(t) for t in frozen}
