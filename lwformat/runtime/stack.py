@@ -63,26 +63,27 @@ class Applied:
         return f"Applied({self.name!r}, {m.name}@{m.version}, {len(self.slots)} slots, {size / 1e6:.2f} MB)"
 
 
-def _same_layout_swap(world: World, applied: Applied, bundle: Any) -> bool:
+def _same_layout_swap(world: World, applied: Applied, bundle: Any, *, check_base: bool) -> bool:
     """The fast swap: same binding and layout as the applied bundle, one copy per buffer.
 
     The full check already passed for the applied bundle's identical binding, so it is
-    enough that no bound block was reloaded, cast or moved since (`untouched_digest`
-    checks two tensors a block). One tensor written or replaced since, or a module
-    replaced, is seen by the full check of the next apply, or by ``swap(strict=True)``.
-    Returns False, having changed nothing, when it does not apply.
+    enough that the bound blocks' tensors are unwritten since (`untouched_digest`; a
+    module replaced since is seen by the full check of the next apply, or by
+    ``swap(strict=True)``); `check_base=False` trusts that too. Returns False, having
+    changed nothing, when it does not apply.
     """
     old = applied.bundle.manifest
     if not (applied.packed and isinstance(bundle, Bundle)):  # a Blend holds no file runs to copy
         return False
     if bundle.manifest.base.blocks != old.base.blocks or _layout(bundle) != _layout(applied.bundle):
         return False
-    if not applied.bound:  # kept for later swaps: their bindings are equal
-        canonical = world.block_paths()
-        applied.bound = tuple((canonical.get(path), expected) for path, expected in old.base.blocks.items())
-    for path, expected in applied.bound:
-        if path is None or untouched_digest(world, path) != expected:
-            return False  # the full check will say what changed
+    if check_base:
+        if not applied.bound:  # kept for later swaps: their bindings are equal
+            canonical = world.block_paths()
+            applied.bound = tuple((canonical.get(path), expected) for path, expected in old.base.blocks.items())
+        for path, expected in applied.bound:
+            if path is None or untouched_digest(world, path) != expected:
+                return False  # the full check will say what changed
     if applied.indexed and bundle not in _INDICES_CHECKED:  # a bundle's stored indices, read once
         _check_indices(applied.indexed, lambda rs: bundle.slot_tensors(rs.entry.slot))
         _INDICES_CHECKED.add(bundle)
@@ -317,21 +318,24 @@ def set_weight(world: World, name: str, weight: Weight) -> None:
 
 
 @torch.no_grad()
-def swap(world: World, name: str, bundle: Any, *, strict: bool = False) -> None:
+def swap(world: World, name: str, bundle: Any, *, strict: bool = False, check_base: bool = True) -> None:
     """Copy another bundle of the same layout into the applied storage, in place.
 
     The new bundle must adapt the same slots with the same kinds; LoRA ranks may be
     smaller than the stored rank (zero-padded: the same sum, though the wider matmul may
-    round differently, about 1e-7). Weights are kept. A bundle bound to the same blocks
-    as the applied one trusts apply's check of the base, and re-checks only that no bound
-    block was reloaded, cast or moved since; `strict` checks every base tensor and the
-    world's root again.
+    round differently, about 1e-7). Weights are kept.
+
+    A bundle bound to the same blocks as the applied one needs no new compatibility
+    check, only that the base is unchanged since: every base tensor of the bound blocks
+    is the same object, at the same address, with the same version counter. That costs
+    about as much as half the copy; ``check_base=False`` trusts the base instead, as
+    PEFT's ``hotswap_adapter`` does, and the swap is one copy.
     """
     _not_fused(world, "swap")
     bundle = _opened(bundle)
     applied = _applied(world, name)
     _attached(applied)
-    if not strict and _same_layout_swap(world, applied, bundle):
+    if not strict and _same_layout_swap(world, applied, bundle, check_base=check_base):
         return
     slots = resolve(world, bundle.manifest, strict=strict)
     old = {rs.slot: rs for rs in applied.slots}

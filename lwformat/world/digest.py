@@ -161,27 +161,24 @@ def cached_block_digest(world: World, path: str, block: nn.Module, *, recompute:
 
 
 def untouched_digest(world: World, path: str) -> str | None:
-    """Block `path`'s digest from the last full check, if the block was not reloaded, cast or moved since.
+    """Block `path`'s digest from the last full check, if none of its tensors changed since.
 
-    Reloading a block (``load_state_dict``, a loop of ``copy_``), casting it or moving it
-    writes or replaces every base tensor it holds, so its first and last tensors, checked
-    where they sat at the full check, tell: two tensors whatever the block's size, which
-    keeps a same-layout swap one copy (decision 9). A single tensor written or replaced
-    since is not seen here; the full check (`cached_block_digest`: every `apply`, and
-    ``swap(strict=True)``) compares them all. None when unknown or changed.
+    Each tensor recorded (weakly, at the first call since) is checked where it sat,
+    without walking the modules: a tensor written in place, replaced, resized or dropped
+    is seen; modules added, removed or moved since are not, and the next full check
+    (`cached_block_digest`) sees them. None when unknown or changed.
     """
     hit = world._digest_cache.get(path)
     if hit is None:
         return None
     key, digest, seats = hit
-    if seats is None:  # the first time since the full check: one more walk, then the sentinels are kept
+    if seats is None:  # the first time since the full check: one more walk, then the seats are kept
         walked = _walk_base(world.block(path).module)
         if _fingerprint(walked) != key:
             return None
-        ends = [0, len(walked) - 1] if walked else []
-        world._digest_cache[path] = (key, digest, tuple(zip(_weakly([walked[i] for i in ends]), [key[i] for i in ends])))
+        world._digest_cache[path] = (key, digest, _weakly(walked))
         return digest
-    for (owner_ref, is_param, name, tensor_ref), (ptr, version, dtype, shape) in seats:
+    for (owner_ref, is_param, name, tensor_ref), (ptr, version, dtype, shape) in zip(seats, key):
         owner, t = owner_ref(), tensor_ref()
         if owner is None or t is None or (owner._parameters if is_param else owner._buffers).get(name) is not t:
             return None

@@ -336,15 +336,14 @@ class World(nn.Module):
 
         set_weight(self, name, weight)
 
-    def swap(self, name: str, bundle: Any, *, strict: bool = False) -> None:
+    def swap(self, name: str, bundle: Any, *, strict: bool = False, check_base: bool = True) -> None:
         """Replace an applied bundle in place by one of the same layout (no allocation, no recompile).
 
-        `strict` re-checks every base tensor first, as `apply` does; without it, a bundle
-        bound to the same blocks as the applied one is one copy (see `runtime.swap`).
+        ``check_base=False`` trusts that the base is unchanged since apply (see `runtime.swap`).
         """
         from ..runtime import swap
 
-        swap(self, name, bundle, strict=strict)
+        swap(self, name, bundle, strict=strict, check_base=check_base)
 
     def fuse(self) -> list[str]:
         """Merge every adapter into the base weights; returns slots kept live (tied weights)."""
