@@ -68,9 +68,9 @@ def _same_layout_swap(world: World, applied: Applied, bundle: Any, *, check_base
 
     The full check already passed for the applied bundle's identical binding, so it is
     enough that the bound blocks' tensors are unwritten since (`untouched_digest`; a
-    module replaced since is seen by the full check of the next apply, or by
-    ``swap(strict=True)``); `check_base=False` trusts that too. Returns False, having
-    changed nothing, when it does not apply.
+    module replaced since is seen by the full check of the next apply, or after
+    ``world.digests()``, which walks the modules again); `check_base=False` trusts that
+    too. Returns False, having changed nothing, when it does not apply.
     """
     old = applied.bundle.manifest
     if not (applied.packed and isinstance(bundle, Bundle)):  # a Blend holds no file runs to copy
