@@ -25,7 +25,7 @@ import msgspec
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, WorldError
 
 if TYPE_CHECKING:
     from .tree import World
@@ -49,15 +49,17 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())  # (numel * itemsize,)
 
 
-def tensor_digest_raw(t: torch.Tensor) -> bytes:
+def tensor_digest_raw(t: torch.Tensor, where: str = "") -> bytes:
+    if t.is_meta:
+        raise WorldError(f"{where or 'a tensor'} is on the meta device: it holds no data to hash (load its weights first)", path=where or None)
     h = hashlib.sha256(b"lwtensor/1\0")
     h.update(f"{dtype_name(t.dtype)}\0{','.join(map(str, t.shape))}\0".encode())
     h.update(tensor_bytes(t))
     return h.digest()
 
 
-def tensor_digest(t: torch.Tensor) -> str:
-    return PREFIX + tensor_digest_raw(t).hex()
+def tensor_digest(t: torch.Tensor, where: str = "") -> str:
+    return PREFIX + tensor_digest_raw(t, where).hex()
 
 
 def base_tensors(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -76,10 +78,11 @@ def base_tensors(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]
     return out
 
 
-def block_digest_raw(tensors: dict[str, torch.Tensor]) -> bytes:
+def block_digest_raw(tensors: dict[str, torch.Tensor], where: str = "") -> bytes:
+    """`where`, the block's path, names a tensor that cannot be hashed (`block/path:name`)."""
     h = hashlib.sha256(b"lwblock/1\0")
     for name in sorted(tensors, key=lambda n: n.encode()):
-        h.update(name.encode() + b"\0" + tensor_digest_raw(tensors[name]))
+        h.update(name.encode() + b"\0" + tensor_digest_raw(tensors[name], f"{where}:{name}" if where else name))
     return h.digest()
 
 
@@ -146,7 +149,7 @@ def structure(world: World) -> dict[str, Any]:
             path: {"type": block.block_type, "canonical": canonical[path], "flow": flows[path.rsplit("/", 1)[0]]}
             for path, block in world.walk()
         },
-        "extra": {name: tensor_digest(t) for name, t in sorted(world.extra_tensors().items())},
+        "extra": {name: tensor_digest(t, name) for name, t in sorted(world.extra_tensors().items())},
     }
 
 
@@ -155,7 +158,7 @@ def cached_block_digest(world: World, path: str, block: nn.Module, *, recompute:
     key = _fingerprint(_walk_base(block.module))
     hit = world._digest_cache.get(path)
     if recompute or hit is None or hit[0] != key:
-        hit = (key, PREFIX + block_digest_raw(base_tensors(block.module)).hex(), None)
+        hit = (key, PREFIX + block_digest_raw(base_tensors(block.module), path).hex(), None)
         world._digest_cache[path] = hit
     return hit[1]
 

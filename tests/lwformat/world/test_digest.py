@@ -102,3 +102,16 @@ def test_a_write_past_the_version_counter_is_seen_once_recomputed(world):
     assert world.digests(recompute=True)[path] == fresh[path] != before
     assert world.digests() == world.digests(recompute=True)  # kept
     world.verify()  # the cache now holds the new bytes
+
+
+def test_a_tensor_on_the_meta_device_is_named_not_hashed(world):
+    """A meta tensor holds no data: the digest names it (a bare NotImplementedError before)."""
+    from lwformat.errors import WorldError
+
+    path = next(iter(world.blocks()))
+    module = world.block(path).module
+    owner_name, owner = next((n, m) for n, m in module.named_modules() if n and next(m.parameters(recurse=False), None) is not None)
+    owner.to("meta")  # one layer moved to meta: its parameters are replaced by data-less ones
+    with pytest.raises(WorldError, match="is on the meta device") as err:
+        world.digests()
+    assert err.value.path.startswith(f"{path}:{owner_name}.")
