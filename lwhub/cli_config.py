@@ -58,15 +58,28 @@ def save_config(settings: dict[str, Any]) -> Path:
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The client settings for this command: flag, then environment, then the saved login."""
-    saved, chosen = load_config(), {}
+    """The client settings for this command: flag, then environment, then the saved login.
+
+    The saved token belongs to the saved registry: a command pointed at another one (by
+    ``--url`` or LWHUB_URL) goes without it, so a login never reaches a second hub.
+    """
+    saved, chosen, from_file = load_config(), {}, set()
     for key, env in ENVIRONMENT.items():
         flag = getattr(args, key, None)
         if flag:
             chosen[key] = flag
         elif not os.environ.get(env) and saved.get(key):
             chosen[key] = saved[key]
+            from_file.add(key)
+    if "token" in from_file and not _same_hub(chosen.get("url") or os.environ.get("LWHUB_URL"), saved.get("url")):
+        del chosen["token"]
     return chosen
+
+
+def _same_hub(a: str | None, b: str | None) -> bool:
+    from .client.settings import DEFAULT_URL
+
+    return (a or DEFAULT_URL).rstrip("/") == (b or DEFAULT_URL).rstrip("/")
 
 
 def hub_client(args: argparse.Namespace, **overrides: Any):

@@ -127,6 +127,47 @@ def test_a_bad_token_is_refused_and_not_saved(hub, home, capsys):
     assert code == 10 and "cannot reach" in err and "--url" in err
 
 
+@contextlib.contextmanager
+def recording_server():
+    """Another server on loopback that records the Authorization header of each request."""
+    import http.server
+    import threading
+
+    seen: list[str | None] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error": {"code": "not_found", "message": "nothing here"}}')
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_saved_token_goes_only_to_the_registry_it_was_saved_for(hub, carol, capsys, monkeypatch):
+    """A login for one hub is not sent to another named by --url or LWHUB_URL."""
+    with recording_server() as (other, seen):
+        run(capsys, "search", "noir", "--url", other)
+        with monkeypatch.context() as env:
+            env.setenv("LWHUB_URL", other + "/")
+            run(capsys, "info", "cli-carol/none")
+        assert len(seen) == 2 and seen == [None, None]
+    code, who = run_json(capsys, "whoami", "--url", hub.url + "/")  # the saved registry, spelled with a slash
+    assert code == 0 and who["account"] == "cli-carol"
+
+
 def test_keygen_register_then_push_and_pull(hub, carol, capsys, tmp_path):
     code, listed = run_json(capsys, "key", "list", "cli-carol")
     assert code == 0 and len(listed["keys"]) == 1
