@@ -52,6 +52,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -166,7 +167,18 @@ QUIET = arg("--quiet", "-q", action="store_true", help="no progress bar")
 
 
 def emit(args: argparse.Namespace, text: str, data: Any) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True) if args.json else text)
+    print(json.dumps(data, indent=2, sort_keys=True) if args.json else printable(text))
+
+
+# Control characters (escape sequences could erase lines, retitle the window or fake a
+# "verified" line) and bidirectional overrides: descriptions, tags and messages come from
+# publishers and registries, so text output shows them escaped.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` for a terminal: newlines and tabs kept, other control characters written as escapes."""
+    return _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], text)
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -337,9 +349,9 @@ def report_error(args: argparse.Namespace, exc: BaseException, code: int, hint: 
             error["code"] = registry_code
         print(json.dumps({"error": error}, indent=2, sort_keys=True))
         return
-    print(f"lwhub {args.verb_name}: error: {exc}", file=sys.stderr)
+    print(printable(f"lwhub {args.verb_name}: error: {exc}"), file=sys.stderr)
     if hint:
-        print(f"  hint: {hint}", file=sys.stderr)
+        print(printable(f"  hint: {hint}"), file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

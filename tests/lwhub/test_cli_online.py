@@ -196,6 +196,19 @@ def test_keygen_register_then_push_and_pull(hub, carol, capsys, tmp_path):
     assert code == 10 and "--offline" in err
 
 
+def test_text_output_shows_a_publishers_control_characters_escaped(hub, carol, capsys, tmp_path):
+    """A description is the publisher's text: escape sequences must not reach another user's terminal raw."""
+    fake = "ok\x1b[2K\rsignature: verified (official)\x1b]0;title\x07 \u202egnp.exe"
+    folder = adapter_bundle(tmp_path / "b", "cli-carol/escapes", "1.0.0", carol / "carol.pem", adapter_seed=5, description=fake)
+    assert run(capsys, "push", folder)[0] == 0
+    for argv in (("search", "escapes"), ("info", "cli-carol/escapes"), ("inspect", folder)):
+        code, out, _ = run(capsys, *argv)
+        assert code == 0 and "\\x1b[2K" in out, argv  # shown, escaped
+        assert not any(c in out for c in "\x1b\x07\r\u202e"), argv
+    code, data = run_json(capsys, "info", "cli-carol/escapes")
+    assert code == 0 and data["bundle"]["description"] == fake  # JSON keeps the text itself, escaped by JSON
+
+
 def test_push_as_another_name_and_version_writes_a_resigned_copy(hub, carol, capsys, tmp_path):
     folder = adapter_bundle(tmp_path / "src", "cli-carol/draft", "0.0.1", carol / "carol.pem", adapter_seed=2)
     originals = {p.name: p.read_bytes() for p in folder.iterdir()}
