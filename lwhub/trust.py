@@ -24,7 +24,7 @@ from lwformat.bundle.keys import PublicKey, key_id, loads_public_key, public_pem
 
 from .errors import RefError
 from .protocol import OWNER
-from .semver import is_valid, sort_key
+from .semver import is_prerelease, is_valid, sort_key
 
 
 class TrustStore:
@@ -91,11 +91,11 @@ class TrustStore:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{short}@{version}.seen").touch()
 
-    def highest_seen(self, name: str) -> str | None:
+    def highest_seen(self, name: str, *, releases_only: bool = False) -> str | None:
         """The highest version of ``owner/name`` verified here (semver precedence), if any."""
         folder, short = self._name(name)
         found = [p.name[len(short) + 1 : -len(".seen")] for p in folder.glob(f"{short}@*.seen")] if folder.is_dir() else []
-        versions = [v for v in found if is_valid(v)]
+        versions = [v for v in found if is_valid(v) and not (releases_only and is_prerelease(v))]
         return max(versions, key=sort_key) if versions else None
 
     def _name(self, name: str) -> tuple[Path, str]:

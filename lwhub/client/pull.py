@@ -3,7 +3,8 @@
     1. resolve the ref (online: the registry, which sends the manifest and signature
        along; offline: the cache's records)
     2. rollback: a tag that resolves below the highest version verified here is refused
-       (an explicit ``@version`` is what the user asked for, so it passes)
+       (a release is compared with the releases verified; an explicit ``@version`` is
+       what the user asked for, so it passes)
     3. manifest and signature: from the cached bundle directory when their digests
        match, else the bytes sent with the resolution (or fetched by digest), hashed
     4. the signature must verify with a key pinned for the owner (pinned on first use
@@ -38,7 +39,7 @@ from lwformat.errors import LWFormatError, SignatureError, SignedFileMismatchErr
 
 from ..errors import IntegrityError, NotCachedError, NotFoundError, ProtocolError, RefError, RollbackError, TooLargeError, TrustError
 from ..protocol import API, OWNER, TAG, SignedVersion, VersionInfo, digest_hex
-from ..semver import is_valid, newer
+from ..semver import is_prerelease, is_valid, newer
 from .download import Fetcher, FileJob, verify_file
 
 if TYPE_CHECKING:
@@ -61,7 +62,9 @@ def _sha(data: bytes) -> str:
 
 
 def check_rollback(client: Client, full: str, want: str, version: str, allow: bool) -> None:
-    seen = client.trust.highest_seen(full)
+    # A tag naming a release is held to the releases seen: pulling 2.0.0-rc.1 on purpose
+    # must not make `latest` (the highest release, 1.5.0) look like a rollback.
+    seen = client.trust.highest_seen(full, releases_only=not is_prerelease(version))
     if seen and newer(seen, version) and not allow and not is_valid(want):
         raise RollbackError(
             f"{full}@{want} resolves to {version}, older than {seen} which this client already verified "

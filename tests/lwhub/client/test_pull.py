@@ -267,6 +267,21 @@ def test_a_registry_offering_an_older_latest_is_refused(hub, published, tmp_path
     assert client.pull(name, allow_rollback=True).is_dir()
 
 
+def test_a_pre_release_pulled_on_purpose_does_not_hold_back_latest(hub, published, tmp_path, make_bundle):
+    """`latest` is the highest release: it is compared with the releases seen, a pre-release tag with everything."""
+    name, _, _ = published
+    publisher = hub.client(tmp_path / "publisher")
+    for version in ("1.1.0-rc.1", "1.1.0-rc.2"):
+        publisher.push(make_bundle(tmp_path / version, name, version, hub.private, features=32, rank=8))
+    client = hub.client(tmp_path / "cache")
+    assert client.pull(f"{name}@1.1.0-rc.2").is_dir() and client.trust.highest_seen(name) == "1.1.0-rc.2"
+    assert client.pull(name).is_dir()  # latest: 1.0.0, the highest release
+    publisher.set_tag(name, "beta", "1.1.0-rc.1")
+    with pytest.raises(RollbackError) as caught:
+        client.pull(f"{name}@beta")  # a pre-release below the one already verified
+    assert (caught.value.version, caught.value.seen) == ("1.1.0-rc.1", "1.1.0-rc.2")
+
+
 def test_rollback_protection_outlives_the_cache(hub, published, tmp_path, make_bundle):
     name, _, _ = published
     publisher = hub.client(tmp_path / "publisher")
