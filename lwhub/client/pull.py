@@ -32,13 +32,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lwformat.bundle.canonical import loads as load_manifest
+from lwformat.bundle.keys import key_id, loads_public_key
 from lwformat.bundle.limits import MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES
 from lwformat.bundle.manifest import MANIFEST, SIGNATURE, Manifest
 from lwformat.bundle.signing import check_against_manifest, verify_signature
 from lwformat.errors import LWFormatError, SignatureError, SignedFileMismatchError, UntrustedSignatureError
 
 from ..errors import IntegrityError, NotCachedError, NotFoundError, ProtocolError, RefError, RollbackError, TooLargeError, TrustError
-from ..protocol import API, OWNER, TAG, SignedVersion, VersionInfo, digest_hex
+from ..protocol import API, OWNER, TAG, KeyInfo, SignedVersion, VersionInfo, digest_hex
 from ..semver import is_prerelease, is_valid, newer
 from .download import Fetcher, FileJob, verify_file
 
@@ -74,7 +75,11 @@ def check_rollback(client: Client, full: str, want: str, version: str, allow: bo
         )  # fmt: skip
 
 
-def _trusted_keys(client: Client, owner: str, tofu: bool) -> list:
+MAX_TOFU_KEYS = 32  # keys a registry may list for one owner when trusting it on first use
+
+
+def _trusted_keys(client: Client, owner: str, tofu: bool) -> tuple[list, bool]:
+    """The keys to verify with, and whether they are the registry's, to pin once one verifies."""
     keys = client.trust.keys(owner)
     if keys or not tofu:
         if not keys:
@@ -82,24 +87,31 @@ def _trusted_keys(client: Client, owner: str, tofu: bool) -> list:
                 f"no publisher key is pinned for {owner!r}: pin the owner's public key (`lwhub trust add {owner} KEY.pub`, "
                 f"TrustStore.pin) or pull with --tofu (tofu=True) to trust the registry's keys on first use", owner=owner,
             )  # fmt: skip
-        return keys
+        return keys, False
     if client.offline:
         raise TrustError(f"no publisher key is pinned for {owner!r}, and offline the registry's keys cannot be fetched", owner=owner)
-    for key in client.keys(owner):
-        client.trust.pin(owner, key.pem.encode())
-    return client.trust.keys(owner)
+    listed = []
+    for key in client.pages(f"{API}/owners/{owner}/keys", KeyInfo):
+        if len(listed) == MAX_TOFU_KEYS:
+            raise TrustError(f"the registry lists more than {MAX_TOFU_KEYS} keys for {owner!r}: pin the right one yourself "
+                             f"(`lwhub trust add {owner} KEY.pub`)", owner=owner)  # fmt: skip
+        try:
+            listed.append(loads_public_key(key.pem.encode()))
+        except LWFormatError as exc:
+            raise ProtocolError(f"the registry lists a key for {owner!r} that is not a P-256 public key: {exc}") from exc
+    return listed, True
 
 
-def check_signature(signature: bytes, manifest_bytes: bytes, manifest: Manifest, keys: list, owner: str) -> bool:
+def check_signature(signature: bytes, manifest_bytes: bytes, manifest: Manifest, keys: list, owner: str) -> tuple[str, bool]:
     """Verify the envelope and what it lists against the manifest, before any large download.
 
-    True when that settles the files too; False when the signature's shards are not the
-    manifest's chunks, and the files' shards are checked once downloaded
-    (`lwformat.bundle.signing.check_against_manifest`).
+    Returns the signing key's id, and True when that settles the files too; False when
+    the signature's shards are not the manifest's chunks, and the files' shards are
+    checked once downloaded (`lwformat.bundle.signing.check_against_manifest`).
     """
     full = f"{manifest.name}@{manifest.version}"
     try:
-        _, settled = check_against_manifest(signature, manifest_bytes, manifest, keys)
+        signed, settled = check_against_manifest(signature, manifest_bytes, manifest, keys)
     except UntrustedSignatureError as exc:
         raise TrustError(f"{full}: signed by none of the keys pinned for {owner!r} ({exc}); if {owner} has a new key, "
                          f"check it with them, then pin it (`lwhub trust add`)", owner=owner) from exc
@@ -108,7 +120,7 @@ def check_signature(signature: bytes, manifest_bytes: bytes, manifest: Manifest,
                              expected=str(exc.expected), found=str(exc.found)) from exc  # fmt: skip
     except SignatureError as exc:
         raise TrustError(f"{full}: {exc}", owner=owner) from exc
-    return settled
+    return signed.key_id, settled
 
 
 def _jobs(manifest: Manifest) -> list[FileJob]:
@@ -207,15 +219,17 @@ def pull(client: Client, ref: str, *, tofu: bool = False, allow_rollback: bool =
     check_rollback(client, full, want, info.version, allow_rollback)
     materials = _materials(client, info, mhex, shex, sent)
     manifest = _manifest(materials[0], info)
-    keys = _trusted_keys(client, owner, tofu)
-    settled = check_signature(materials[1], materials[0], manifest, keys, owner)  # before any large download
+    keys, on_first_use = _trusted_keys(client, owner, tofu)
+    signer, settled = check_signature(materials[1], materials[0], manifest, keys, owner)  # before any large download
     folder = _install(client, info, mhex, materials, _jobs(manifest), progress)
     if not settled:
         try:
-            verify_signature(folder, keys)
+            signer = verify_signature(folder, keys)
         except SignatureError as exc:
             client.cache.drop_bundle(mhex)
             raise TrustError(f"{full}@{info.version}: {exc}", owner=owner) from exc
+    if on_first_use:  # only the key that signed, once everything verified
+        client.trust.pin(owner, next(k for k in keys if key_id(k) == signer))
     if not client.offline:
         client.cache.record_version(info)
         if not is_valid(want):

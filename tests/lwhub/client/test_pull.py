@@ -212,6 +212,54 @@ def test_keys_are_pinned_per_owner_and_trusted_on_first_use_only_when_asked(hub,
     assert client.trust.key_ids("alice") == [info.key_id]
 
 
+def _owner_with_keys(hub, tmp_path, owner: str, count: int):
+    """A new account on the live registry with `count` registered key pairs: (client, [(private, public)])."""
+    from lwformat.bundle.keys import generate_keypair
+    from lwhub.server import create_account
+
+    publisher = Client(hub.url, token=create_account(hub.data, owner), cache_dir=tmp_path / "publisher")
+    (tmp_path / "keys").mkdir()
+    pairs = [generate_keypair(tmp_path / "keys", name=f"k{i}") for i in range(count)]
+    for _, public in pairs:
+        publisher.register_key(owner, public)
+    return publisher, pairs
+
+
+def test_trust_on_first_use_pins_only_the_key_that_signed_once_the_pull_verified(hub, tmp_path, make_bundle):
+    from lwformat.bundle.keys import key_id, load_public_key
+
+    publisher, pairs = _owner_with_keys(hub, tmp_path, "tofu-one", 3)
+    publisher.push(make_bundle(tmp_path / "b", "tofu-one/style", "1.0.0", pairs[1][0], features=32, rank=8))
+    client = hub.client(tmp_path / "cache", pin=False)
+    assert client.pull("tofu-one/style", tofu=True).is_dir()
+    assert client.trust.key_ids("tofu-one") == [key_id(load_public_key(pairs[1][1]))]
+
+
+def test_trust_on_first_use_pins_nothing_when_the_signature_fails(hub, tmp_path, make_bundle, other_keys):
+    publisher, _ = _owner_with_keys(hub, tmp_path, "tofu-two", 2)
+    publisher.register_key("tofu-two", other_keys[1])
+    publisher.push(make_bundle(tmp_path / "b", "tofu-two/style", "1.0.0", other_keys[0], features=32, rank=8))
+    with sqlite3.connect(hub.data / "registry.sqlite3") as db:  # the key that signed drops out of the registry's list
+        from lwformat.bundle.keys import key_id, load_public_key
+
+        db.execute("DELETE FROM keys WHERE key_id = ?", (key_id(load_public_key(other_keys[1])),))
+    client = hub.client(tmp_path / "cache", pin=False)
+    with pytest.raises(TrustError):
+        client.pull("tofu-two/style", tofu=True)
+    assert client.trust.key_ids("tofu-two") == []
+
+
+def test_trust_on_first_use_refuses_a_registry_listing_too_many_keys(hub, tmp_path, make_bundle):
+    from lwhub.client.pull import MAX_TOFU_KEYS
+
+    publisher, pairs = _owner_with_keys(hub, tmp_path, "tofu-many", MAX_TOFU_KEYS + 1)
+    publisher.push(make_bundle(tmp_path / "b", "tofu-many/style", "1.0.0", pairs[0][0], features=32, rank=8))
+    client = hub.client(tmp_path / "cache", pin=False)
+    with pytest.raises(TrustError, match=f"more than {MAX_TOFU_KEYS} keys"):
+        client.pull("tofu-many/style", tofu=True)
+    assert client.trust.key_ids("tofu-many") == []
+
+
 def test_an_interrupted_pull_resumes_where_it_stopped(hub, published, tmp_path):
     name, folder, _ = published
     hexdigest, size = weights_hex(folder), (folder / WEIGHTS).stat().st_size
