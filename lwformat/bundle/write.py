@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import torch
 
 from ..errors import BundleFormatError, TargetError
 from ..world.digest import DTYPE_NAMES, tensor_bytes
@@ -35,8 +36,6 @@ from .manifest import (
 )
 
 if TYPE_CHECKING:
-    import torch
-
     from ..adapters.plan import SlotPlan
     from ..world.tree import World
 
@@ -96,6 +95,10 @@ def write_tensors(draft: Manifest, tensors: Mapping[str, torch.Tensor], out_dir:
     missing = [s.key for s in spans if s.key not in tensors]
     if missing:
         raise BundleFormatError(f"{missing[0]}: the manifest lists a tensor that was not given", path=WEIGHTS, field=missing[0])
+    for s in spans:  # a diverged training run: such adapters turn every output they touch into NaN
+        t = tensors[s.key]
+        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
+            raise BundleFormatError(f"{s.key}: holds NaN or infinite values (did training diverge?)", path=WEIGHTS, field=s.key)
     header = header_bytes(spans)
     size = len(header) + sum(s.nbytes for s in spans)
     placeholder = FileEntry(path=WEIGHTS, size=size, sha256="0" * 64, chunks=["0" * 64] * -(-size // chunk_size))

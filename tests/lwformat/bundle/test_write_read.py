@@ -94,6 +94,17 @@ def test_write_refuses_what_it_cannot_do_and_writes_nothing(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["taken"] and not os.listdir(tmp_path / "taken")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_adapters_holding_nan_or_inf_are_refused_before_anything_is_written(tmp_path, bad):
+    world = tiny_custom_world()
+    adapter = world.block(BACKBONE).module[0].adapters["noir"]
+    with torch.no_grad():
+        adapter.lora_B[0, 0] = bad  # as a diverged training run leaves it
+    with pytest.raises(BundleFormatError, match="NaN or infinite") as info:
+        write_bundle(world, tmp_path / "b", name="a/b", version="1.0.0")
+    assert info.value.field.endswith("lora_B") and os.listdir(tmp_path) == []
+
+
 def test_only_the_customization_is_written_when_a_host_holds_more(tmp_path):
     world = tiny_custom_world()
     host = world.block(LLM).module[0]
