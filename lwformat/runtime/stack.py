@@ -266,7 +266,7 @@ def apply(world: World, bundle: Any, weight: Weight = 1.0, *, name: str | None =
             applied.hosts[rs.slot] = host
     except BaseException:  # the storage goes back to the spare pool, the hosts as they were
         for slot, host in hosts:
-            host.adapters.pop(applied.key, None)
+            host.adapters._modules.pop(applied.key, None)  # ModuleDict.pop takes no default
             _unhost(parents, slot, host)
         _release(world, applied)
         raise

@@ -92,6 +92,7 @@ def test_per_block_weights(world, bundles):
     assert {a.mix_weight.item() for s, a in creator.items() if "backbone" not in s} == {1.0}
     world.set_weight("creator/ink", {"creator/render/t2i/codec": 0.0})
     assert {a.mix_weight.item() for s, a in creator.items() if "codec" in s} == {0.0}
+    assert {a.mix_weight.item() for s, a in creator.items() if "backbone" in s} == {0.25}  # no glob matched: kept
     with pytest.raises(TargetError, match="matches no block"):
         world.set_weight("creator/ink", {"author/**": 1.0})
 
@@ -359,3 +360,29 @@ def test_training_on_top_of_an_applied_style_follows_the_order_the_refusal_names
     frozen = [t for a in world.applied["author/noir"].adapters.values() for t in a.state_dict(keep_vars=True).values()]
     assert trainable and all(t.requires_grad for t in trainable) and not any(t.requires_grad for t in frozen)
     assert not {id(t) for t in trainable} & {id(t) for t in frozen}
+
+
+def test_an_apply_failing_midway_leaves_the_world_as_it_was(world, bundles, monkeypatch):
+    """A failure after some hosts were made (here the third adapter added: memory, say) undoes them all."""
+    from lwformat.adapters.host import AdapterHost
+
+    x = tokens()
+    base, root = lm_out(world, x), world.root_digest()
+    modules = [id(m) for m in world.modules()]
+    real_add, calls = AdapterHost.add, []
+
+    def failing_add(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("out of memory on the third slot")
+        return real_add(self, *args, **kwargs)
+
+    monkeypatch.setattr(AdapterHost, "add", failing_add)
+    with pytest.raises(MemoryError):
+        world.apply(bundles["noir"], weight=0.7)
+    monkeypatch.undo()
+    assert len(calls) == 3 and world.applied == {}
+    assert [id(m) for m in world.modules()] == modules and not any(getattr(m, "is_adapter_host", False) for m in world.modules())
+    assert torch.equal(lm_out(world, x), base) and world.root_digest() == root
+    world.apply(bundles["noir"], weight=0.7)  # and the world takes it afterwards
+    assert not torch.equal(lm_out(world, x), base)

@@ -139,6 +139,30 @@ def test_a_swap_trusting_the_base_still_checks_a_new_binding(tmp_path, world, bu
     assert torch.equal(lm_out(world, x), out)
 
 
+def test_a_swap_to_another_kind_of_the_same_shapes_is_refused(tmp_path, world):
+    """LoRA's factors fit DoRA's storage, but DoRA also scales by a magnitude: not the same adapter."""
+    from tests.lwformat.runtime.conftest import make_bundle
+
+    dora, lora = make_bundle(tmp_path, 8, kind="dora", slots=("*.qkv",)), make_bundle(tmp_path, 9, slots=("*.qkv",))
+    world.apply(dora, weight=0.6, name="author/noir")
+    x = tokens()
+    out = lm_out(world, x)
+    with pytest.raises(LayoutError, match="dora applied, the new bundle has lora"):
+        world.swap("author/noir", lora)
+    assert torch.equal(lm_out(world, x), out) and world.applied["author/noir"].bundle is dora
+
+
+def test_a_swap_takes_the_new_bundles_scaling(tmp_path, world, bundles):
+    """alpha / rank comes with the bundle: noir's is 8 / 4, this one's 2 / 4."""
+    from tests.lwformat.runtime.conftest import make_bundle
+
+    quiet = make_bundle(tmp_path, 10, alpha=2.0)
+    world.apply(bundles["noir"], weight=0.6)
+    world.swap("author/noir", quiet)
+    x = tokens()
+    assert torch.equal(lm_out(world, x), lm_out(fresh_with(quiet), x))
+
+
 def test_a_strict_swap_walks_the_modules_again(world, bundles):
     from lwformat.errors import IncompatibleError
 
