@@ -357,3 +357,80 @@ def test_requests_that_make_no_sense_are_blend_errors(bundles):
                    {"parts": [(noir, 1e39)]}):  # fmt: skip
         with pytest.raises(BlendError):
             blend(**kwargs)
+
+
+# -- ties: the vote on a zero sum; negative weights in the factor-wise merge; non-LoRA errors -------
+
+
+def test_ties_elects_plus_on_a_zero_sum():
+    # equal weights, density 1: the weighted values +1 and −1 sum to 0, which elects +,
+    # so only the first task agrees and the disjoint mean is its value alone
+    T = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64)
+    assert ties(T, torch.tensor([1.0, 1.0], dtype=torch.float64), density=1.0).tolist() == [1.0, 1.0]
+    assert ties(T, torch.tensor([0.5, 0.5], dtype=torch.float64), density=1.0).tolist() == [0.5, 0.5]
+
+
+def test_ties_through_blend_elects_plus_where_a_bundle_cancels_itself(tmp_path):
+    # one bias bundle at +1 and at −1: every entry votes c and −c, a zero sum, so + is
+    # elected everywhere and the merged shift is |c| (the positive of the two values)
+    b = make_bundle(tmp_path, 9, name="author/shift", kind="bias")
+    result = blend([(b, 1.0), (b, -1.0)], method="ties", density=1.0)
+    for entry in b.manifest.slots:
+        c = b.slot_tensors(entry.slot)["bias_delta"]
+        assert bool((c != 0).any())
+        assert torch.equal(result.slot_tensors(entry.slot)["bias_delta"], c.abs())
+
+
+@pytest.mark.parametrize("method", ["ties", "dare"])
+def test_a_negative_weight_keeps_its_sign_in_lora_ties_and_dare(lora, method):
+    b = lora["r3"]  # rsLoRA, ranks 3 and 5
+    result = blend([(b, -0.5)], method=method, density=1.0)
+    assert result.report.relative_error < 1e-6
+    for entry in result.manifest.slots:
+        expected = -0.5 * dense(b.slots[entry.slot], b.slot_tensors(entry.slot))
+        got = dense(entry, result.slot_tensors(entry.slot))
+        assert float((got - expected).norm() / expected.norm()) < 1e-6
+    assert_same_outputs(applied(result), stacked([(b, -0.5)]))
+
+
+def _flat_delta(kind, tensors, rows) -> torch.Tensor:
+    """A non-LoRA slot's task tensor in float64, by its kind's definition: IA3 g − 1, bias c,
+    neuron the rows D scattered to their channels (zero elsewhere) of a (rows, fan_in) matrix."""
+    if kind == "ia3":
+        return tensors["ia3_l"].double() - 1
+    if kind == "bias":
+        return tensors["bias_delta"].double()
+    D = tensors["neuron_delta"].double().reshape(len(tensors["neuron_index"]), -1)
+    return torch.zeros(rows, D.shape[1], dtype=torch.float64).index_copy(0, tensors["neuron_index"].long(), D)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare"])
+@pytest.mark.parametrize(
+    "kind, first, second",
+    [
+        ("ia3", {}, {}),
+        ("bias", {}, {}),
+        ("neuron", {"neurons": [0, 2, 3]}, {"neurons": [1, 2, 3, 7]}),
+    ],
+)
+def test_ties_and_dare_report_the_measured_error_for_non_lora_kinds(tmp_path, kind, first, second, method):
+    blocks = ["author/**"] if kind == "neuron" else []
+    a = make_bundle(tmp_path, 4, name="author/a", kind=kind, blocks=blocks, **first)
+    b = make_bundle(tmp_path, 5, name="author/b", kind=kind, blocks=blocks, **second)
+    parts = [(a, 0.6), (b, -0.9)]
+    result = blend(parts, method=method, density=0.5, seed=3)
+    errors, norms = [], []
+    for entry in result.manifest.slots:
+        rows = 64  # above every channel index of these small layers
+        exact = sum(w * _flat_delta(kind, p.slot_tensors(entry.slot), rows) for p, w in parts if entry.slot in p.slots)
+        merged = _flat_delta(kind, result.slot_tensors(entry.slot), rows)
+        measured = float((merged - exact).norm())
+        report = result.report.slots[entry.slot]
+        assert report.kind == kind and report.method == method
+        assert report.norm == pytest.approx(float(exact.norm()), rel=1e-6)
+        assert report.error == pytest.approx(measured, abs=1e-5 * float(exact.norm()))
+        assert report.error > 0 and measured > 0
+        errors.append(measured)
+        norms.append(float(exact.norm()))
+    assert result.report.relative_error == pytest.approx(math.hypot(*errors) / math.hypot(*norms), abs=1e-5)
+    assert result.report.relative_error > 0.01
