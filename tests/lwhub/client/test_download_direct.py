@@ -101,3 +101,20 @@ def test_error_answers_are_typed(server, tmp_path):
         fetch(server, Cache(tmp_path))
     with pytest.raises(HubUnavailableError):
         fetch("http://127.0.0.1:1/blob/", Cache(tmp_path))
+
+
+def test_chunks_the_resume_record_claims_are_hashed_again_before_they_are_kept(server, tmp_path):
+    """The `.done` record is a hint: a claimed chunk whose bytes are wrong is fetched again, never kept."""
+    cache = Cache(tmp_path)
+    fd, record = cache.open_partial(HEX, len(DATA))  # as the downloader leaves an interrupted download
+    try:
+        os.pwrite(fd, b"\xff" * CHUNK, 0)  # chunk 0: wrong bytes (a lost page cache, a disk error, a meddler)
+        os.pwrite(fd, DATA[CHUNK : 3 * CHUNK], CHUNK)  # chunks 1 and 2: right
+        for i in range(3):
+            Cache.mark_done(record, i)
+    finally:
+        os.close(fd)
+        os.close(record)
+    fetch(server, cache)
+    assert cache.blob(HEX).read_bytes() == DATA
+    assert Blob.ranges == [f"bytes=0-{CHUNK - 1}", f"bytes={3 * CHUNK}-{len(DATA) - 1}"]  # chunk 0 again, 1 and 2 kept

@@ -359,3 +359,110 @@ def test_an_endless_answer_from_a_registry_is_refused_not_buffered(tmp_path):
     with pytest.raises(ProtocolError, match="larger than"):
         client.info("alice/noir")
     assert sum(sent) <= MAX_ANSWER + (2 << 20)  # it stopped reading right after the cap
+
+
+def test_a_version_served_with_another_versions_manifest_is_refused(hub, published, tmp_path, make_bundle):
+    """A compromised registry answers 2.0.0 with 1.0.0's genuine manifest and signature (a rollback in disguise)."""
+    name, _, first = published
+    hub.client(tmp_path / "publisher").push(make_bundle(tmp_path / "v2", name, "2.0.0", hub.private, features=32, rank=8))
+    owner, short = name.split("/")
+    with sqlite3.connect(hub.data / "registry.sqlite3") as db:
+        db.execute("UPDATE versions SET manifest = ?, signature = ? WHERE owner = ? AND name = ? AND version = ?",
+                   (first.manifest, first.signature, owner, short, "2.0.0"))  # fmt: skip
+    client = hub.client(tmp_path / "cache")
+    with pytest.raises(IntegrityError) as caught:
+        client.pull(f"{name}@2.0.0")
+    assert caught.value.path == MANIFEST
+    assert (caught.value.expected, caught.value.found) == (f"{name}@2.0.0", f"{name}@1.0.0")
+    assert client.trust.highest_seen(name) is None
+    assert client.cache.cached_version(name, "2.0.0") is None
+    assert list((tmp_path / "cache" / "bundles").iterdir()) == []
+
+
+def test_an_explicit_version_must_be_answered_with_that_version(hub, tmp_path, make_bundle):
+    """A hostile registry answers ``@1.0.0`` with a genuine, signed 2.0.0: asked for one version, the pull takes no other."""
+    import msgspec
+
+    from lwformat.bundle.keys import key_id, load_public_key
+    from lwhub.errors import ProtocolError
+    from lwhub.protocol import SignedVersion, VersionInfo
+
+    name = "alice/answered-with-another-version"
+    folder = make_bundle(tmp_path / "v2", name, "2.0.0", hub.private, features=32, rank=8)
+    manifest, signature, weights = ((folder / f).read_bytes() for f in (MANIFEST, SIGNATURE, WEIGHTS))
+    info = VersionInfo(name, "2.0.0", "sha256:" + hashlib.sha256(manifest).hexdigest(), "sha256:" + hashlib.sha256(signature).hexdigest(),
+                       len(weights), key_id(load_public_key(hub.public)), 0.0)  # fmt: skip
+    asked = []
+
+    def registry(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.path)
+        if request.url.path == f"/v1/bundles/{name}/resolve/1.0.0/signed":
+            return httpx.Response(200, content=msgspec.json.encode(SignedVersion(info, manifest, signature)))
+        if request.url.path == f"/v1/bundles/{name}/resolve/1.0.0":
+            return httpx.Response(200, content=msgspec.json.encode(info))
+        if request.url.path == f"/v1/blobs/sha256:{weights_hex(folder)}":
+            return httpx.Response(200, content=iter([weights]))  # streamed, as a download reads it
+        return httpx.Response(404, json={"error": {"code": "not_found", "message": "Not Found", "detail": {}}})
+
+    client = Client("http://registry.invalid", cache_dir=tmp_path / "cache", http=httpx.Client(transport=httpx.MockTransport(registry)))
+    client.trust.pin("alice", hub.public)
+    with pytest.raises(ProtocolError, match="asked for"):
+        client.pull(f"{name}@1.0.0")
+    assert asked == [f"/v1/bundles/{name}/resolve/1.0.0/signed"]  # refused on the answer: nothing fetched
+    assert client.trust.highest_seen(name) is None
+    assert list((tmp_path / "cache" / "bundles").iterdir()) == [] and client.cache.cached_version(name, "2.0.0") is None
+
+
+def test_a_corrupt_cached_signature_is_not_trusted_but_fetched_again(hub, published, tmp_path):
+    name, folder, info = published
+    path = hub.client(tmp_path / "cache").pull(name)
+    flip(path / SIGNATURE, 100)
+    with pytest.raises(NotCachedError):  # offline, the damaged copy is no copy
+        Client(cache_dir=tmp_path / "cache", offline=True).pull(name)
+    net = Recording()
+    again = hub.client(tmp_path / "cache", http=httpx.Client(transport=net)).pull(name)
+    assert again == path
+    assert (again / SIGNATURE).read_bytes() == (folder / SIGNATURE).read_bytes()  # replaced, not kept
+    with Bundle.open(again) as bundle:
+        assert verify(bundle, [hub.public]) == info.key_id
+    assert [p for p, _, _ in net.log] == [f"/v1/bundles/{name}/resolve/latest/signed"]  # the signature came with it
+    assert net.blob_bytes(weights_hex(folder)) == 0  # the weights' blob was verified in the cache, not fetched
+
+
+def _signed_by_lying_shards(folder, private, shard: int) -> bytes:
+    """A valid signature by shards of `shard` bytes: the manifest's right, one shard of the weights wrong."""
+    from lwformat.bundle.signing import list_files, shard_digests, shard_names, sign_statement, statement_for
+
+    digests = shard_digests(folder, shard_names(folder, list_files(folder), shard))
+    lie = [n for n in digests if n.startswith(f"{WEIGHTS}:")][2]
+    digests[lie] = hashlib.sha256(b"other bytes").hexdigest()
+    return sign_statement(statement_for(digests, model_name=folder.name, shard_size=shard), load_private_key(private))
+
+
+def test_a_signature_by_other_shards_that_lie_about_the_files_is_refused_at_publish_and_at_pull(hub, tmp_path, make_bundle):
+    from lwhub.errors import PublishRejectedError
+
+    name, shard = "alice/other-shards-that-lie", 3 * CHUNK + 7  # no multiple of the chunk size
+    folder = make_bundle(tmp_path / "src", name, "1.0.0", None, features=512, rank=256)
+    lying = _signed_by_lying_shards(folder, hub.private, shard)
+    sign_bundle(folder, load_private_key(hub.private), shard_size=shard)
+    honest = (folder / SIGNATURE).read_bytes()
+    (folder / SIGNATURE).write_bytes(lying)
+    publisher = hub.client(tmp_path / "publisher")
+    with pytest.raises(PublishRejectedError) as caught:
+        publisher.push(folder)
+    assert caught.value.code == "signature_invalid"
+    with pytest.raises(NotFoundError):
+        publisher.resolve(f"{name}@1.0.0")
+    # A compromised registry serves it anyway: the honest bundle published, its signature swapped for the lying one.
+    (folder / SIGNATURE).write_bytes(honest)
+    publisher.push(folder)
+    digest = "sha256:" + hashlib.sha256(lying).hexdigest()
+    assert httpx.put(f"{hub.url}/v1/blobs/{digest}", content=lying, headers={"authorization": f"Bearer {hub.token}"}).is_success
+    with sqlite3.connect(hub.data / "registry.sqlite3") as db:
+        db.execute("UPDATE versions SET signature = ? WHERE owner || '/' || name = ?", (digest, name))
+    client = hub.client(tmp_path / "cache")
+    with pytest.raises(TrustError):
+        client.pull(name)
+    assert list((tmp_path / "cache" / "bundles").iterdir()) == []
+    assert client.trust.highest_seen(name) is None and client.cache.cached_version(name, "1.0.0") is None
