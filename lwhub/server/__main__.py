@@ -1,4 +1,4 @@
-"""``python -m lwhub.server DATA_DIR [--host H] [--port P] [--workers N]``: run the registry."""
+"""``python -m lwhub.server DATA_DIR [--host H] [--port P] [--workers N] [--upload-idle S]``: run the registry."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ parser.add_argument("--host", default="127.0.0.1")
 parser.add_argument("--port", type=int, default=8700)
 parser.add_argument("--workers", type=int, default=1)
 parser.add_argument("--instance", default="")
+parser.add_argument("--upload-idle", type=float, default=None, help="seconds an upload may send nothing (default 60)")
 args = parser.parse_args()
 try:
-    run_server(args.data_dir, host=args.host, port=args.port, workers=args.workers, instance=args.instance)
+    run_server(args.data_dir, host=args.host, port=args.port, workers=args.workers, instance=args.instance,
+               upload_idle=args.upload_idle)  # fmt: skip
 except UsageError as exc:
     sys.exit(f"python -m lwhub.server: {exc}")

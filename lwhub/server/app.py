@@ -30,7 +30,7 @@ from ..protocol import (
 from ..semver import is_valid
 from . import auth, openapi
 from .blobs import BlobStore, DirBlobStore
-from .http import HANDLERS, BlobResponse, check_range, json_answer, page_args, page_token, read_body
+from .http import HANDLERS, UPLOAD_IDLE, BlobResponse, check_range, json_answer, page_args, page_token, read_body, within_idle
 from .publish import publish
 from .store import Store, open_store
 from .sweep import ORPHAN_GRACE, SWEEP_EVERY, Sweeper
@@ -48,8 +48,8 @@ def _bundle_path(request: Request) -> tuple[str, str]:
 class Registry:
     """The routes, bound to one metadata store and one blob store."""
 
-    def __init__(self, store: Store, blobs: BlobStore, sweeper: Sweeper) -> None:
-        self.store, self.blobs, self.sweeper = store, blobs, sweeper
+    def __init__(self, store: Store, blobs: BlobStore, sweeper: Sweeper, upload_idle: float = UPLOAD_IDLE) -> None:
+        self.store, self.blobs, self.sweeper, self.upload_idle = store, blobs, sweeper, upload_idle
 
     def principal(self, request: Request) -> auth.Principal:
         return auth.authenticate(self.store, request.headers.get("authorization"))
@@ -132,7 +132,7 @@ class Registry:
             raise TooLargeError(f"a blob of {declared} bytes is larger than a bundle may be ({MAX_BUNDLE_BYTES})")
         writer = self.blobs.writer(hexdigest, limit=MAX_BUNDLE_BYTES)
         try:
-            async for piece in request.stream():
+            async for piece in within_idle(request.stream(), self.upload_idle):
                 writer.write(piece)
             created = await run_in_threadpool(writer.commit)
         except ClientDisconnect:
@@ -231,14 +231,15 @@ class Registry:
 
 
 def create_app(data_dir: str | Path, *, instance: str = "", orphan_grace: float = ORPHAN_GRACE,
-               sweep_every: float = SWEEP_EVERY) -> Starlette:  # fmt: skip
+               sweep_every: float = SWEEP_EVERY, upload_idle: float = UPLOAD_IDLE) -> Starlette:  # fmt: skip
     """The registry app on `data_dir` (``registry.sqlite3``, ``blobs/``, ``tmp/``).
 
     Unreferenced blobs and temp entries older than `orphan_grace` seconds are swept after
-    an upload, at most once every `sweep_every` seconds (`sweep.Sweeper`).
+    an upload, at most once every `sweep_every` seconds (`sweep.Sweeper`). An upload that
+    sends nothing for `upload_idle` seconds is dropped.
     """
     store, blobs = open_store(data_dir), DirBlobStore(data_dir)
-    registry = Registry(store, blobs, Sweeper(store, blobs, grace=orphan_grace, every=sweep_every))
+    registry = Registry(store, blobs, Sweeper(store, blobs, grace=orphan_grace, every=sweep_every), upload_idle)
     r, bundle = registry, "/v1/bundles/{owner}/{name}"
     routes = [
         Route("/v1/health", r.health),

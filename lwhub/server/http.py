@@ -7,10 +7,12 @@ the store's cursor (the last item's sort key).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import re
 import time
+from collections.abc import AsyncIterator
 
 import anyio
 import msgspec
@@ -39,6 +41,25 @@ def error_answer(exc: RegistryError) -> Response:
     elif exc.code == "method_not_allowed":
         response.headers["allow"] = exc.detail["allow"]
     return response
+
+
+UPLOAD_IDLE = 60.0  # seconds an upload may send nothing before it is dropped, its temp file with it
+
+
+async def within_idle(pieces: AsyncIterator[bytes], idle: float) -> AsyncIterator[bytes]:
+    """`pieces`, ended by a BadRequestError when none arrives for `idle` seconds (a stalled
+    client would otherwise hold its connection and temp file for as long as it likes)."""
+    it = aiter(pieces)
+    while True:
+        try:
+            async with asyncio.timeout(idle):  # around the wait only, never across a yield
+                piece = await anext(it)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise BadRequestError(f"the upload sent nothing for {idle:g} s; it was dropped and nothing was kept",
+                                  code="invalid_request") from None  # fmt: skip
+        yield piece
 
 
 async def read_body(request: Request, kind: type, limit: int = 64 << 10):

@@ -33,7 +33,7 @@ from .blobs import DirBlobStore
 from .store import open_store
 from .sweep import ORPHAN_GRACE, sweep
 
-_DATA_ENV, _INSTANCE_ENV = "LWHUB_SERVER_DATA", "LWHUB_SERVER_INSTANCE"
+_DATA_ENV, _INSTANCE_ENV, _IDLE_ENV = "LWHUB_SERVER_DATA", "LWHUB_SERVER_INSTANCE", "LWHUB_SERVER_UPLOAD_IDLE"
 
 
 def recover(data_dir: str | Path, *, orphan_grace: float = ORPHAN_GRACE) -> dict[str, int]:
@@ -45,10 +45,12 @@ def worker_app():
     """Granian's factory in each worker process: the app on the data dir `run_server` chose."""
     from .app import create_app
 
-    return create_app(os.environ[_DATA_ENV], instance=os.environ.get(_INSTANCE_ENV, ""))
+    idle = {"upload_idle": float(os.environ[_IDLE_ENV])} if os.environ.get(_IDLE_ENV) else {}
+    return create_app(os.environ[_DATA_ENV], instance=os.environ.get(_INSTANCE_ENV, ""), **idle)
 
 
-def run_server(data_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8700, workers: int = 1, instance: str = "") -> None:
+def run_server(data_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8700, workers: int = 1, instance: str = "",
+               upload_idle: float | None = None) -> None:  # fmt: skip
     """Recover `data_dir`, then serve it until interrupted (blocking; what `lwhub serve` runs)."""
     from granian import Granian
 
@@ -56,6 +58,7 @@ def run_server(data_dir: str | Path, *, host: str = "127.0.0.1", port: int = 870
     data = Path(data_dir).resolve()
     recover(data)
     os.environ[_DATA_ENV], os.environ[_INSTANCE_ENV] = str(data), instance
+    os.environ[_IDLE_ENV] = "" if upload_idle is None else repr(float(upload_idle))  # None: the app's default
     Granian(
         "lwhub.server.run:worker_app", address=host, port=port, interface="asgi", factory=True,
         workers=workers, log_level="warning", backlog=1024,
@@ -122,7 +125,7 @@ class RunningServer:
 
 
 def serve(data_dir: str | Path, host: str = "127.0.0.1", port: int = 0, *, workers: int = 1,
-          timeout: float = 60.0, preexec_fn=None) -> RunningServer:  # fmt: skip
+          timeout: float = 60.0, upload_idle: float | None = None, preexec_fn=None) -> RunningServer:  # fmt: skip
     """Start the registry on `data_dir` in a child process; return once it answers.
 
     ``port=0`` picks a free port; a unique instance id in the health answer proves that
@@ -133,6 +136,8 @@ def serve(data_dir: str | Path, host: str = "127.0.0.1", port: int = 0, *, worke
         instance, chosen = secrets.token_hex(8), port or free_port(host)
         cmd = [sys.executable, "-m", "lwhub.server", str(data_dir), "--host", host, "--port", str(chosen),
                "--workers", str(workers), "--instance", instance]  # fmt: skip
+        if upload_idle is not None:
+            cmd += ["--upload-idle", repr(float(upload_idle))]
         # preexec_fn is for tests only (a file-size limit for the full-disk test); None otherwise.
         process = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL, preexec_fn=preexec_fn)  # noqa: PLW1509
         server = RunningServer(f"http://{host}:{chosen}", Path(data_dir), process)

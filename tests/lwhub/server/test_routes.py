@@ -308,3 +308,28 @@ def test_yank_and_tag_of_a_bundle_that_is_not_there_say_so(hub, tmp_path):
             act()
         assert caught.value.code == "bundle_not_found"
 
+
+
+def test_an_upload_that_stalls_is_dropped_with_its_temp_file(tmp_path, keys):
+    """A client that declares a large blob and goes quiet holds nothing for longer than upload_idle."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from tests.lwhub.conftest import start_hub
+
+    hub = start_hub(tmp_path / "data", keys, upload_idle=1.0)
+    try:
+        where = urlsplit(hub.url)
+        digest = "sha256:" + "ab" * 32
+        started = time.monotonic()
+        with socket.create_connection((where.hostname, where.port), timeout=20) as s:
+            s.sendall(f"PUT /v1/blobs/{digest} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {hub.token}\r\n"
+                      f"Content-Length: {1 << 30}\r\n\r\n".encode() + b"x" * 1000)  # fmt: skip
+            time.sleep(0.3)
+            assert os.listdir(hub.data / "tmp")  # the upload is under way
+            answer = s.recv(65536)  # then nothing more is sent
+        assert b" 400 " in answer.split(b"\r\n", 1)[0] and b"sent nothing for 1 s" in answer, answer[:300]
+        assert time.monotonic() - started < 10
+        assert os.listdir(hub.data / "tmp") == []
+    finally:
+        hub.server.stop()
