@@ -85,6 +85,7 @@ from .errors import (
     PublishRejectedError,
     PushError,
     RefError,
+    RegistryError,
     RollbackError,
     StorageError,
     TrustError,
@@ -170,15 +171,27 @@ def emit(args: argparse.Namespace, text: str, data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=True) if args.json else printable(text))
 
 
-# Control characters (escape sequences could erase lines, retitle the window or fake a
-# "verified" line) and bidirectional overrides: descriptions, tags and messages come from
-# publishers and registries, so text output shows them escaped.
-_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# Control characters (escape sequences could erase lines, retitle the window; a newline
+# could add a "signature: verified" line of its own) and bidirectional overrides:
+# descriptions, tags, yank reasons and registry messages come from others, so text output
+# shows them escaped. Each such value goes through `field`; `printable` is the backstop.
+_BIDI = "\u200e\u200f\u202a-\u202e\u2066-\u2069"
+_UNPRINTABLE = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f{_BIDI}]")
+_UNPRINTABLE_IN_FIELD = re.compile(f"[\x00-\x1f\x7f-\x9f{_BIDI}]")
+
+
+def _escaped(m: re.Match) -> str:
+    return ascii(m.group())[1:-1]
 
 
 def printable(text: str) -> str:
     """`text` for a terminal: newlines and tabs kept, other control characters written as escapes."""
-    return _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], text)
+    return _UNPRINTABLE.sub(_escaped, text)
+
+
+def field(text: str) -> str:
+    """One value from a publisher or a registry, on one line: every control character escaped."""
+    return _UNPRINTABLE_IN_FIELD.sub(_escaped, text)
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -283,7 +296,7 @@ def inspect(args: argparse.Namespace) -> int:
     ]  # fmt: skip
     lines = [
         f"{m.name}@{m.version}  ({m.spec}, manifest {mid[:16]})",
-        *([m.description] if m.description else []),
+        *([field(m.description)] if m.description else []),
         f"base root  {m.base.root}",
         "", table(["block", "digest"], [[b, d] for b, d in m.base.blocks.items()]),
         "", table(["slot", "kind", "layer", "rank", "alpha", "dtype", "tensors"], slots),
@@ -349,7 +362,8 @@ def report_error(args: argparse.Namespace, exc: BaseException, code: int, hint: 
             error["code"] = registry_code
         print(json.dumps({"error": error}, indent=2, sort_keys=True))
         return
-    print(printable(f"lwhub {args.verb_name}: error: {exc}"), file=sys.stderr)
+    message = field(str(exc)) if isinstance(exc, RegistryError) else printable(str(exc))  # the registry's words
+    print(f"lwhub {args.verb_name}: error: {message}", file=sys.stderr)
     if hint:
         print(printable(f"  hint: {hint}"), file=sys.stderr)
 

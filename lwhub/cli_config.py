@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -71,8 +72,11 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         elif not os.environ.get(env) and saved.get(key):
             chosen[key] = saved[key]
             from_file.add(key)
-    if "token" in from_file and not _same_hub(chosen.get("url") or os.environ.get("LWHUB_URL"), saved.get("url")):
+    target = chosen.get("url") or os.environ.get("LWHUB_URL")
+    if "token" in from_file and not _same_hub(target, saved.get("url")):
         del chosen["token"]
+        print(f"lwhub: note: the saved login is for {saved.get('url')}, not sent to {target} "
+              f"(`lwhub login --url {target}` saves one for it)", file=sys.stderr)  # fmt: skip
     return chosen
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import msgspec
 
-from .cli import QUIET, URL, arg, emit, existing, group, table, verb
+from .cli import QUIET, URL, arg, emit, existing, field, group, table, verb
 from .cli_config import hub_client
 from .cli_progress import Progress
 from .errors import MissingPathError, UsageError
@@ -73,7 +73,7 @@ def check_target(name: str | None, version: str | None) -> None:
 
 
 def pushed_text(info) -> str:
-    yanked = f"\nyanked   {info.yank_reason or 'yes'} (published before, then yanked: `lwhub yank REF --undo` restores it)" if info.yanked else ""
+    yanked = f"\nyanked   {field(info.yank_reason) or 'yes'} (published before, then yanked: `lwhub yank REF --undo` restores it)" if info.yanked else ""
     return f"pushed {info.name}@{info.version}\nmanifest {info.manifest}\nkey id   {info.key_id}{yanked}"
 
 
@@ -197,7 +197,7 @@ def pull(args: argparse.Namespace) -> int:
 def search(args: argparse.Namespace) -> int:
     with hub_client(args) as client:
         found = list(islice(client.search(args.query), args.limit))
-    rows = [[b.name, b.latest or "-", b.versions, ",".join(b.tags), b.description[:60]] for b in found]
+    rows = [[b.name, b.latest or "-", b.versions, field(",".join(b.tags)), field(b.description[:60])] for b in found]
     text = table(["name", "latest", "versions", "tags", "description"], rows) if rows else f"nothing matches {args.query!r}"
     emit(args, text, {"query": args.query, "bundles": [msgspec.to_builtins(b) for b in found]})
     return 0
@@ -207,10 +207,10 @@ def search(args: argparse.Namespace) -> int:
 def info(args: argparse.Namespace) -> int:
     with hub_client(args) as client:
         bundle, versions = client.info(args.name), list(islice(client.versions(args.name), args.limit))
-    tags = ", ".join(f"{t} -> {v}" for t, v in bundle.named_tags.items()) or "none"
-    rows = [[v.version, _date(v.created), f"{v.size:,}", v.key_id[:16], ",".join(v.tags),
-             f"yanked{': ' + v.yank_reason if v.yank_reason else ''}" if v.yanked else ""] for v in versions]  # fmt: skip
-    text = "\n".join([f"{bundle.name}  {bundle.description}".rstrip(), f"latest  {bundle.latest or '-'}", f"tags    {tags}",
+    tags = field(", ".join(f"{t} -> {v}" for t, v in bundle.named_tags.items())) or "none"
+    rows = [[v.version, _date(v.created), f"{v.size:,}", v.key_id[:16], field(",".join(v.tags)),
+             f"yanked{': ' + field(v.yank_reason) if v.yank_reason else ''}" if v.yanked else ""] for v in versions]  # fmt: skip
+    text = "\n".join([f"{bundle.name}  {field(bundle.description)}".rstrip(), f"latest  {bundle.latest or '-'}", f"tags    {tags}",
                       "", table(["version", "published", "bytes", "key", "tags", ""], rows)])  # fmt: skip
     emit(args, text, {"bundle": msgspec.to_builtins(bundle), "versions": [msgspec.to_builtins(v) for v in versions]})
     return 0
@@ -229,7 +229,7 @@ def yank(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.ref}: yank an exact version, owner/name@1.2.3")
     with hub_client(args) as client:
         v = client.yank(args.ref, reason=args.reason, undo=args.undo)
-    reason = f": {v.yank_reason}" if v.yank_reason else ""
+    reason = f": {field(v.yank_reason)}" if v.yank_reason else ""
     text = f"yanked {v.name}@{v.version}{reason}" if v.yanked else f"restored {v.name}@{v.version}"
     emit(args, text, msgspec.to_builtins(v))
     return 0

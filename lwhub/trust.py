@@ -5,12 +5,14 @@
 
 A bundle of ``owner/name`` is accepted only when its signature verifies with a key
 pinned for ``owner``. With ``tofu=True`` (trust on first use, only when asked for), an
-owner with no pinned key gets the keys the registry lists for it pinned on first
-pull; once an owner has a pinned key, a signature by any other key is refused until
+owner with no pinned key gets the keys the registry lists for it (at most 32) pinned,
+once the first pull has verified with one of them; once an owner has a pinned key, a signature by any other key is refused until
 that key is pinned by hand (key rotation is a decision, not an accident).
 
 The seen markers live here, not in the cache, so that clearing the cache does not reset
-rollback protection: a tag that resolves below the highest version seen is refused.
+rollback protection: a tag that resolves below the highest version seen is refused (a
+release is held to the releases seen, so a pre-release pulled on purpose does not block
+``latest``).
 Markers are only ever added.
 """
 
@@ -92,7 +94,8 @@ class TrustStore:
         (folder / f"{short}@{version}.seen").touch()
 
     def highest_seen(self, name: str, *, releases_only: bool = False) -> str | None:
-        """The highest version of ``owner/name`` verified here (semver precedence), if any."""
+        """The highest version of ``owner/name`` verified here (semver precedence), if any;
+        with `releases_only`, the highest that is not a pre-release."""
         folder, short = self._name(name)
         found = [p.name[len(short) + 1 : -len(".seen")] for p in folder.glob(f"{short}@*.seen")] if folder.is_dir() else []
         versions = [v for v in found if is_valid(v) and not (releases_only and is_prerelease(v))]

@@ -95,9 +95,12 @@ def write_tensors(draft: Manifest, tensors: Mapping[str, torch.Tensor], out_dir:
     missing = [s.key for s in spans if s.key not in tensors]
     if missing:
         raise BundleFormatError(f"{missing[0]}: the manifest lists a tensor that was not given", path=WEIGHTS, field=missing[0])
-    for s in spans:  # a diverged training run: such adapters turn every output they touch into NaN
+    for s in spans:
         t = tensors[s.key]
-        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
+        if t.is_meta:
+            raise BundleFormatError(f"{s.key}: on the meta device, it holds no data to write (load or initialise it first)",
+                                    path=WEIGHTS, field=s.key)  # fmt: skip
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):  # a diverged run: every output it touches is NaN
             raise BundleFormatError(f"{s.key}: holds NaN or infinite values (did training diverge?)", path=WEIGHTS, field=s.key)
     header = header_bytes(spans)
     size = len(header) + sum(s.nbytes for s in spans)

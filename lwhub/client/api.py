@@ -20,7 +20,7 @@ import msgspec
 from lwformat.bundle.keys import PublicKey, loads_public_key, public_pem
 
 from ..cache import Cache
-from ..errors import NotCachedError, RefError, TooLargeError, UsageError
+from ..errors import NotCachedError, ProtocolError, RefError, TooLargeError, UsageError
 from ..protocol import API, BlobInfo, BundleInfo, KeyInfo, NewToken, Page, TagRequest, TokenRequest, VersionInfo, Whoami, YankRequest
 from ..semver import is_valid
 from ..trust import TrustStore
@@ -104,6 +104,8 @@ class Client:
             yield from page.items
             if page.next is None:
                 return
+            if not page.items:  # the registry pages only after a full page: this would never end
+                raise ProtocolError(f"{path}: an empty page that names a next one")
             params["page"] = page.next
 
     def blob_url(self, hexdigest: str) -> str:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lwformat.bundle.canonical import loads as load_manifest
-from lwformat.bundle.keys import key_id, loads_public_key
+from lwformat.bundle.keys import loads_public_key
 from lwformat.bundle.limits import MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES
 from lwformat.bundle.manifest import MANIFEST, SIGNATURE, Manifest
 from lwformat.bundle.signing import check_against_manifest, verify_signature
@@ -102,17 +102,21 @@ def _trusted_keys(client: Client, owner: str, tofu: bool) -> tuple[list, bool]:
     return listed, True
 
 
-def check_signature(signature: bytes, manifest_bytes: bytes, manifest: Manifest, keys: list, owner: str) -> tuple[str, bool]:
+def check_signature(signature: bytes, manifest_bytes: bytes, manifest: Manifest, keys: list, owner: str,
+                    listed: bool = False) -> bool:  # fmt: skip
     """Verify the envelope and what it lists against the manifest, before any large download.
 
-    Returns the signing key's id, and True when that settles the files too; False when
-    the signature's shards are not the manifest's chunks, and the files' shards are
-    checked once downloaded (`lwformat.bundle.signing.check_against_manifest`).
+    True when that settles the files too; False when the signature's shards are not the
+    manifest's chunks, and the files' shards are checked once downloaded
+    (`lwformat.bundle.signing.check_against_manifest`).
     """
     full = f"{manifest.name}@{manifest.version}"
     try:
-        signed, settled = check_against_manifest(signature, manifest_bytes, manifest, keys)
+        _, settled = check_against_manifest(signature, manifest_bytes, manifest, keys)
     except UntrustedSignatureError as exc:
+        if listed:  # trust on first use: nothing is pinned yet
+            raise TrustError(f"{full}: signed by none of the keys the registry lists for {owner!r} ({exc}); nothing was "
+                             f"pinned", owner=owner) from exc  # fmt: skip
         raise TrustError(f"{full}: signed by none of the keys pinned for {owner!r} ({exc}); if {owner} has a new key, "
                          f"check it with them, then pin it (`lwhub trust add`)", owner=owner) from exc
     except SignedFileMismatchError as exc:
@@ -120,7 +124,7 @@ def check_signature(signature: bytes, manifest_bytes: bytes, manifest: Manifest,
                              expected=str(exc.expected), found=str(exc.found)) from exc  # fmt: skip
     except SignatureError as exc:
         raise TrustError(f"{full}: {exc}", owner=owner) from exc
-    return signed.key_id, settled
+    return settled
 
 
 def _jobs(manifest: Manifest) -> list[FileJob]:
@@ -220,16 +224,17 @@ def pull(client: Client, ref: str, *, tofu: bool = False, allow_rollback: bool =
     materials = _materials(client, info, mhex, shex, sent)
     manifest = _manifest(materials[0], info)
     keys, on_first_use = _trusted_keys(client, owner, tofu)
-    signer, settled = check_signature(materials[1], materials[0], manifest, keys, owner)  # before any large download
+    settled = check_signature(materials[1], materials[0], manifest, keys, owner, on_first_use)  # before any large download
     folder = _install(client, info, mhex, materials, _jobs(manifest), progress)
     if not settled:
         try:
-            signer = verify_signature(folder, keys)
+            verify_signature(folder, keys)
         except SignatureError as exc:
             client.cache.drop_bundle(mhex)
             raise TrustError(f"{full}@{info.version}: {exc}", owner=owner) from exc
-    if on_first_use:  # only the key that signed, once everything verified
-        client.trust.pin(owner, next(k for k in keys if key_id(k) == signer))
+    if on_first_use:  # the registry's keys for the owner, as first used, once one of them verified everything
+        for key in keys:
+            client.trust.pin(owner, key)
     if not client.offline:
         client.cache.record_version(info)
         if not is_valid(want):

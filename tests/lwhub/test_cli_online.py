@@ -159,13 +159,18 @@ def recording_server():
 def test_the_saved_token_goes_only_to_the_registry_it_was_saved_for(hub, carol, capsys, monkeypatch):
     """A login for one hub is not sent to another named by --url or LWHUB_URL."""
     with recording_server() as (other, seen):
-        run(capsys, "search", "noir", "--url", other)
+        _, _, err = run(capsys, "search", "noir", "--url", other)
+        assert f"the saved login is for {hub.url}, not sent to {other}" in err
         with monkeypatch.context() as env:
             env.setenv("LWHUB_URL", other + "/")
             run(capsys, "info", "cli-carol/none")
         assert len(seen) == 2 and seen == [None, None]
     code, who = run_json(capsys, "whoami", "--url", hub.url + "/")  # the saved registry, spelled with a slash
     assert code == 0 and who["account"] == "cli-carol"
+    with monkeypatch.context() as env:
+        env.setenv("LWHUB_URL", hub.url)  # the saved registry, named by the environment
+        code, who = run_json(capsys, "whoami")
+        assert code == 0 and who["account"] == "cli-carol"
 
 
 def test_keygen_register_then_push_and_pull(hub, carol, capsys, tmp_path):
@@ -198,13 +203,14 @@ def test_keygen_register_then_push_and_pull(hub, carol, capsys, tmp_path):
 
 def test_text_output_shows_a_publishers_control_characters_escaped(hub, carol, capsys, tmp_path):
     """A description is the publisher's text: escape sequences must not reach another user's terminal raw."""
-    fake = "ok\x1b[2K\rsignature: verified (official)\x1b]0;title\x07 \u202egnp.exe"
+    fake = "ok\x1b[2K\rsignature: verified (official)\x1b]0;title\x07 \u202egnp.exe\nsignature: verified"
     folder = adapter_bundle(tmp_path / "b", "cli-carol/escapes", "1.0.0", carol / "carol.pem", adapter_seed=5, description=fake)
     assert run(capsys, "push", folder)[0] == 0
     for argv in (("search", "escapes"), ("info", "cli-carol/escapes"), ("inspect", folder)):
         code, out, _ = run(capsys, *argv)
         assert code == 0 and "\\x1b[2K" in out, argv  # shown, escaped
         assert not any(c in out for c in "\x1b\x07\r\u202e"), argv
+        assert not any(line.startswith("signature: verified") for line in out.splitlines()), argv  # no line of its own
     code, data = run_json(capsys, "info", "cli-carol/escapes")
     assert code == 0 and data["bundle"]["description"] == fake  # JSON keeps the text itself, escaped by JSON
 

@@ -116,15 +116,27 @@ def test_only_the_customization_is_written_when_a_host_holds_more(tmp_path):
     assert manifest.slots[0].rank == mine.settings.rank
 
 
-def test_a_write_failing_midway_leaves_nothing(tmp_path):
+def test_a_write_failing_midway_leaves_nothing(tmp_path, monkeypatch):
+    """The disk fills up once the weights are written (their fsync fails): no bundle, no partial directory."""
+    import errno
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        write_bundle(tiny_custom_world(), tmp_path / "b", name="a/b", version="1.0.0")
+    assert os.listdir(tmp_path) == []
+
+
+def test_adapters_on_the_meta_device_are_refused_by_name(tmp_path):
     world = tiny_custom_world()
     adapter = world.block(BACKBONE).module[0].adapters["noir"]
-    # lora_B of the last slot is the last tensor written, so the file is half written when it fails:
-    # a parameter on the meta device (as lazy initialisation leaves it) has no data to write.
+    # a parameter on the meta device (as lazy initialisation leaves it) has no data to write
     adapter.lora_B = nn.Parameter(torch.empty(adapter.lora_B.shape, dtype=adapter.lora_B.dtype, device="meta"))
-    with pytest.raises((NotImplementedError, RuntimeError)):
+    with pytest.raises(BundleFormatError, match="on the meta device") as info:
         write_bundle(world, tmp_path / "b", name="a/b", version="1.0.0")
-    assert os.listdir(tmp_path) == []
+    assert info.value.field.endswith("lora_B") and os.listdir(tmp_path) == []
 
 
 def test_directory_form_refuses_links_and_subdirectories(tmp_path):

@@ -225,14 +225,17 @@ def _owner_with_keys(hub, tmp_path, owner: str, count: int):
     return publisher, pairs
 
 
-def test_trust_on_first_use_pins_only_the_key_that_signed_once_the_pull_verified(hub, tmp_path, make_bundle):
+def test_trust_on_first_use_pins_the_registrys_keys_once_the_pull_verified(hub, tmp_path, make_bundle):
+    """All of the owner's listed keys, as before, so bundles signed by another of them pull too."""
     from lwformat.bundle.keys import key_id, load_public_key
 
     publisher, pairs = _owner_with_keys(hub, tmp_path, "tofu-one", 3)
     publisher.push(make_bundle(tmp_path / "b", "tofu-one/style", "1.0.0", pairs[1][0], features=32, rank=8))
+    publisher.push(make_bundle(tmp_path / "c", "tofu-one/other", "1.0.0", pairs[2][0], features=32, rank=8))
     client = hub.client(tmp_path / "cache", pin=False)
     assert client.pull("tofu-one/style", tofu=True).is_dir()
-    assert client.trust.key_ids("tofu-one") == [key_id(load_public_key(pairs[1][1]))]
+    assert sorted(client.trust.key_ids("tofu-one")) == sorted(key_id(load_public_key(pub)) for _, pub in pairs)
+    assert client.pull("tofu-one/other").is_dir()  # signed by another of the owner's keys: pinned already
 
 
 def test_trust_on_first_use_pins_nothing_when_the_signature_fails(hub, tmp_path, make_bundle, other_keys):
@@ -244,7 +247,7 @@ def test_trust_on_first_use_pins_nothing_when_the_signature_fails(hub, tmp_path,
 
         db.execute("DELETE FROM keys WHERE key_id = ?", (key_id(load_public_key(other_keys[1])),))
     client = hub.client(tmp_path / "cache", pin=False)
-    with pytest.raises(TrustError):
+    with pytest.raises(TrustError, match="none of the keys the registry lists for 'tofu-two'.*nothing was pinned"):
         client.pull("tofu-two/style", tofu=True)
     assert client.trust.key_ids("tofu-two") == []
 
@@ -258,6 +261,22 @@ def test_trust_on_first_use_refuses_a_registry_listing_too_many_keys(hub, tmp_pa
     with pytest.raises(TrustError, match=f"more than {MAX_TOFU_KEYS} keys"):
         client.pull("tofu-many/style", tofu=True)
     assert client.trust.key_ids("tofu-many") == []
+
+
+def test_a_registry_paging_empty_pages_forever_is_refused(tmp_path):
+    """Trust on first use reads the owner's keys page by page: empty pages that name a next one never end."""
+    from lwhub.errors import ProtocolError
+
+    asked = []
+
+    def answer(request):
+        asked.append(request.url.path)
+        return httpx.Response(200, json={"items": [], "next": f"p{len(asked)}"})
+
+    client = Client("http://registry.invalid", cache_dir=tmp_path, http=httpx.Client(transport=httpx.MockTransport(answer)))
+    with pytest.raises(ProtocolError, match="empty page"):
+        client.keys("alice")
+    assert asked == ["/v1/owners/alice/keys"]
 
 
 def test_an_interrupted_pull_resumes_where_it_stopped(hub, published, tmp_path):
