@@ -72,11 +72,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         elif not os.environ.get(env) and saved.get(key):
             chosen[key] = saved[key]
             from_file.add(key)
-    target = chosen.get("url") or os.environ.get("LWHUB_URL")
-    if "token" in from_file and not _same_hub(target, saved.get("url")):
+    if "token" in from_file and not _same_hub(chosen.get("url") or os.environ.get("LWHUB_URL"), saved.get("url")):
         del chosen["token"]
-        print(f"lwhub: note: the saved login is for {saved.get('url')}, not sent to {target} "
-              f"(`lwhub login --url {target}` saves one for it)", file=sys.stderr)  # fmt: skip
     return chosen
 
 
@@ -90,4 +87,10 @@ def hub_client(args: argparse.Namespace, **overrides: Any):
     """A `lwhub.client.Client` for this command (use it in a ``with``); keyword settings win."""
     from .client import from_env
 
-    return from_env(**(settings(args) | {k: v for k, v in overrides.items() if v is not None}))
+    chosen = settings(args) | {k: v for k, v in overrides.items() if v is not None}
+    saved = load_config()
+    if saved.get("token") and not chosen.get("token") and not os.environ.get("LWHUB_TOKEN") and not chosen.get("offline"):
+        target = chosen.get("url") or os.environ.get("LWHUB_URL")  # a saved login withheld from another hub: say so
+        print(f"lwhub: note: the saved login is for {saved.get('url')}, not sent to {target} "
+              f"(`lwhub login --url {target}` saves one for it)", file=sys.stderr)  # fmt: skip
+    return from_env(**chosen)

@@ -74,7 +74,7 @@ def check_target(name: str | None, version: str | None) -> None:
 
 def pushed_text(info) -> str:
     yanked = f"\nyanked   {field(info.yank_reason) or 'yes'} (published before, then yanked: `lwhub yank REF --undo` restores it)" if info.yanked else ""
-    return f"pushed {info.name}@{info.version}\nmanifest {info.manifest}\nkey id   {info.key_id}{yanked}"
+    return f"pushed {field(info.name)}@{field(info.version)}\nmanifest {field(info.manifest)}\nkey id   {field(info.key_id)}{yanked}"
 
 
 # -- keys and trust ----------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def key_register(args: argparse.Namespace) -> int:
 def key_list(args: argparse.Namespace) -> int:
     with hub_client(args) as client:
         keys = client.keys(args.owner)
-    text = table(["key id", "registered"], [[k.key_id, _date(k.created)] for k in keys]) if keys else f"no keys for {args.owner}"
+    text = table(["key id", "registered"], [[field(k.key_id), _date(k.created)] for k in keys]) if keys else f"no keys for {args.owner}"
     emit(args, text, {"owner": args.owner, "keys": [msgspec.to_builtins(k) for k in keys]})
     return 0
 
@@ -197,7 +197,7 @@ def pull(args: argparse.Namespace) -> int:
 def search(args: argparse.Namespace) -> int:
     with hub_client(args) as client:
         found = list(islice(client.search(args.query), args.limit))
-    rows = [[b.name, b.latest or "-", b.versions, field(",".join(b.tags)), field(b.description[:60])] for b in found]
+    rows = [[field(b.name), field(b.latest or "-"), b.versions, field(",".join(b.tags)), field(b.description[:60])] for b in found]
     text = table(["name", "latest", "versions", "tags", "description"], rows) if rows else f"nothing matches {args.query!r}"
     emit(args, text, {"query": args.query, "bundles": [msgspec.to_builtins(b) for b in found]})
     return 0
@@ -208,9 +208,9 @@ def info(args: argparse.Namespace) -> int:
     with hub_client(args) as client:
         bundle, versions = client.info(args.name), list(islice(client.versions(args.name), args.limit))
     tags = field(", ".join(f"{t} -> {v}" for t, v in bundle.named_tags.items())) or "none"
-    rows = [[v.version, _date(v.created), f"{v.size:,}", v.key_id[:16], field(",".join(v.tags)),
+    rows = [[field(v.version), _date(v.created), f"{v.size:,}", field(v.key_id[:16]), field(",".join(v.tags)),
              f"yanked{': ' + field(v.yank_reason) if v.yank_reason else ''}" if v.yanked else ""] for v in versions]  # fmt: skip
-    text = "\n".join([f"{bundle.name}  {field(bundle.description)}".rstrip(), f"latest  {bundle.latest or '-'}", f"tags    {tags}",
+    text = "\n".join([f"{field(bundle.name)}  {field(bundle.description)}".rstrip(), f"latest  {field(bundle.latest or '-')}", f"tags    {tags}",
                       "", table(["version", "published", "bytes", "key", "tags", ""], rows)])  # fmt: skip
     emit(args, text, {"bundle": msgspec.to_builtins(bundle), "versions": [msgspec.to_builtins(v) for v in versions]})
     return 0
@@ -230,7 +230,7 @@ def yank(args: argparse.Namespace) -> int:
     with hub_client(args) as client:
         v = client.yank(args.ref, reason=args.reason, undo=args.undo)
     reason = f": {field(v.yank_reason)}" if v.yank_reason else ""
-    text = f"yanked {v.name}@{v.version}{reason}" if v.yanked else f"restored {v.name}@{v.version}"
+    text = f"yanked {field(v.name)}@{field(v.version)}{reason}" if v.yanked else f"restored {field(v.name)}@{field(v.version)}"
     emit(args, text, msgspec.to_builtins(v))
     return 0
 

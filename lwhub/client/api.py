@@ -98,14 +98,18 @@ class Client:
             return decode(response, kind)
 
     def pages(self, path: str, kind: type[T], params: dict | None = None, page_size: int = 50) -> Iterator[T]:
-        params = dict(params or {}, limit=page_size)
+        params, seen = dict(params or {}, limit=page_size), set()
         while True:
             page = self.get(path, Page[kind], params)
             yield from page.items
             if page.next is None:
                 return
-            if not page.items:  # the registry pages only after a full page: this would never end
-                raise ProtocolError(f"{path}: an empty page that names a next one")
+            # The registry pages on only after a full page, with a new token each time: either would never end.
+            if not page.items:
+                raise ProtocolError(f"{path}: an empty page names a next one")
+            if page.next in seen:
+                raise ProtocolError(f"{path}: the registry names page {page.next!r} a second time")
+            seen.add(page.next)
             params["page"] = page.next
 
     def blob_url(self, hexdigest: str) -> str:

@@ -15,11 +15,12 @@ from .auth import create_account, create_token
 from .run import RunningServer, recover, run_server, serve
 
 
-def create_app(data_dir, *, instance: str = "", **sweeping):
-    """The registry's ASGI app on `data_dir` (imports Starlette); `sweeping`: ``orphan_grace``, ``sweep_every``."""
+def create_app(data_dir, *, instance: str = "", **settings):
+    """The registry's ASGI app on `data_dir` (imports Starlette); `settings`: ``orphan_grace``,
+    ``sweep_every`` (seconds, see `sweep`) and ``upload_idle`` (seconds an upload may send nothing)."""
     from .app import create_app as make
 
-    return make(data_dir, instance=instance, **sweeping)
+    return make(data_dir, instance=instance, **settings)
 
 
 __all__ = ["RunningServer", "create_account", "create_app", "create_token", "recover", "run_server", "serve"]

@@ -32,6 +32,7 @@ from . import auth, openapi
 from .blobs import BlobStore, DirBlobStore
 from .http import HANDLERS, UPLOAD_IDLE, BlobResponse, check_range, json_answer, page_args, page_token, read_body, within_idle
 from .publish import publish
+from .run import check_upload_idle
 from .store import Store, open_store
 from .sweep import ORPHAN_GRACE, SWEEP_EVERY, Sweeper
 
@@ -238,6 +239,7 @@ def create_app(data_dir: str | Path, *, instance: str = "", orphan_grace: float 
     an upload, at most once every `sweep_every` seconds (`sweep.Sweeper`). An upload that
     sends nothing for `upload_idle` seconds is dropped.
     """
+    check_upload_idle(upload_idle)
     store, blobs = open_store(data_dir), DirBlobStore(data_dir)
     registry = Registry(store, blobs, Sweeper(store, blobs, grace=orphan_grace, every=sweep_every), upload_idle)
     r, bundle = registry, "/v1/bundles/{owner}/{name}"

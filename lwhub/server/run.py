@@ -36,6 +36,12 @@ from .sweep import ORPHAN_GRACE, sweep
 _DATA_ENV, _INSTANCE_ENV, _IDLE_ENV = "LWHUB_SERVER_DATA", "LWHUB_SERVER_INSTANCE", "LWHUB_SERVER_UPLOAD_IDLE"
 
 
+def check_upload_idle(seconds: float | None) -> None:
+    """None keeps the app's default; otherwise a number of seconds above 0 (inf: no limit)."""
+    if seconds is not None and not (isinstance(seconds, (int, float)) and seconds > 0):  # NaN is not > 0
+        raise UsageError(f"upload idle time {seconds!r}: seconds above 0 (inf for no limit)")
+
+
 def recover(data_dir: str | Path, *, orphan_grace: float = ORPHAN_GRACE) -> dict[str, int]:
     """Clean what a crash left in `data_dir`; returns counts of removed temp entries and orphan blobs."""
     return sweep(open_store(data_dir), DirBlobStore(data_dir), grace=orphan_grace, temp_grace=0.0)
@@ -54,6 +60,7 @@ def run_server(data_dir: str | Path, *, host: str = "127.0.0.1", port: int = 870
     """Recover `data_dir`, then serve it until interrupted (blocking; what `lwhub serve` runs)."""
     from granian import Granian
 
+    check_upload_idle(upload_idle)
     ensure_port_free(host, port)
     data = Path(data_dir).resolve()
     recover(data)
@@ -131,6 +138,7 @@ def serve(data_dir: str | Path, host: str = "127.0.0.1", port: int = 0, *, worke
     ``port=0`` picks a free port; a unique instance id in the health answer proves that
     the server answering is this one, and a lost race for the port is retried.
     """
+    check_upload_idle(upload_idle)
     ensure_port_free(host, port)
     for _ in range(5):
         instance, chosen = secrets.token_hex(8), port or free_port(host)

@@ -164,6 +164,8 @@ def test_the_saved_token_goes_only_to_the_registry_it_was_saved_for(hub, carol, 
         with monkeypatch.context() as env:
             env.setenv("LWHUB_URL", other + "/")
             run(capsys, "info", "cli-carol/none")
+            _, _, err = run(capsys, "trust", "list")  # offline: nothing is sent anywhere, nothing to say
+            assert "saved login" not in err
         assert len(seen) == 2 and seen == [None, None]
     code, who = run_json(capsys, "whoami", "--url", hub.url + "/")  # the saved registry, spelled with a slash
     assert code == 0 and who["account"] == "cli-carol"

@@ -263,8 +263,8 @@ def test_trust_on_first_use_refuses_a_registry_listing_too_many_keys(hub, tmp_pa
     assert client.trust.key_ids("tofu-many") == []
 
 
-def test_a_registry_paging_empty_pages_forever_is_refused(tmp_path):
-    """Trust on first use reads the owner's keys page by page: empty pages that name a next one never end."""
+def test_a_registry_paging_forever_is_refused(tmp_path):
+    """Trust on first use reads the owner's keys page by page: empty pages, or a page named twice, never end."""
     from lwhub.errors import ProtocolError
 
     asked = []
@@ -277,6 +277,18 @@ def test_a_registry_paging_empty_pages_forever_is_refused(tmp_path):
     with pytest.raises(ProtocolError, match="empty page"):
         client.keys("alice")
     assert asked == ["/v1/owners/alice/keys"]
+
+    key = {"key_id": "ab" * 32, "pem": "x", "created": 0.0}
+
+    def same_page(request):  # one key, and the same next page, forever
+        asked.append(request.url.params.get("page"))
+        return httpx.Response(200, json={"items": [key], "next": "again"})
+
+    asked.clear()
+    client = Client("http://registry.invalid", cache_dir=tmp_path, http=httpx.Client(transport=httpx.MockTransport(same_page)))
+    with pytest.raises(ProtocolError, match="names page 'again' a second time"):
+        client.keys("alice")
+    assert asked == [None, "again"]
 
 
 def test_an_interrupted_pull_resumes_where_it_stopped(hub, published, tmp_path):

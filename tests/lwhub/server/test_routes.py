@@ -309,7 +309,6 @@ def test_yank_and_tag_of_a_bundle_that_is_not_there_say_so(hub, tmp_path):
         assert caught.value.code == "bundle_not_found"
 
 
-
 def test_an_upload_that_stalls_is_dropped_with_its_temp_file(tmp_path, keys):
     """A client that declares a large blob and goes quiet holds nothing for longer than upload_idle."""
     import socket
@@ -333,3 +332,14 @@ def test_an_upload_that_stalls_is_dropped_with_its_temp_file(tmp_path, keys):
         assert os.listdir(hub.data / "tmp") == []
     finally:
         hub.server.stop()
+
+
+@pytest.mark.parametrize("idle", [0, -1.0, float("nan"), "60"])
+def test_an_upload_idle_time_that_is_not_positive_seconds_is_refused(tmp_path, idle):
+    from lwhub.errors import UsageError
+    from lwhub.server import create_app, serve
+
+    with pytest.raises(UsageError, match="seconds above 0"):
+        serve(tmp_path / "data", upload_idle=idle)
+    with pytest.raises(UsageError, match="seconds above 0"):
+        create_app(tmp_path / "data", upload_idle=idle)
