@@ -1,6 +1,6 @@
 """`lwhub` verbs that run a hub and get a person onto one: serve, account, token, login, whoami.
 
-    lwhub serve --data DIR [--host H] [--port P] [--workers N]   run the hub until Ctrl-C
+    lwhub serve --data DIR [--host H] [--port P] [--workers N] [--upload-idle S]   run the hub until Ctrl-C
     lwhub account create OWNER --data DIR [--ttl S]              on the hub's machine: prints a token
     lwhub token create ACCOUNT --data DIR [--scope NS ...]       on the hub's machine: another token
     lwhub token create [--scope NS ...] [--ttl S]                from the hub, for the logged-in account
@@ -65,15 +65,17 @@ def _print_token(args: argparse.Namespace, token: str, note: str, data: dict) ->
     arg("--host", default="127.0.0.1", help="the address to listen on (default: loopback only)"),
     arg("--port", type=int, default=8700, help="default: 8700"),
     arg("--workers", type=int, default=1, help="worker processes (default: 1)"),
+    arg("--upload-idle", type=float, metavar="SECONDS", help="drop an upload that sends nothing this long (default: 60)"),
 )  # fmt: skip
 def serve(args: argparse.Namespace) -> int:
     from .server import run_server
-    from .server.run import ensure_port_free
+    from .server.run import check_upload_idle, ensure_port_free
 
+    check_upload_idle(args.upload_idle)
     ensure_port_free(args.host, args.port)  # before saying it serves
     _data_dir(args.data)
     print(f"lwhub: serving {args.data} at http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr, flush=True)
-    run_server(args.data, host=args.host, port=args.port, workers=args.workers)
+    run_server(args.data, host=args.host, port=args.port, workers=args.workers, upload_idle=args.upload_idle)
     return 0
 
 

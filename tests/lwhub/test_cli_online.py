@@ -366,7 +366,9 @@ def test_serve_runs_a_hub_until_interrupted(tmp_path, capsys, monkeypatch):
     assert code == 0 and f"no registry was at {data}: a new one is made there" in err
     assert "a new one" not in run(capsys, "account", "create", "erin", "--data", data)[2]  # it is there now
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "lwhub", "serve", "--data", str(data), "--port", str(port)],
+    code, out, err = run(capsys, "serve", "--data", data, "--port", port, "--upload-idle", "0")
+    assert code == 2 and "seconds above 0" in err and "serving" not in err
+    server = subprocess.Popen([sys.executable, "-m", "lwhub", "serve", "--data", str(data), "--port", str(port), "--upload-idle", "30"],
                               stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 60  # the child imports torch before it listens
