@@ -58,8 +58,9 @@ def save_config(settings: dict[str, Any]) -> Path:
     return path
 
 
-def settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The client settings for this command: flag, then environment, then the saved login.
+def settings(args: argparse.Namespace, **overrides: Any) -> tuple[dict[str, Any], str | None]:
+    """The client settings for this command: keyword overrides, the flag, the environment,
+    then the saved login; and the saved registry's URL when its token was withheld.
 
     The saved token belongs to the saved registry: a command pointed at another one (by
     ``--url`` or LWHUB_URL) goes without it, so a login never reaches a second hub.
@@ -72,9 +73,13 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         elif not os.environ.get(env) and saved.get(key):
             chosen[key] = saved[key]
             from_file.add(key)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    chosen |= given
+    from_file -= given.keys()
     if "token" in from_file and not _same_hub(chosen.get("url") or os.environ.get("LWHUB_URL"), saved.get("url")):
         del chosen["token"]
-    return chosen
+        return chosen, saved.get("url")
+    return chosen, None
 
 
 def _same_hub(a: str | None, b: str | None) -> bool:
@@ -87,10 +92,9 @@ def hub_client(args: argparse.Namespace, **overrides: Any):
     """A `lwhub.client.Client` for this command (use it in a ``with``); keyword settings win."""
     from .client import from_env
 
-    chosen = settings(args) | {k: v for k, v in overrides.items() if v is not None}
-    saved = load_config()
-    if saved.get("token") and not chosen.get("token") and not os.environ.get("LWHUB_TOKEN") and not chosen.get("offline"):
-        target = chosen.get("url") or os.environ.get("LWHUB_URL")  # a saved login withheld from another hub: say so
-        print(f"lwhub: note: the saved login is for {saved.get('url')}, not sent to {target} "
+    chosen, withheld = settings(args, **overrides)
+    if withheld and not chosen.get("offline"):  # requests will go out without the login: say why
+        target = chosen.get("url") or os.environ.get("LWHUB_URL")
+        print(f"lwhub: note: the saved login is for {withheld}, not sent to {target} "
               f"(`lwhub login --url {target}` saves one for it)", file=sys.stderr)  # fmt: skip
     return from_env(**chosen)
