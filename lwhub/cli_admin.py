@@ -65,7 +65,7 @@ def _print_token(args: argparse.Namespace, token: str, note: str, data: dict) ->
     arg("--host", default="127.0.0.1", help="the address to listen on (default: loopback only)"),
     arg("--port", type=int, default=8700, help="default: 8700"),
     arg("--workers", type=int, default=1, help="worker processes (default: 1)"),
-    arg("--upload-idle", type=float, metavar="SECONDS", help="drop an upload that sends nothing this long (default: 60)"),
+    arg("--upload-idle", type=float, metavar="SECONDS", help="drop a request body (an upload or JSON) that sends nothing this long (default: 60)"),
 )  # fmt: skip
 def serve(args: argparse.Namespace) -> int:
     from .server import run_server

@@ -17,7 +17,7 @@ from .run import RunningServer, recover, run_server, serve
 
 def create_app(data_dir, *, instance: str = "", **settings):
     """The registry's ASGI app on `data_dir` (imports Starlette); `settings`: ``orphan_grace``,
-    ``sweep_every`` (seconds, see `sweep`) and ``upload_idle`` (seconds an upload may send nothing)."""
+    ``sweep_every`` (seconds, see `sweep`) and ``upload_idle`` (seconds a request body, an upload or JSON, may send nothing)."""
     from .app import create_app as make
 
     return make(data_dir, instance=instance, **settings)

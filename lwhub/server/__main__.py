@@ -14,7 +14,7 @@ parser.add_argument("--host", default="127.0.0.1")
 parser.add_argument("--port", type=int, default=8700)
 parser.add_argument("--workers", type=int, default=1)
 parser.add_argument("--instance", default="")
-parser.add_argument("--upload-idle", type=float, default=None, help="seconds an upload may send nothing (default 60)")
+parser.add_argument("--upload-idle", type=float, default=None, help="seconds a request body (an upload or JSON) may send nothing (default 60)")
 args = parser.parse_args()
 try:
     run_server(args.data_dir, host=args.host, port=args.port, workers=args.workers, instance=args.instance,

@@ -69,7 +69,7 @@ class Registry:
 
     async def new_token(self, request: Request) -> Response:
         p = self.principal(request)
-        body = await read_body(request, TokenRequest)
+        body = await read_body(request, TokenRequest, idle=self.upload_idle)
         scopes = list(p.scopes) if body.scopes is None else body.scopes
         for scope in scopes:
             owner, _, name = scope.partition("/")
@@ -95,7 +95,7 @@ class Registry:
     async def add_key(self, request: Request) -> Response:
         owner = request.path_params["owner"]
         auth.authorize(self.principal(request), owner)
-        pem = (await read_body(request, dict[str, str], MAX_KEY_BYTES)).get("pem", "")
+        pem = (await read_body(request, dict[str, str], MAX_KEY_BYTES, self.upload_idle)).get("pem", "")
         try:
             key = loads_public_key(pem.encode(), path="pem")
         except SigningKeyError as exc:
@@ -205,20 +205,20 @@ class Registry:
     async def publish(self, request: Request) -> Response:
         owner, name = _bundle_path(request)
         principal = self.principal(request)
-        body = await read_body(request, PublishRequest)
+        body = await read_body(request, PublishRequest, idle=self.upload_idle)
         info, made = await run_in_threadpool(publish, self.store, self.blobs, principal, owner, name, request.path_params["version"], body)
         return json_answer(info, 201 if made else 200)
 
     async def yank(self, request: Request) -> Response:
         owner, name = _bundle_path(request)
         auth.authorize(self.principal(request), owner, name)
-        body = await read_body(request, YankRequest)
+        body = await read_body(request, YankRequest, idle=self.upload_idle)
         return json_answer(self.store.yank(owner, name, request.path_params["version"], yanked=body.yanked, reason=body.reason))
 
     async def set_tag(self, request: Request) -> Response:
         owner, name = _bundle_path(request)
         auth.authorize(self.principal(request), owner, name)
-        tag, body = request.path_params["tag"], await read_body(request, TagRequest)
+        tag, body = request.path_params["tag"], await read_body(request, TagRequest, idle=self.upload_idle)
         if not TAG.match(tag):
             raise BadRequestError(f"tag {tag!r} must start with a letter (lowercase, digits, '_.-')", code="invalid_name")
         if tag == "latest":  # set by hand, it would outlive the yank of its version and every later release
@@ -236,8 +236,8 @@ def create_app(data_dir: str | Path, *, instance: str = "", orphan_grace: float 
     """The registry app on `data_dir` (``registry.sqlite3``, ``blobs/``, ``tmp/``).
 
     Unreferenced blobs and temp entries older than `orphan_grace` seconds are swept after
-    an upload, at most once every `sweep_every` seconds (`sweep.Sweeper`). An upload that
-    sends nothing for `upload_idle` seconds is dropped.
+    an upload, at most once every `sweep_every` seconds (`sweep.Sweeper`). A request body
+    (an upload, or a small JSON one) that sends nothing for `upload_idle` seconds is dropped.
     """
     check_upload_idle(upload_idle)
     store, blobs = open_store(data_dir), DirBlobStore(data_dir)

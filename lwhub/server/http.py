@@ -43,12 +43,12 @@ def error_answer(exc: RegistryError) -> Response:
     return response
 
 
-UPLOAD_IDLE = 60.0  # seconds an upload may send nothing before it is dropped, its temp file with it
+UPLOAD_IDLE = 60.0  # seconds a request body may send nothing before it is dropped (an upload's temp file with it)
 
 
-async def within_idle(pieces: AsyncIterator[bytes], idle: float) -> AsyncIterator[bytes]:
+async def within_idle(pieces: AsyncIterator[bytes], idle: float, what: str = "the upload") -> AsyncIterator[bytes]:
     """`pieces`, ended by a BadRequestError when none arrives for `idle` seconds (a stalled
-    client would otherwise hold its connection and temp file for as long as it likes)."""
+    client would otherwise hold its connection, and an upload's temp file, as long as it likes)."""
     it = aiter(pieces)
     while True:
         try:
@@ -57,15 +57,15 @@ async def within_idle(pieces: AsyncIterator[bytes], idle: float) -> AsyncIterato
         except StopAsyncIteration:
             return
         except TimeoutError:
-            raise BadRequestError(f"the upload sent nothing for {idle:g} s; it was dropped and nothing was kept",
+            raise BadRequestError(f"{what} sent nothing for {idle:g} s; it was dropped and nothing was kept",
                                   code="invalid_request") from None  # fmt: skip
         yield piece
 
 
-async def read_body(request: Request, kind: type, limit: int = 64 << 10):
+async def read_body(request: Request, kind: type, limit: int = 64 << 10, idle: float = UPLOAD_IDLE):
     data = bytearray()
     try:
-        async for piece in request.stream():
+        async for piece in within_idle(request.stream(), idle, "the request body"):
             data += piece
             if len(data) > limit:
                 raise TooLargeError(f"the request body is over {limit} bytes")

@@ -334,6 +334,29 @@ def test_an_upload_that_stalls_is_dropped_with_its_temp_file(tmp_path, keys):
         hub.server.stop()
 
 
+def test_a_json_body_that_stalls_is_dropped(tmp_path, keys):
+    """A small JSON body (here a publish) that goes quiet mid-way is dropped after upload_idle too."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from tests.lwhub.conftest import start_hub
+
+    hub = start_hub(tmp_path / "data", keys, upload_idle=1.0)
+    try:
+        where = urlsplit(hub.url)
+        started = time.monotonic()
+        with socket.create_connection((where.hostname, where.port), timeout=20) as s:
+            s.sendall(f"POST /v1/bundles/alice/noir/versions/1.0.0 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {hub.token}\r\n"
+                      "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"manifest\": ".encode())  # fmt: skip
+            answer = s.recv(65536)  # the rest never comes
+        assert b" 400 " in answer.split(b"\r\n", 1)[0] and b"the request body sent nothing for 1 s" in answer, answer[:300]
+        assert time.monotonic() - started < 10
+        with pytest.raises(NotFoundError):  # nothing was published
+            list(hub.client(tmp_path / "c").versions("alice/noir"))
+    finally:
+        hub.server.stop()
+
+
 @pytest.mark.parametrize("idle", [0, -1.0, float("nan"), "60"])
 def test_an_upload_idle_time_that_is_not_positive_seconds_is_refused(tmp_path, idle):
     from lwhub.errors import UsageError
