@@ -12,7 +12,8 @@ signed manifest gives its sha256, ``chunks[i]``. A download:
        to the verify pool, which hashes it (hashlib drops the GIL, so one core receives
        chunk k+1 while another hashes chunk k), compares it with the manifest, and only
        then writes it at its offset (`os.pwrite` of the buffer: no copy) and records it;
-    4. retries a segment that breaks off, from its first chunk not yet handed over;
+    4. retries a segment that breaks off, or that receives less than `min_speed` bytes a
+       second over `speed_time` seconds, from its first chunk not yet handed over;
     5. renames the partial file to the blob once every chunk is verified.
 
 Wrong bytes are never written: a mismatch raises `IntegrityError` naming the file and
@@ -25,6 +26,7 @@ import hashlib
 import mmap
 import os
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -144,15 +146,25 @@ class _HttpxBody:
 
 
 class _DirectBody:
-    """A plain-HTTP answer read by `http.client` straight into the caller's buffer: one
-    Python call per chunk, the socket reads (which release the GIL) landing in place."""
+    """A plain-HTTP answer read by `http.client` straight into the caller's buffer, the
+    socket reads (which release the GIL) landing in place.
+
+    A body of known length is read one socket read per call (`readinto1` of the response's
+    buffered reader), so the speed floor sees every arrival; `HTTPResponse.readinto` would
+    wait until the whole view is full, however slowly the bytes came.
+    """
 
     def __init__(self, response: HTTPResponse, request: httpx.Request) -> None:
         self.response, self.request, self.status = response, request, response.status
+        self._left = None if response.chunked else response.length  # bytes of the body not read yet
 
     def readinto(self, view: memoryview) -> int:
         try:
-            return self.response.readinto(view)
+            if self._left is None:
+                return self.response.readinto(view)
+            n = self.response.fp.readinto1(view[: self._left]) if self._left else 0
+            self._left -= n
+            return n
         except (OSError, HTTPException) as exc:
             raise _BrokeOff(str(exc) or type(exc).__name__) from exc
 
@@ -190,16 +202,39 @@ def _proxied(url: httpx.URL) -> bool:
     return bool(proxies.get(url.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass_environment(url.host, proxies)
 
 
-def _fill(body: _HttpxBody | _DirectBody, view: memoryview) -> None:
+class _Pace:
+    """Breaks a transfer off when it gets under `floor` bytes a second over `window` seconds
+    of waiting on the socket (time spent waiting for a free buffer does not count).
+
+    The read timeout only catches silence: a registry that sends one byte per timeout
+    would hold a pull for ever (curl's --speed-limit/--speed-time are the same idea).
+    """
+
+    def __init__(self, floor: float, window: float) -> None:
+        self.floor, self.window = floor, window
+        self.waited, self.got = 0.0, 0
+
+    def add(self, n: int, waited: float) -> None:
+        self.got, self.waited = self.got + n, self.waited + waited
+        if self.waited >= self.window:
+            if self.got < self.floor * self.waited:
+                raise _BrokeOff(f"under {self.floor:g} bytes/s for {self.waited:.0f} s: {self.got} bytes came")
+            self.waited, self.got = 0.0, 0
+
+
+def _fill(body: _HttpxBody | _DirectBody, view: memoryview, pace: _Pace) -> None:
     got = 0
     while got < len(view):
+        began = time.monotonic()
         n = body.readinto(view[got:])
         if n == 0:
             raise _BrokeOff(f"the answer ended {len(view) - got} bytes early")
         got += n
+        pace.add(n, time.monotonic() - began)
 
 
 BUFFER_BUDGET = 64 << 20  # bytes of chunk buffers one pull may hold at once (at least one chunk)
+MIN_SPEED, SPEED_TIME = 1024.0, 60.0  # a stream under 1 KiB/s for a minute breaks off (and is retried)
 
 
 class Fetcher:
@@ -212,12 +247,16 @@ class Fetcher:
     buffers (httpx reads 64 KiB pieces through several layers of Python); only set it
     when `http` is an ordinary client (no custom transport): proxies from the environment
     are honoured, everything else about `http` except its read timeout is not.
+    A stream that receives under `min_speed` bytes a second over `speed_time` seconds
+    breaks off like a cut connection (0 turns that off).
     """
 
     def __init__(self, http: httpx.Client, cache: Cache, blob_url: Callable[[str], str], verify: ThreadPoolExecutor,
                  *, streams: int = 1, min_segment: int = 32 << 20, retries: int = 2, in_flight: int = 4,
-                 direct: bool = False, progress: Progress | None = None) -> None:  # fmt: skip
+                 direct: bool = False, progress: Progress | None = None, min_speed: float = MIN_SPEED,
+                 speed_time: float = SPEED_TIME) -> None:  # fmt: skip
         self.http, self.cache, self.blob_url, self.verify = http, cache, blob_url, verify
+        self.min_speed, self.speed_time = min_speed, speed_time
         self.streams, self.min_segment, self.retries, self.direct = streams, min_segment, retries, direct
         self.progress = progress or (lambda n: None)
         self.in_flight = in_flight
@@ -295,11 +334,12 @@ class Fetcher:
                 if body.status != (200 if whole else 206):
                     raise_for(body.answer())
                     raise ProtocolError(f"{job.path}: status {body.status} to a request for bytes {start}-{end - 1}")
+                pace = _Pace(self.min_speed, self.speed_time)
                 for i in range(first, last):
                     buffer = self._take(job.chunk_size)
                     view = memoryview(buffer)[: job.span(i)[1] - job.span(i)[0]]
                     try:
-                        _fill(body, view)
+                        _fill(body, view, pace)
                     except BaseException:
                         self._give(buffer)
                         raise

@@ -8,6 +8,7 @@ import hashlib
 import os
 import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -52,6 +53,12 @@ class Blob(BaseHTTPRequestHandler):
         self.send_response(206 if rng else 200)
         self.send_header("content-length", str(len(body)))
         self.end_headers()
+        if (slow := self.faults.get("dribble")) is not None:  # a byte at a time, until the client gives up
+            for i in range(min(len(body), 400)):
+                self.wfile.write(body[i : i + 1])
+                self.wfile.flush()
+                time.sleep(slow)
+            return
         cut = self.faults.get("cut")
         self.wfile.write(body if cut is None else body[:cut])
         if cut is not None:
@@ -68,9 +75,9 @@ def server():
     srv.shutdown()
 
 
-def fetch(url, cache):
+def fetch(url, cache, **pace):
     with ThreadPoolExecutor(2) as pool, httpx.Client() as http:
-        Fetcher(http, cache, lambda h: url + h, pool, direct=True, retries=0, min_segment=1).fetch([JOB])
+        Fetcher(http, cache, lambda h: url + h, pool, direct=True, retries=0, min_segment=1, **pace).fetch([JOB])
 
 
 def test_cut_connection_keeps_verified_chunks_and_resumes_with_the_rest(server, tmp_path):
@@ -118,3 +125,22 @@ def test_chunks_the_resume_record_claims_are_hashed_again_before_they_are_kept(s
     fetch(server, cache)
     assert cache.blob(HEX).read_bytes() == DATA
     assert Blob.ranges == [f"bytes=0-{CHUNK - 1}", f"bytes={3 * CHUNK}-{len(DATA) - 1}"]  # chunk 0 again, 1 and 2 kept
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_registry_that_dribbles_is_left_once_it_stays_under_the_floor(server, tmp_path, direct):
+    """A byte every 20 ms never trips the read timeout; the speed floor ends it, and nothing unverified is kept."""
+    Blob.faults["dribble"] = 0.02
+    cache, started = Cache(tmp_path), time.monotonic()
+    with ThreadPoolExecutor(2) as pool, httpx.Client(timeout=30) as http:
+        fetcher = Fetcher(http, cache, lambda h: server + h, pool, direct=direct, retries=1, min_speed=1000, speed_time=0.5)
+        with pytest.raises(HubUnavailableError, match=r"under 1000 bytes/s for 1 s: \d+ bytes came.*pull again to resume"):
+            fetcher.fetch([JOB])
+    assert time.monotonic() - started < 10  # two tries of about half a second, not 400 bytes' worth of dribble
+    assert len(Blob.ranges) == 2 and not cache.blob(HEX).exists() and cache.done_chunks(HEX) == set()
+
+
+def test_a_fast_registry_never_trips_the_speed_floor(server, tmp_path):
+    cache = Cache(tmp_path)
+    fetch(server, cache, min_speed=1e6, speed_time=0.001)  # every read is weighed; loopback is far above 1 MB/s
+    assert cache.blob(HEX).read_bytes() == DATA
