@@ -23,7 +23,7 @@ import zstandard
 
 from ..errors import BundleExistsError, BundleFormatError, BundleNotFoundError, UnsafePathError
 from . import limits, tar
-from .files import fsync_dir, list_members, open_member
+from .files import fsync_dir, list_members, open_member, rename_new
 from .hashing import PIECE
 from .manifest import MANIFEST, SIGNATURE, MemberPath
 
@@ -69,7 +69,7 @@ def pack(bundle_dir: str | os.PathLike, out_file: str | os.PathLike) -> Path:
             out.flush()
             os.fsync(out.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.rename(tmp, target)
+        rename_new(Path(tmp), target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -166,7 +166,7 @@ def unpack(archive: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
                 _extract(_Bounded(z, limits.ratio_bound(compressed), src.name), tmp, compressed, src.name)
             os.chmod(tmp, 0o755)
             fsync_dir(tmp)
-            os.rename(tmp, target)
+            rename_new(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

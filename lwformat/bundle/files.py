@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
 import stat
@@ -62,6 +64,48 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _renameat2():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc 2.28+
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint), ctypes.c_int
+    return fn
+
+
+_RENAMEAT2, _AT_FDCWD, _RENAME_NOREPLACE = _renameat2(), -100, 1
+
+
+def rename_new(source: Path, target: Path) -> None:
+    """Rename `source` to `target`, which must not exist; BundleExistsError if it does.
+
+    `os.rename` silently replaces a file, or an empty directory, that another process put
+    at `target` after our check. Where the kernel has it, the rename itself refuses
+    (``renameat2`` with ``RENAME_NOREPLACE``); elsewhere the check comes just before it.
+    """
+    def exists() -> BundleExistsError:
+        return BundleExistsError(f"{target}: already exists; nothing is overwritten", path=str(target))
+
+    if _RENAMEAT2 is not None:
+        if _RENAMEAT2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise exists()
+        if err not in (errno.EINVAL, errno.ENOSYS):  # those two: this file system or kernel lacks the flag
+            raise OSError(err, os.strerror(err), str(source), None, str(target))
+    if target.exists() or target.is_symlink():
+        raise exists()
+    try:
+        os.rename(source, target)
+    except (IsADirectoryError, NotADirectoryError, FileExistsError) as exc:
+        raise exists() from exc
+    except OSError as exc:
+        if exc.errno != errno.ENOTEMPTY:
+            raise
+        raise exists() from exc
+
+
 @contextmanager
 def new_directory(target: Path) -> Iterator[Path]:
     """A private sibling of `target` to fill: renamed to `target` whole on success, removed on failure.
@@ -78,7 +122,7 @@ def new_directory(target: Path) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         fsync_dir(tmp)
-        os.rename(tmp, target)
+        rename_new(tmp, target)
         fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
