@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,22 @@ def make_bundle(root: Path, seed: int, *, name: str = "author/noir", **kwargs) -
     out = root / f"bundle-{next(_count)}"
     write_bundle(trained_world(seed, **kwargs), out, name=name, version="1.0.0")
     return Bundle.open(out)
+
+
+def poisoned(root: Path, seed: int, values: list[float], **kwargs) -> tuple[Bundle, str]:
+    """A bundle whose weights file, written first, then has `values` (float32) put at the start
+    of its last tensor, as a bundle made by another tool might arrive; and that tensor's key."""
+    bundle = make_bundle(root, seed, **kwargs)
+    path = bundle.weights_path
+    data = bytearray(path.read_bytes())
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + size])
+    key, entry = max(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+    assert entry["dtype"] == "F32"
+    at = 8 + size + entry["data_offsets"][0]
+    data[at : at + 4 * len(values)] = struct.pack(f"<{len(values)}f", *values)
+    path.write_bytes(bytes(data))
+    return Bundle.open(path.parent), key
 
 
 @pytest.fixture(scope="module")

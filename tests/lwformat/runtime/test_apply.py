@@ -386,3 +386,30 @@ def test_an_apply_failing_midway_leaves_the_world_as_it_was(world, bundles, monk
     assert torch.equal(lm_out(world, x), base) and world.root_digest() == root
     world.apply(bundles["noir"], weight=0.7)  # and the world takes it afterwards
     assert not torch.equal(lm_out(world, x), base)
+
+
+@pytest.mark.parametrize("reserve_rank", [0, 8])  # one copy of the file's runs; slot by slot into wider storage
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_a_bundle_holding_nan_or_inf_is_refused_and_changes_nothing(tmp_path, world, value, reserve_rank):
+    from lwformat.errors import BundleFormatError
+    from tests.lwformat.runtime.conftest import poisoned
+
+    bundle, key = poisoned(tmp_path, 12, [value])
+    x = tokens()
+    before, root = lm_out(world, x), world.root_digest()
+    modules = [type(m) for m in world.modules()]
+    slot, tensor = key.rsplit(".", 1)
+    with pytest.raises(BundleFormatError, match="NaN or inf") as caught:
+        world.apply(bundle, reserve_rank=reserve_rank)
+    assert caught.value.path == f"{slot}:{tensor}"
+    assert world.applied == {} and [type(m) for m in world.modules()] == modules
+    assert torch.equal(lm_out(world, x), before) and world.root_digest() == root
+
+
+def test_huge_finite_adapter_values_are_not_taken_for_inf(tmp_path, world):
+    """Two values near float32's maximum overflow a sum; the exact check clears them."""
+    from tests.lwformat.runtime.conftest import poisoned
+
+    bundle, _ = poisoned(tmp_path, 12, [3e38, 3e38])
+    world.apply(bundle)
+    assert "author/noir" in world.applied

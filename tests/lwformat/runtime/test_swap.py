@@ -261,3 +261,18 @@ def test_a_swap_from_a_saved_blend_to_an_unsaved_one_of_the_same_layout(tmp_path
     fresh.apply(mix, weight=0.6, name="author/noir")
     x = tokens()
     assert torch.equal(lm_out(world, x), lm_out(fresh, x))
+
+
+@pytest.mark.parametrize("strict", [False, True])  # the one-copy swap, and the swap that walks the modules
+def test_a_swap_to_a_bundle_holding_nan_is_refused_before_any_write(tmp_path, world, bundles, strict):
+    from lwformat.errors import BundleFormatError
+    from tests.lwformat.runtime.conftest import poisoned
+
+    bad, _ = poisoned(tmp_path, 13, [float("nan")])
+    world.apply(bundles["noir"])
+    x = tokens()
+    before = lm_out(world, x)
+    with pytest.raises(BundleFormatError, match="NaN or inf"):
+        world.swap("author/noir", bad, strict=strict)
+    assert world.applied["author/noir"].bundle is bundles["noir"]
+    assert torch.equal(lm_out(world, x), before)
