@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lwhub.semver import is_prerelease, is_valid, newer, sort_key
 
@@ -34,3 +36,27 @@ def test_invalid_versions_are_refused(bad):
 
 def test_prerelease():
     assert is_prerelease("2.0.0-rc.1") and not is_prerelease("2.0.0+build")
+
+
+def _manifest_accepts(version: str) -> bool:
+    import msgspec
+
+    from lwformat.bundle.manifest import SemVer
+
+    try:
+        msgspec.convert(version, SemVer)
+    except msgspec.ValidationError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("version", ["1.0.0-01", "1.0.0-a..b", "1.0.0-.a", "1.0.0+", "1.0.0+a..b", "100000000000000000000.0.0",
+                                     "1.0.0-0a", "1.0.0-rc.1+b.005", "99999999999999999999.0.0", "1.0.0-x-y.0"])  # fmt: skip
+def test_a_bundle_may_carry_exactly_the_versions_the_hub_takes(version):
+    """A writer looser than the hub made bundles that signed fine and could never be pushed."""
+    assert _manifest_accepts(version) == is_valid(version)
+
+
+@given(st.from_regex(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}(-[0-9A-Za-z.\-]{0,6})?(\+[0-9A-Za-z.\-]{0,4})?", fullmatch=True))
+def test_the_manifest_and_the_hub_agree_on_every_version(version):
+    assert _manifest_accepts(version) == is_valid(version)
