@@ -95,7 +95,7 @@ from .errors import IntegrityError as DownloadIntegrityError
 
 BASE_HINT = "this bundle was made for another base world; `lwhub inspect` shows the base it needs"
 EXIT_CODES: list[tuple[type[BaseException], int, str]] = [  # (error class, exit code, what to do)
-    (SigningKeyError, 2, "give a usable PEM key: `lwhub keygen` makes a new pair; openssl-made keys work too"),
+    (SigningKeyError, 2, "give a usable PEM key: `lwhub keygen` makes a new pair under a name no file has yet; openssl-made keys work too"),
     (SigningError, 2, "sign by files (the default), or give a --shard-size of at least 1"),
     (SignatureError, 1, "do not use this bundle: fetch it again, or ask its author for the right public key"),
     (IntegrityError, 1, "do not use this bundle: a file changed since it was written; fetch it again"),
@@ -107,7 +107,7 @@ EXIT_CODES: list[tuple[type[BaseException], int, str]] = [  # (error class, exit
     (IncompatibleError, 3, BASE_HINT),
     (BaseMismatchError, 3, BASE_HINT),
     (BlendError, 3, "--method is linear, svd, ties or dare, and the parents must agree on every block they share"),
-    (ForbiddenError, 8, "use a token scoped to that namespace: an admin makes one with `lwhub token create ACCOUNT --scope OWNER`"),
+    (ForbiddenError, 8, "use a token scoped to that namespace: an admin makes one on the hub's machine with `lwhub token create ACCOUNT --data HUB_DIR --scope OWNER`"),
     (AuthError, 8, "log in with a valid token: `lwhub login --token lwh_...` (`lwhub token create` makes one)"),
     (ConflictError, 9, "names are taken once: push under a new --version (versions are immutable), or pick another account name"),
     (HubUnavailableError, 10, ("is the hub running? check --url, LWHUB_URL or `lwhub login --url`; `lwhub pull --offline` "

@@ -72,7 +72,7 @@ def edit_bundle(d: Path, edit) -> None:
 
 
 def make_keys(out: Path) -> None:
-    (out / KEYS).mkdir(exist_ok=True)
+    (out / KEYS).mkdir(parents=True, exist_ok=True)
     for name in (SIGNER, OTHER):
         if not (out / KEYS / f"{name}.pem").exists():
             keys.generate_keypair(out / KEYS, name=name)
