@@ -129,8 +129,11 @@ class AdapterHost(nn.Module):
             raise LayoutError(f"a {self.geo.layer} layer got input {tuple(x.shape)} without the batch of {route.batch} first")
         per_sample = (-1,) + (1,) * (y.ndim - 1)
         out = y
+        # A sample that did not pick an adapter gets exactly 0 from it (`where`, not a product
+        # with 0: the adapter's delta on that sample's input may overflow, and 0·inf is NaN).
         for adapter, pick in route.others:
-            out = out + (pick * adapter.mix_weight).view(per_sample) * adapter.delta(x, y, self.base)
+            coef = (pick * adapter.mix_weight).view(per_sample)  # (B, 1, ...)
+            out = out + torch.where(coef != 0, coef * adapter.delta(x, y, self.base), 0)
         if route.A:
             # Stacked, so the work per layer does not grow with the number of bundles (on a GPU
             # every small operation is a kernel launch, which costs more than its arithmetic).
@@ -138,8 +141,10 @@ class AdapterHost(nn.Module):
             pick = coefs.ne(0).to(torch.int64).argmax(0)  # (B,) the adapter each sample selected
             A = torch.stack(route.A)[pick]  # (B, r, in)
             B = torch.stack(route.B)[pick]  # (B, out, r)
-            h = torch.einsum("b...i,bri->b...r", x, A)  # (B, ..., r)
-            out = out + coefs.sum(0).view(per_sample) * torch.einsum("b...r,bor->b...o", h, B)  # (B, ..., out)
+            coef = coefs.sum(0).view(per_sample)  # (B, 1, ...)
+            # Scaled before the up-projection, as `LoRA.down` does: a small w·s keeps h @ Bᵀ in range.
+            h = torch.where(coef != 0, torch.einsum("b...i,bri->b...r", x, A) * coef, 0)  # (B, ..., r)
+            out = out + torch.einsum("b...r,bor->b...o", h, B)  # (B, ..., out)
         return out if out.dtype == y.dtype else out.to(y.dtype)
 
     def __getattr__(self, name: str):

@@ -92,3 +92,34 @@ def test_a_mixed_batch_on_a_customized_world_says_what_to_do(world, bundles):
     world.apply(bundles["noir"])
     with pytest.raises(RuntimeStateError, match="write_bundle"):
         world.run({"tokens": tokens(batch=2)}, ["author/noir", None])
+
+
+def test_a_small_scaling_on_a_half_world_overflows_in_no_sample(tmp_path):
+    """Large factors with a tiny alpha/r are finite applied alone; the mixed path must scale before the
+    up-projection as the plain one does, and give samples that picked nothing exactly the base."""
+    from lwformat import LightConfig
+    from lwformat.bundle.read import Bundle
+    from lwformat.bundle.write import write_bundle
+    from tests.lwformat.runtime.conftest import LM
+
+    trained = reference_world("tiny", seed=0)
+    trained.customize(LightConfig(kind="lora", rank=4, alpha=0.001, blocks=[LM], slots=["blocks.*.mlp.fc"]))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in trained.adapter_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 100)
+    write_bundle(trained, tmp_path / "big", name="author/big", version="1.0.0")
+    big = Bundle.open(tmp_path / "big")
+    x = tokens()
+    base = reference_world("tiny", seed=0).half()
+    alone = reference_world("tiny", seed=0)
+    alone.apply(big)
+    world = reference_world("tiny", seed=0)
+    world.apply(big)
+    alone.half(), world.half()
+    with torch.no_grad():
+        expected, plain, mixed = alone({"tokens": x}), base({"tokens": x}), world.run({"tokens": x}, ["author/big", None, None])
+    for key in KEYS:
+        assert mixed[key].isfinite().all() and expected[key].isfinite().all(), key
+        torch.testing.assert_close(mixed[key][:1], expected[key][:1], rtol=1e-2, atol=1e-2)
+        assert torch.equal(mixed[key][1:], plain[key][1:]), key
