@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..errors import BaseMismatchError, CheckpointError, TargetError
+from ..errors import BaseMismatchError, CheckpointError, FusedError, TargetError
 from .config import LightConfig
 from .inject import customize, decustomize, grad_flags, restore_grad_flags
 from .plan import Plan, iter_hosts
@@ -48,6 +48,8 @@ def adapter_tensors(world: World) -> dict[str, torch.Tensor]:
 def save_adapters(world: World, path: str | os.PathLike) -> None:
     if world.customization is None:
         raise TargetError("the world carries no adapters to save; call customize() first")
+    if world.fused_state is not None:  # the base weights hold the deltas: the digests would bind another base
+        raise FusedError("cannot save adapters from a fused world; call unfuse() first")
     config, plan = world.customization
     digests = world.digests()
     metadata = {

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import torch
 
-from ..errors import BundleFormatError, TargetError
+from ..errors import BundleFormatError, FusedError, TargetError
 from ..world.digest import DTYPE_NAMES, tensor_bytes
 from .canonical import dumps
 from .files import new_directory, write_synced
@@ -62,6 +62,8 @@ def build_manifest(world: World, *, name: str, version: str, chunk_size: int = D
 
     if world.customization is None:
         raise TargetError("the world carries no adapters to write; call customize() first")
+    if world.fused_state is not None:  # the base weights hold the deltas: the digests would bind another base
+        raise FusedError("cannot write a bundle from a fused world; call unfuse() first")
     _, plan = world.customization
     live = adapter_tensors(world)
     digests = world.digests()

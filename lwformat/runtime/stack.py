@@ -332,8 +332,9 @@ def remove(world: World, name: str) -> None:
 
 def _release(world: World, applied: Applied) -> None:
     """Hand the storage to the world's spare pool; the removed record lets go of it."""
-    for buffer in applied.buffers.values():
-        world.spare_storage.give(buffer)
+    if world.spare_storage is not None:  # None: the world keeps no spare storage
+        for buffer in applied.buffers.values():
+            world.spare_storage.give(buffer)
     applied.buffers, applied.adapters, applied.hosts = {}, {}, {}
 
 

@@ -115,7 +115,7 @@ def finite(value: object) -> float | None:
         return None
     try:
         number = float(value)
-    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several values
+    except (TypeError, ValueError, RuntimeError, OverflowError):  # a tensor of several values; an int beyond any float
         return None
     return number if math.isfinite(number) else None
 

@@ -58,3 +58,17 @@ def test_corrupt_or_foreign_files_are_refused(tmp_path):
     with pytest.raises(TargetError, match="no adapters"):
         small_world().save_adapters(tmp_path / "none.safetensors")
     assert not (tmp_path / "none.safetensors").exists()
+
+
+def test_a_fused_world_saves_no_adapters(tmp_path):
+    """Fused, the base weights hold the deltas: adapters saved then would be bound to that other base."""
+    from lwformat.adapters.checkpoint import save_adapters
+    from lwformat.errors import FusedError
+
+    world = trained()
+    world.fuse()
+    with pytest.raises(FusedError, match="unfuse"):
+        save_adapters(world, tmp_path / "a.safetensors")
+    assert list(tmp_path.iterdir()) == []
+    world.unfuse()
+    save_adapters(world, tmp_path / "a.safetensors")

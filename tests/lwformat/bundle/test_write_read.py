@@ -181,3 +181,16 @@ def test_opening_a_peft_directory_or_a_safetensors_file_points_to_the_importers(
         Bundle.open(tmp_path / "peft")
     with pytest.raises(BundleFormatError, match="import_kohya"):
         Bundle.open(tmp_path / "lora.safetensors")
+
+
+def test_a_fused_world_writes_no_bundle(tmp_path):
+    """Fused, the base digests are those of base + deltas: the bundle would fit no real base."""
+    from lwformat.errors import FusedError
+
+    world = tiny_custom_world()
+    world.fuse()
+    with pytest.raises(FusedError, match="unfuse"):
+        write_bundle(world, tmp_path / "b", name="a/b", version="1.0.0")
+    assert os.listdir(tmp_path) == []
+    world.unfuse()
+    write_bundle(world, tmp_path / "b", name="a/b", version="1.0.0")

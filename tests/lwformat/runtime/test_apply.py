@@ -158,8 +158,8 @@ def test_a_weights_file_cut_short_after_opening_fails_apply_and_changes_nothing(
     assert torch.equal(lm_out(world, x), before)
 
 
-@pytest.mark.parametrize("weight", [float("nan"), float("inf"), -float("inf"), 1e40, "0.5", None, True, {"author/**": None},
-                                    {"author/**": float("nan")}, {"author/**": 1e40}])  # fmt: skip
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), -float("inf"), 1e40, pytest.param(10**400, id="10**400"), "0.5", None, True, {"author/**": None},
+                                    {"author/**": float("nan")}, {"author/**": 1e40}, {"author/**": 10**400}])  # fmt: skip
 def test_weights_are_finite_numbers_the_storage_holds(world, bundles, weight):
     """NaN in one bundle's weight would turn every sample of a mixed batch to NaN, base samples too."""
     from lwformat.errors import WeightError

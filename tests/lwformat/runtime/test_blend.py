@@ -294,8 +294,9 @@ def test_bad_requests_are_refused(lora, kwargs, match):
 
 
 def test_bad_weights_are_refused(lora):
-    with pytest.raises(BlendError, match="finite"):
-        blend([(lora["r2"], math.nan)])
+    for weight in (math.nan, 10**400):  # an int beyond any float is no finite number either
+        with pytest.raises(BlendError, match="finite"):
+            blend([(lora["r2"], weight)])
     with pytest.raises(BlendError, match="at least one"):
         blend([])
 

@@ -74,3 +74,17 @@ def test_dropping_the_pool_lets_the_storage_go(world, bundles):
     world.spare_storage = None
     gc.collect()
     assert buffer() is None
+
+
+def test_remove_after_the_pool_was_dropped_succeeds(world, bundles):
+    """``spare_storage = None`` is the documented way to drop the pool; a remove then must not fail after the fact."""
+    x = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = world({"tokens": x})
+    world.apply(bundles["noir"])
+    world.spare_storage = None
+    world.remove("author/noir")
+    assert world.applied == {} and world.spare_storage is None
+    with torch.no_grad():
+        after = world({"tokens": x})
+    assert all(torch.equal(after[k], base[k]) for k in base)
