@@ -21,6 +21,7 @@ from ..adapters.host import AdapterHost
 from ..adapters.layers import base_bias
 from ..adapters.plan import iter_hosts
 from ..errors import FusedError
+from .mixed import not_routed
 
 if TYPE_CHECKING:
     from ..world.tree import World
@@ -59,6 +60,7 @@ def fuse(world: World) -> list[str]:
     """Fuse every adapter; return the slots kept live because another layer shares their weight or bias."""
     if world.fused_state is not None:
         raise FusedError("the world is fused already")
+    not_routed(world, "fuse")
     shared = shared_parameters(world)
     hosts, saved, live = {}, {}, []
     for slot, host in iter_hosts(world):

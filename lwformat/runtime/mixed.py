@@ -29,6 +29,8 @@ def routed(world: World, bundles: list[str | None]) -> Iterator[None]:
     """
     if world.fused_state is not None:
         raise FusedError("a mixed batch needs unfused adapters; call unfuse() first")
+    if world.routes_open:  # leaving the inner one would end the outer one's routes too
+        raise RuntimeStateError("a mixed batch is open already (`routed` or `run`); they do not nest")
     if world.customization is not None:  # its adapters are no applied bundle: samples could not pick them
         raise RuntimeStateError("a mixed batch picks among applied bundles, and this world carries a customization "
                                 "(training adapters): write it as a bundle (write_bundle) and apply that")  # fmt: skip
@@ -54,6 +56,13 @@ def routed(world: World, bundles: list[str | None]) -> Iterator[None]:
         world.routes_open -= 1
         for host in hosts:
             host.set_route(None)
+
+
+def not_routed(world: World, what: str) -> None:
+    """Refuse to change the stack or fuse inside a mixed batch: a routed sample would compute
+    with storage reused meanwhile, or with the fused sum of every bundle instead of its own."""
+    if world.routes_open:
+        raise RuntimeStateError(f"cannot {what} inside a mixed batch (`routed`); do it before entering or after leaving")
 
 
 def _check_picks(bundles: list[str | None]) -> None:

@@ -25,10 +25,11 @@ from ..adapters.kinds.neuron import NeuronDelta
 from ..adapters.plan import parent_index, replace_module
 from ..bundle.manifest import slot_layout
 from ..bundle.read import Bundle
-from ..errors import (AlreadyAppliedError, BundleFormatError, FusedError, LayoutError, NotAppliedError, RankError, RuntimeStateError, TargetError,
+from ..errors import (AlreadyAppliedError, BundleFormatError, FusedError, LayoutError, NotAppliedError, RankError, TargetError,
                       WeightError)
 from ..world.digest import untouched_digest
 from ..world.paths import match_block
+from .mixed import not_routed
 from .resolve import ResolvedSlot, resolve
 from .spare import Spare
 from .storage import (RANKED, Place, allocate, check_scalar, check_scalars, copy_packed, copy_runs, fill, finite, fits, nonfinite,
@@ -227,11 +228,6 @@ def _unhost(parents: _Parents, slot: str, host: AdapterHost) -> None:
         replace_module(parents.of(slot), host, host.base)
 
 
-def _not_routed(world: World, what: str) -> None:
-    if world.routes_open:  # a routed sample would compute with whatever reuses the storage
-        raise RuntimeStateError(f"cannot {what} inside a mixed batch (`routed`); do it before entering or after leaving")
-
-
 def _opened(bundle: Any) -> Any:
     """A `Bundle`, a `Blend`, or a path to open (a bundle directory or `.lwb` archive)."""
     if isinstance(bundle, (str, os.PathLike)):
@@ -255,7 +251,7 @@ def _not_fused(world: World, what: str) -> None:
 @torch.no_grad()
 def apply(world: World, bundle: Any, weight: Weight = 1.0, *, name: str | None = None, strict: bool = False, reserve_rank: int = 0) -> Applied:
     _not_fused(world, "apply")
-    _not_routed(world, "apply")
+    not_routed(world, "apply")
     bundle = _opened(bundle)
     if name is not None and not (isinstance(name, str) and name):
         raise TargetError(f"name is a non-empty string naming the applied bundle, not {name!r}", path=str(name))
@@ -320,7 +316,7 @@ def remove(world: World, name: str) -> None:
     ``world.spare_storage = None`` lets it go.
     """
     _not_fused(world, "remove a bundle")
-    _not_routed(world, "remove a bundle")
+    not_routed(world, "remove a bundle")
     applied = _applied(world, name)
     parents = _Parents(world)
     for slot, host in applied.hosts.items():

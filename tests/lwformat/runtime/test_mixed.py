@@ -123,3 +123,26 @@ def test_a_small_scaling_on_a_half_world_overflows_in_no_sample(tmp_path):
         assert mixed[key].isfinite().all() and expected[key].isfinite().all(), key
         torch.testing.assert_close(mixed[key][:1], expected[key][:1], rtol=1e-2, atol=1e-2)
         assert torch.equal(mixed[key][1:], plain[key][1:]), key
+
+
+def test_inside_a_mixed_batch_fusing_and_nesting_are_refused_and_the_routes_hold(world, bundles):
+    """Fusing there would give every sample the sum of all bundles; a nested batch, on leaving,
+    ended the outer one's routes, so the outer samples silently got the whole stack."""
+    from lwformat.errors import RuntimeStateError
+
+    world.apply(bundles["noir"], weight=0.7)
+    world.apply(bundles["rain"])
+    picks = ["author/noir", None, "author/rain"]
+    x = tokens()
+    with torch.no_grad():
+        expected = world.run({"tokens": x}, picks)
+        with world.routed(picks):
+            with pytest.raises(RuntimeStateError, match="inside a mixed batch"):
+                world.fuse()
+            with pytest.raises(RuntimeStateError, match="do not nest"), world.routed(picks):
+                pass
+            with pytest.raises(RuntimeStateError, match="do not nest"):
+                world.run({"tokens": x}, picks)
+            got = world({"tokens": x})
+    assert world.fused_state is None and world.routes_open == 0
+    assert all(torch.equal(got[k], expected[k]) for k in KEYS)
