@@ -60,6 +60,8 @@ class Bundle:
             self._by_slot.setdefault(span.slot, []).append(span)
         self._size = next(f.size for f in manifest.files if f.path == WEIGHTS)  # as checked by `open`
         self._map: mmap.mmap | None = None
+        self._stamp: tuple[int, int] | None = None  # the mapped file's descriptor and mtime when mapped
+        self._closed = False
         self._packed: dict[str, torch.Tensor] | None = None
         self._cleanup = weakref.finalize(self, shutil.rmtree, tmp, True) if tmp is not None else None
 
@@ -137,14 +139,34 @@ class Bundle:
 
     def _mapping(self) -> mmap.mmap:
         """The weights file mapped copy-on-write, once; each call first checks that the file
-        still has the size `open` checked. A read from the map past the end of a file cut
-        short since would kill the process (SIGBUS); this makes it an `IntegrityError`."""
+        still has the size `open` checked and has not been written since it was mapped.
+
+        A read from the map past the end of a file cut short since would kill the process
+        (SIGBUS); a file rewritten in place would change what the map reads after its values
+        were checked (finite, valid channel indices). Both are an `IntegrityError`.
+        """
         if self._map is None:
-            with open_member(self.path, WEIGHTS) as f:  # the map keeps its own descriptor
-                self._map = mmap.mmap(f.fileno(), self._intact(os.fstat(f.fileno()).st_size), access=mmap.ACCESS_COPY)
+            with self._weights_file() as f:
+                st = os.fstat(f.fileno())
+                self._map = mmap.mmap(f.fileno(), self._intact(st.st_size), access=mmap.ACCESS_COPY)
+                fd = os.dup(f.fileno())  # kept to see later writes (the map's own descriptor is private)
+            self._stamp = (fd, st.st_mtime_ns)
+            self._unstamp = weakref.finalize(self, os.close, fd)
         else:
-            self._intact(self._map.size())  # the size of the mapped file now, not of the map
+            fd, mtime = self._stamp
+            st = os.fstat(fd)
+            self._intact(st.st_size)
+            if st.st_mtime_ns != mtime:
+                raise IntegrityError(f"{WEIGHTS}: written in place since the bundle was read; open it again",
+                                     path=WEIGHTS, expected=mtime, found=st.st_mtime_ns)  # fmt: skip
         return self._map
+
+    def _weights_file(self):
+        try:
+            return open_member(self.path, WEIGHTS)
+        except FileNotFoundError:
+            why = "the bundle was closed" if self._closed else "deleted or moved since the bundle was opened"
+            raise BundleNotFoundError(f"{self.path / WEIGHTS}: not there ({why})", path=WEIGHTS) from None
 
     def _intact(self, size: int) -> int:
         if size != self._size:
@@ -208,7 +230,7 @@ class Bundle:
         import torch
 
         runs = self._runs()
-        with open_member(self.path, WEIGHTS) as f:
+        with self._weights_file() as f:
             for dtype, out in into.items():
                 b, e = runs[dtype]
                 view = memoryview(out.view(torch.uint8).numpy())  # (nbytes,) the tensor's own memory
@@ -234,6 +256,10 @@ class Bundle:
 
     def close(self) -> None:
         self._map = self._packed = None  # tensors still viewing the map keep it alive
+        if self._stamp is not None:
+            self._unstamp()
+            self._stamp = None
+        self._closed = True
         if self._cleanup is not None:
             self._cleanup()
 

@@ -276,3 +276,53 @@ def test_a_swap_to_a_bundle_holding_nan_is_refused_before_any_write(tmp_path, wo
         world.swap("author/noir", bad, strict=strict)
     assert world.applied["author/noir"].bundle is bundles["noir"]
     assert torch.equal(lm_out(world, x), before)
+
+
+def test_a_bundle_rewritten_in_place_since_it_was_read_is_refused_and_changes_nothing(tmp_path, world, bundles):
+    """Same size, new bytes: what the map reads now was never checked (here a channel index named twice)."""
+    import os
+    import time
+
+    from lwformat.errors import IntegrityError
+    from tests.lwformat.runtime.conftest import make_bundle
+
+    a, b = make_bundle(tmp_path, 1, kind="neuron"), make_bundle(tmp_path, 2, kind="neuron")
+    world.apply(a)
+    world.swap("author/noir", b)  # b is read and its indices checked
+    world.swap("author/noir", a)
+    x, before = tokens(), _state(world)
+    out = lm_out(world, x)
+    span = next(s for s in b.spans if s.name == "neuron_index")
+    time.sleep(0.01)  # past the file system's timestamp granularity
+    with open(b.weights_path, "r+b") as f:
+        f.seek(b.data_offset + span.begin)
+        first = f.read(8)
+        f.write(first)  # the second index now names the first channel again
+        f.flush()
+        os.fsync(f.fileno())
+    with pytest.raises(IntegrityError, match="written in place"):
+        world.swap("author/noir", b)
+    assert world.applied["author/noir"].bundle is a and _unchanged(world, before, x, out)
+
+
+def test_a_bundle_deleted_or_closed_since_it_was_opened_is_a_typed_error(tmp_path, world, bundles):
+    import shutil
+
+    from lwformat.bundle.archive import pack
+    from lwformat.bundle.read import Bundle
+    from lwformat.errors import BundleNotFoundError
+    from tests.lwformat.runtime.conftest import make_bundle
+
+    gone = make_bundle(tmp_path, 2)
+    world.apply(bundles["noir"])
+    x, before = tokens(), _state(world)
+    out = lm_out(world, x)
+    shutil.rmtree(gone.path)
+    with pytest.raises(BundleNotFoundError, match="deleted or moved since the bundle was opened"):
+        world.swap("author/noir", gone)
+    assert _unchanged(world, before, x, out)
+    closed = Bundle.open(pack(bundles["noir2"].path, tmp_path / "noir2.lwb"))
+    closed.close()  # an archive's private copy goes with it
+    with pytest.raises(BundleNotFoundError, match="the bundle was closed"):
+        world.swap("author/noir", closed)
+    assert _unchanged(world, before, x, out)
