@@ -232,6 +232,10 @@ def copy_runs(buffers: dict, bundle, *, read: bool = False) -> None:
     """
     if read and not bundle.mapped and all(device.type == "cpu" for _, device in buffers):
         bundle.read_runs({DTYPE_NAMES[dtype]: buffer for (dtype, _), buffer in buffers.items()})
+        # The read wrote behind autograd's back: storage reused from a removed bundle may still
+        # be saved for a backward pass, which must then fail as it does after `copy_`, not
+        # compute gradients from the new values.
+        torch.autograd.graph.increment_version(list(buffers.values()))
         return
     runs = bundle.packed()
     for (dtype, _), buffer in buffers.items():

@@ -1,9 +1,10 @@
 """The spare pool: storage released by remove backs the next apply, and never leaks old numbers."""
 
+import pytest
 import torch
 
 from lwformat.runtime.spare import Spare
-from tests.lwformat.runtime.conftest import LM, tokens
+from tests.lwformat.runtime.conftest import LM, make_bundle, tokens
 
 
 def lm_out(world, x):
@@ -88,3 +89,23 @@ def test_remove_after_the_pool_was_dropped_succeeds(world, bundles):
     with torch.no_grad():
         after = world({"tokens": x})
     assert all(torch.equal(after[k], base[k]) for k in base)
+
+
+def test_storage_reused_while_a_backward_pass_needs_it_fails_that_pass(tmp_path, bundles):
+    """Training on top of a bundle: remove it and apply another between forward and backward. The new
+    bundle is read straight into the reused storage; the backward must refuse, not use the new values."""
+    from lwformat import LightConfig
+    from lwformat.zoo import reference_world
+
+    world = reference_world("tiny", seed=0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        world.customize(LightConfig(kind="lora", rank=2, blocks=[LM]))
+    world.apply(bundles["noir"], weight=0.8)
+    loss = world.block(LM).module.loss(tokens())
+    world.remove("author/noir")
+    rain = make_bundle(tmp_path, 2, name="author/rain")
+    assert not rain.mapped
+    world.apply(rain, weight=0.8)  # its file not mapped: read straight into noir's old storage
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
