@@ -165,8 +165,21 @@ class Bundle:
         try:
             return open_member(self.path, WEIGHTS)
         except FileNotFoundError:
-            why = "the bundle was closed" if self._closed else "deleted or moved since the bundle was opened"
-            raise BundleNotFoundError(f"{self.path / WEIGHTS}: not there ({why})", path=WEIGHTS) from None
+            raise self._gone() from None
+
+    def _gone(self) -> BundleNotFoundError:
+        why = "the bundle was closed" if self._closed else "deleted or moved since the bundle was opened"
+        return BundleNotFoundError(f"{self.path / WEIGHTS}: not there ({why})", path=WEIGHTS)
+
+    def weights_identity(self) -> tuple:
+        """The weights file as it is now: its sha256 in the manifest, and the file's device, inode,
+        size, mtime and ctime (ns). The same while its bytes are, unless written behind the clock."""
+        try:
+            st = os.stat(self.weights_path)
+        except FileNotFoundError:
+            raise self._gone() from None
+        sha256 = next(f.sha256 for f in self.manifest.files if f.path == WEIGHTS)
+        return sha256, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
     def _intact(self, size: int) -> int:
         if size != self._size:

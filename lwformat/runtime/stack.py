@@ -25,15 +25,16 @@ from ..adapters.kinds.neuron import NeuronDelta
 from ..adapters.plan import parent_index, replace_module
 from ..bundle.manifest import slot_layout
 from ..bundle.read import Bundle
-from ..errors import (AlreadyAppliedError, BundleFormatError, FusedError, LayoutError, NotAppliedError, RankError, TargetError,
+from ..errors import (AlreadyAppliedError, FusedError, LayoutError, NotAppliedError, RankError, TargetError,
                       WeightError)
 from ..world.digest import untouched_digest
 from ..world.paths import match_block
+from . import finiteness
 from .mixed import not_routed
 from .resolve import ResolvedSlot, resolve
 from .spare import Spare
-from .storage import (RANKED, Place, allocate, check_scalar, check_scalars, copy_packed, copy_runs, fill, finite, fits, nonfinite,
-                      plan_layout, scalars, slot_views, view)
+from .storage import (RANKED, Place, allocate, check_scalar, check_scalars, copy_packed, copy_runs, fill, finite, fits, plan_layout,
+                      scalars, slot_views, view)
 
 if TYPE_CHECKING:
     from ..world.tree import World
@@ -88,7 +89,7 @@ def _same_layout_swap(world: World, applied: Applied, bundle: Any, *, check_base
     if applied.indexed and bundle not in _INDICES_CHECKED:  # a bundle's stored indices, read once
         _check_indices(applied.indexed, lambda rs: bundle.slot_tensors(rs.entry.slot))
         _INDICES_CHECKED.add(bundle)
-    _check_values(bundle, applied.slots)
+    finiteness.check_bundle(bundle, applied.slots)
     copy_runs(applied.buffers, bundle)  # equal layouts give equal runs (the reader checked the order)
     applied.bundle = bundle
     return True
@@ -105,34 +106,6 @@ def _check_indices(slots: tuple[ResolvedSlot, ...], tensors_of) -> None:
     """Neuron slots' stored channel indices (values, which the compatibility check cannot see)."""
     for rs in slots:
         NeuronDelta.check_index(tensors_of(rs)["neuron_index"], rs.geo, rs.slot)
-
-
-def _refuse_nonfinite(bundle: Any, where: str | None) -> None:
-    if where is not None:
-        m = bundle.manifest
-        raise BundleFormatError(f"{m.name}@{m.version}: {where} holds NaN or inf values (a diverged training run?); "
-                                "the world is unchanged", path=where)  # fmt: skip
-
-
-def _by_slot(bundle: Any, slots) -> Any:
-    return ((f"{rs.entry.slot}:{n}", t) for rs in slots for n, t in bundle.slot_tensors(rs.entry.slot).items())
-
-
-def _check_values(bundle: Any, slots) -> None:
-    """Refuse a bundle whose adapters hold NaN or inf before any of them is written (once per opened bundle).
-
-    Applied, one would turn every output it touches into NaN; `write_bundle` refuses to
-    make such a bundle, but another tool may have.
-    """
-    if bundle in _VALUES_CHECKED:
-        return
-    runs = bundle.packed().items() if isinstance(bundle, Bundle) else None
-    if runs is None or nonfinite(runs) is not None:  # one sum per dtype run; only then tensor by tensor
-        _refuse_nonfinite(bundle, nonfinite(_by_slot(bundle, slots)))
-    _VALUES_CHECKED.add(bundle)
-
-
-_VALUES_CHECKED: weakref.WeakSet = weakref.WeakSet()  # opened bundles whose values passed, for repeated swaps
 
 
 def _attached(applied: Applied) -> None:
@@ -266,6 +239,7 @@ def apply(world: World, bundle: Any, weight: Weight = 1.0, *, name: str | None =
     check_scalars(slots, values)  # all before the storage is taken or the weights read
     indexed = _indexed(slots)
     _check_indices(indexed, lambda rs: bundle.slot_tensors(rs.entry.slot))
+    identity = finiteness.file_identity(bundle)  # before the read: the bytes checked are those read after it
     places = plan_layout(slots, reserve_rank)
     spare = world.spare_storage = world.spare_storage or Spare()
     applied = Applied(name, _bank_key(world, name), bundle, slots, places, allocate(places, spare), indexed=indexed)
@@ -281,9 +255,7 @@ def apply(world: World, bundle: Any, weight: Weight = 1.0, *, name: str | None =
                 source = bundle.slot_tensors(rs.entry.slot)
                 for tensor_name, target in by_slot[rs.slot].items():
                     fill(target, source[tensor_name], tensor_name)
-        # The bytes just read, while they are in the cache: packed buffers are exactly the file's runs.
-        if not applied.packed or nonfinite((str(k), b) for k, b in buffers.items()) is not None:
-            _refuse_nonfinite(bundle, nonfinite((f"{slot}:{n}", t) for slot, ts in by_slot.items() for n, t in ts.items()))
+        finiteness.check_storage(bundle, identity, buffers, by_slot, applied.packed)
         for rs, (mix_weight, scaling) in zip(slots, scalars(slots, values, places)):
             host = _host(parents, rs)
             hosts.append((rs.slot, host))
@@ -385,7 +357,7 @@ def swap(world: World, name: str, bundle: Any, *, strict: bool = False, check_ba
     for rs in slots:  # the new scalings too, before the first write
         if hasattr(applied.adapters[rs.slot], "scaling"):
             check_scalar(rs.settings.scaling, applied.adapters[rs.slot].scaling.dtype, rs.slot, "scaling (alpha / rank)")
-    _check_values(bundle, slots)
+    finiteness.check_bundle(bundle, slots)
     # Read from the bundle's map, whose size is checked before each read: nothing fails once
     # writing has begun (reading a file straight into the storage could stop halfway).
     packed = copy_packed(applied.places, applied.buffers, bundle, read=False)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable
 from math import prod
 from typing import NamedTuple
 
@@ -118,21 +117,6 @@ def finite(value: object) -> float | None:
     except (TypeError, ValueError, RuntimeError, OverflowError):  # a tensor of several values; an int beyond any float
         return None
     return number if math.isfinite(number) else None
-
-
-def nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
-    """The name of the first floating tensor holding NaN or inf, else None.
-
-    A sum is NaN or inf whenever an element is, and costs about a twentieth of a copy;
-    only a sum that is not finite (which huge finite values could also cause) is
-    followed by the exact element-wise check.
-    """
-    for name, t in named:
-        if t.is_floating_point() and t.numel():
-            total = t.sum(dtype=torch.promote_types(t.dtype, torch.float32))  # () half types summed in float32
-            if not torch.isfinite(total) and not torch.isfinite(t).all():
-                return name
-    return None
 
 
 @functools.cache

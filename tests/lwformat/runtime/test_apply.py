@@ -413,3 +413,24 @@ def test_huge_finite_adapter_values_are_not_taken_for_inf(tmp_path, world):
     bundle, _ = poisoned(tmp_path, 12, [3e38, 3e38])
     world.apply(bundle)
     assert "author/noir" in world.applied
+
+
+def test_a_weights_file_rewritten_with_nan_after_it_passed_is_checked_again(tmp_path, world):
+    """A file whose values passed is remembered by its identity; written in place, it is another file."""
+    import struct
+    import time
+
+    from lwformat.bundle.read import Bundle
+    from lwformat.errors import BundleFormatError
+
+    bundle = make_bundle(tmp_path, 14)
+    world.apply(bundle)
+    world.remove("author/noir")
+    time.sleep(0.01)  # past the file system's timestamp granularity
+    span = bundle.spans[-1]
+    with open(bundle.weights_path, "r+b") as f:
+        f.seek(bundle.data_offset + span.begin)
+        f.write(struct.pack("<f", float("nan")))
+    with pytest.raises(BundleFormatError, match="NaN or inf"):
+        world.apply(Bundle.open(bundle.path))
+    assert world.applied == {}

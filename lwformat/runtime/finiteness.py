@@ -1,0 +1,83 @@
+"""Refusing adapters that hold NaN or inf, before they reach a world.
+
+Applied, one NaN turns every output its adapter touches into NaN. `write_bundle` refuses
+to make such a bundle, but another tool may have, so `apply` and `swap` check values.
+
+A sum is NaN or inf whenever an element is, and costs one pass over the bytes; only a sum
+that is not finite (which huge finite values also give) is followed by the exact
+element-wise check. A weights file that passed is remembered by its identity (its
+sha256 in the manifest, and the file's device, inode, size, mtime and ctime), so applying
+or swapping in the same file again costs a `stat`: bundle files are never written in
+place, and one that is gets new times.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from ..bundle.read import Bundle
+from ..errors import BundleFormatError
+
+_PASSED: OrderedDict[tuple, None] = OrderedDict()  # identities of weights files whose values passed
+_REMEMBERED = 4096
+
+
+def nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first floating tensor holding NaN or inf, else None."""
+    for name, t in named:
+        if t.is_floating_point() and t.numel():
+            total = t.sum(dtype=torch.promote_types(t.dtype, torch.float32))  # () half types summed in float32
+            if not torch.isfinite(total) and not torch.isfinite(t).all():
+                return name
+    return None
+
+
+def file_identity(bundle: Any) -> tuple | None:
+    """The identity of a bundle's weights file as it is now; None for a bundle held in memory (a `Blend`)."""
+    return bundle.weights_identity() if isinstance(bundle, Bundle) else None
+
+
+def passed(identity: tuple | None) -> bool:
+    return identity is not None and identity in _PASSED
+
+
+def remember(identity: tuple | None) -> None:
+    if identity is not None:
+        _PASSED[identity] = None
+        if len(_PASSED) > _REMEMBERED:
+            _PASSED.popitem(last=False)
+
+
+def refuse(bundle: Any, where: str | None) -> None:
+    if where is not None:
+        m = bundle.manifest
+        raise BundleFormatError(f"{m.name}@{m.version}: {where} holds NaN or inf values (a diverged training run?); "
+                                "the world is unchanged", path=where)  # fmt: skip
+
+
+def check_bundle(bundle: Any, slots) -> None:
+    """Refuse `bundle` before any of its adapters is written (a swap): its runs, from the map."""
+    identity = file_identity(bundle)
+    if passed(identity):
+        return
+    runs = bundle.packed().items() if identity is not None else None
+    if runs is None or nonfinite(runs) is not None:  # one sum per dtype run; only then tensor by tensor
+        refuse(bundle, nonfinite((f"{rs.entry.slot}:{n}", t) for rs in slots for n, t in bundle.slot_tensors(rs.entry.slot).items()))
+    remember(identity)
+
+
+def check_storage(bundle: Any, identity: tuple | None, buffers: dict, by_slot: dict, packed: bool) -> None:
+    """Refuse what an apply just read into its storage (while the bytes are in the cache).
+
+    `identity` is the file's, taken before the read. Packed buffers are exactly the file's
+    runs; otherwise (padded, or a `Blend`) each slot's tensors are checked.
+    """
+    if passed(identity):
+        return
+    if not packed or nonfinite((str(k), b) for k, b in buffers.items()) is not None:
+        refuse(bundle, nonfinite((f"{slot}:{n}", t) for slot, ts in by_slot.items() for n, t in ts.items()))
+    remember(identity)
