@@ -86,7 +86,7 @@ def rename_new(source: Path, target: Path) -> None:
     def exists() -> BundleExistsError:
         return BundleExistsError(f"{target}: already exists; nothing is overwritten", path=str(target))
 
-    if _RENAMEAT2 is not None:
+    if _RENAMEAT2 is not None and b"\0" not in os.fsencode(source) + os.fsencode(target):  # C strings end at NUL
         if _RENAMEAT2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
             return
         err = ctypes.get_errno()

@@ -60,7 +60,8 @@ class Bundle:
             self._by_slot.setdefault(span.slot, []).append(span)
         self._size = next(f.size for f in manifest.files if f.path == WEIGHTS)  # as checked by `open`
         self._map: mmap.mmap | None = None
-        self._stamp: tuple[int, int] | None = None  # the mapped file's descriptor and mtime when mapped
+        self._watch: int | None = None  # a descriptor of the mapped file, to see later writes
+        self._mtime: int | None = None  # the file's mtime when first mapped
         self._closed = False
         self._packed: dict[str, torch.Tensor] | None = None
         self._cleanup = weakref.finalize(self, shutil.rmtree, tmp, True) if tmp is not None else None
@@ -148,18 +149,24 @@ class Bundle:
         if self._map is None:
             with self._weights_file() as f:
                 st = os.fstat(f.fileno())
-                self._map = mmap.mmap(f.fileno(), self._intact(st.st_size), access=mmap.ACCESS_COPY)
+                self._unchanged(st)  # since the first map: a closed bundle mapped again is the same bundle
                 fd = os.dup(f.fileno())  # kept to see later writes (the map's own descriptor is private)
-            self._stamp = (fd, st.st_mtime_ns)
-            self._unstamp = weakref.finalize(self, os.close, fd)
+                try:
+                    buf = mmap.mmap(f.fileno(), st.st_size, access=mmap.ACCESS_COPY)
+                except BaseException:
+                    os.close(fd)
+                    raise
+            self._map, self._watch, self._mtime = buf, fd, st.st_mtime_ns
+            self._unwatch = weakref.finalize(self, os.close, fd)
         else:
-            fd, mtime = self._stamp
-            st = os.fstat(fd)
-            self._intact(st.st_size)
-            if st.st_mtime_ns != mtime:
-                raise IntegrityError(f"{WEIGHTS}: written in place since the bundle was read; open it again",
-                                     path=WEIGHTS, expected=mtime, found=st.st_mtime_ns)  # fmt: skip
+            self._unchanged(os.fstat(self._watch))
         return self._map
+
+    def _unchanged(self, st: os.stat_result) -> None:
+        self._intact(st.st_size)
+        if self._mtime is not None and st.st_mtime_ns != self._mtime:
+            raise IntegrityError(f"{WEIGHTS}: written in place since the bundle was read; open it again",
+                                 path=WEIGHTS, expected=self._mtime, found=st.st_mtime_ns)  # fmt: skip
 
     def _weights_file(self):
         try:
@@ -269,9 +276,9 @@ class Bundle:
 
     def close(self) -> None:
         self._map = self._packed = None  # tensors still viewing the map keep it alive
-        if self._stamp is not None:
-            self._unstamp()
-            self._stamp = None
+        if self._watch is not None:
+            self._unwatch()
+            self._watch = None
         self._closed = True
         if self._cleanup is not None:
             self._cleanup()

@@ -102,7 +102,8 @@ def write_tensors(draft: Manifest, tensors: Mapping[str, torch.Tensor], out_dir:
         if t.is_meta:
             raise BundleFormatError(f"{s.key}: on the meta device, it holds no data to write (load or initialise it first)",
                                     path=WEIGHTS, field=s.key)  # fmt: skip
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):  # a diverged run: every output it touches is NaN
+        # A diverged run: every output it touches would be NaN (float8 has no isfinite: seen as float32).
+        if t.is_floating_point() and not bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all()):
             raise BundleFormatError(f"{s.key}: holds NaN or infinite values (did training diverge?)", path=WEIGHTS, field=s.key)
     header = header_bytes(spans)
     size = len(header) + sum(s.nbytes for s in spans)

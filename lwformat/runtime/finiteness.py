@@ -30,6 +30,8 @@ def nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
     """The name of the first floating tensor holding NaN or inf, else None."""
     for name, t in named:
         if t.is_floating_point() and t.numel():
+            if t.element_size() == 1:  # float8: torch neither sums nor checks it (rare; a float32 copy)
+                t = t.float()
             total = t.sum(dtype=torch.promote_types(t.dtype, torch.float32))  # () half types summed in float32
             if not torch.isfinite(total) and not torch.isfinite(t).all():
                 return name

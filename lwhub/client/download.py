@@ -149,9 +149,10 @@ class _DirectBody:
     """A plain-HTTP answer read by `http.client` straight into the caller's buffer, the
     socket reads (which release the GIL) landing in place.
 
-    A body of known length is read one socket read per call (`readinto1` of the response's
-    buffered reader), so the speed floor sees every arrival; `HTTPResponse.readinto` would
-    wait until the whole view is full, however slowly the bytes came.
+    Each call does one socket read, so the speed floor sees every arrival
+    (`HTTPResponse.readinto` would wait until the whole view is full, however slowly the
+    bytes came): `readinto1` of the response's buffered reader for a body of known length,
+    else (chunked, or until the connection closes) `read1` and a copy.
     """
 
     def __init__(self, response: HTTPResponse, request: httpx.Request) -> None:
@@ -161,7 +162,9 @@ class _DirectBody:
     def readinto(self, view: memoryview) -> int:
         try:
             if self._left is None:
-                return self.response.readinto(view)
+                piece = self.response.read1(len(view))
+                view[: len(piece)] = piece
+                return len(piece)
             n = self.response.fp.readinto1(view[: self._left]) if self._left else 0
             self._left -= n
             return n

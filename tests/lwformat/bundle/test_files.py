@@ -47,3 +47,12 @@ def test_a_free_target_takes_the_new_directory(tmp_path, kernel):
     with new_directory(target) as tmp:
         (tmp / "manifest.json").write_text("{}")
     assert (target / "manifest.json").read_text() == "{}" and leftovers(tmp_path) == []
+
+
+def test_a_name_holding_a_nul_byte_is_refused_not_cut_short(tmp_path):
+    """A C string ends at NUL: renameat2 would have renamed to the name's first part."""
+    source = tmp_path / "a.partial"
+    source.write_bytes(b"ours")
+    with pytest.raises(ValueError, match="null"):
+        rename_new(source, tmp_path / "b\0evil")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.partial"]

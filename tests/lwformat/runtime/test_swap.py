@@ -326,3 +326,27 @@ def test_a_bundle_deleted_or_closed_since_it_was_opened_is_a_typed_error(tmp_pat
     with pytest.raises(BundleNotFoundError, match="the bundle was closed"):
         world.swap("author/noir", closed)
     assert _unchanged(world, before, x, out)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_bundle_stored_in_float8_swaps_in_as_it_applies(tmp_path, world, strict):
+    """The spec allows F8 tensors and the runtime converts them; the value check must read them too."""
+    from lwformat.bundle.read import Bundle
+    from lwformat.bundle.write import write_bundle
+    from tests.lwformat.runtime.conftest import make_bundle, trained_world
+
+    trained = trained_world(3)
+    with torch.no_grad():
+        for m in trained.modules():
+            for n, p in list(m.named_parameters(recurse=False)):
+                if "lora" in n:
+                    p.data = p.data.to(torch.float8_e4m3fn)
+    write_bundle(trained, tmp_path / "f8", name="author/noir", version="1.0.0")
+    f8 = Bundle.open(tmp_path / "f8")
+    assert {s.dtype for s in f8.spans} == {"F8_E4M3"}
+    alone = reference_world("tiny", seed=0)
+    alone.apply(Bundle.open(tmp_path / "f8"))
+    world.apply(make_bundle(tmp_path, 1))
+    world.swap("author/noir", f8, strict=strict)
+    x = tokens()
+    assert torch.equal(lm_out(world, x), lm_out(alone, x))

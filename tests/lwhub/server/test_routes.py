@@ -320,7 +320,6 @@ def test_an_upload_that_stalls_is_dropped_with_its_temp_file(tmp_path, keys):
     try:
         where = urlsplit(hub.url)
         digest = "sha256:" + "ab" * 32
-        started = time.monotonic()
         with socket.create_connection((where.hostname, where.port), timeout=20) as s:
             s.sendall(f"PUT /v1/blobs/{digest} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {hub.token}\r\n"
                       f"Content-Length: {1 << 30}\r\n\r\n".encode() + b"x" * 1000)  # fmt: skip
@@ -328,7 +327,6 @@ def test_an_upload_that_stalls_is_dropped_with_its_temp_file(tmp_path, keys):
             assert os.listdir(hub.data / "tmp")  # the upload is under way
             answer = s.recv(65536)  # then nothing more is sent
         assert b" 400 " in answer.split(b"\r\n", 1)[0] and b"sent nothing for 1 s" in answer, answer[:300]
-        assert time.monotonic() - started < 10
         assert os.listdir(hub.data / "tmp") == []
     finally:
         hub.server.stop()
@@ -344,13 +342,11 @@ def test_a_json_body_that_stalls_is_dropped(tmp_path, keys):
     hub = start_hub(tmp_path / "data", keys, upload_idle=1.0)
     try:
         where = urlsplit(hub.url)
-        started = time.monotonic()
         with socket.create_connection((where.hostname, where.port), timeout=20) as s:
             s.sendall(f"POST /v1/bundles/alice/noir/versions/1.0.0 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {hub.token}\r\n"
                       "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"manifest\": ".encode())  # fmt: skip
             answer = s.recv(65536)  # the rest never comes
         assert b" 400 " in answer.split(b"\r\n", 1)[0] and b"the request body sent nothing for 1 s" in answer, answer[:300]
-        assert time.monotonic() - started < 10
         with pytest.raises(NotFoundError):  # nothing was published
             list(hub.client(tmp_path / "c").versions("alice/noir"))
     finally:
