@@ -58,7 +58,7 @@ class Bundle:
         self._by_slot: dict[str, list[TensorSpan]] = {}
         for span in self.spans:
             self._by_slot.setdefault(span.slot, []).append(span)
-        self._size = next(f.size for f in manifest.files if f.path == WEIGHTS)  # as checked by `open`
+        self._size, self._sha256 = next((f.size, f.sha256) for f in manifest.files if f.path == WEIGHTS)  # as `open` checked
         self._map: mmap.mmap | None = None
         self._watch: int | None = None  # a descriptor of the mapped file, to see later writes
         self._mtime: int | None = None  # the file's mtime when first mapped
@@ -179,14 +179,14 @@ class Bundle:
         return BundleNotFoundError(f"{self.path / WEIGHTS}: not there ({why})", path=WEIGHTS)
 
     def weights_identity(self) -> tuple:
-        """The weights file as it is now: its sha256 in the manifest, and the file's device, inode,
-        size, mtime and ctime (ns). The same while its bytes are, unless written behind the clock."""
+        """The weights file as it is now (the mapped one, once mapped): its sha256 in the manifest,
+        and the file's device, inode, size, mtime and ctime (ns). The same while its bytes are,
+        unless written behind the clock."""
         try:
-            st = os.stat(self.weights_path)
+            st = os.fstat(self._watch) if self._watch is not None else os.stat(self.weights_path)
         except FileNotFoundError:
             raise self._gone() from None
-        sha256 = next(f.sha256 for f in self.manifest.files if f.path == WEIGHTS)
-        return sha256, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+        return self._sha256, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
     def _intact(self, size: int) -> int:
         if size != self._size:
