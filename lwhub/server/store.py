@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from ..errors import ConflictError, NotFoundError
+from ..errors import ConflictError, NotFoundError, StorageError
 from ..protocol import BundleInfo, KeyInfo, VersionInfo
 from ..semver import is_prerelease, sort_key
 
@@ -52,6 +52,9 @@ CREATE TABLE IF NOT EXISTS tags (
     PRIMARY KEY (owner, name, tag));
 """
 _VERSION_COLUMNS = "owner, name, version, manifest, signature, size, key_id, created, description, tags, yanked, yank_reason"
+
+
+_STORAGE_CODES = (10, 13)  # SQLITE_IOERR (and its extended codes), SQLITE_FULL
 
 
 class TokenRow:
@@ -103,6 +106,9 @@ class SQLiteStore:
         return db
 
     class _Tx:
+        """A write transaction: committed, or rolled back whole. A full disk or an I/O error
+        (SQLite's own, from the statements or the commit) is a `StorageError` (507)."""
+
         def __init__(self, db: sqlite3.Connection) -> None:
             self.db = db
 
@@ -111,7 +117,21 @@ class SQLiteStore:
             return self.db
 
         def __exit__(self, kind, exc, tb) -> None:
-            self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+            if kind is None:
+                try:
+                    self.db.execute("COMMIT")
+                    return
+                except sqlite3.OperationalError as error:
+                    exc = error
+            try:
+                self.db.execute("ROLLBACK")
+            except sqlite3.OperationalError:  # SQLite ended the transaction itself
+                pass
+            if isinstance(exc, sqlite3.OperationalError) and (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _STORAGE_CODES:
+                raise StorageError(f"could not write the registry's database: {exc}; nothing was changed",
+                                   detail={"sqlite": getattr(exc, "sqlite_errorname", "")}) from exc  # fmt: skip
+            if kind is None:
+                raise exc
 
     def _tx(self) -> _Tx:
         return self._Tx(self._db())

@@ -98,3 +98,39 @@ def test_concurrent_inserts_of_one_version_have_one_winner(tmp_path):
     assert sorted(outcomes) == ["lost"] * 5 + ["won"]
     rows = sqlite3.connect(path).execute("SELECT COUNT(*) FROM versions").fetchone()[0]
     assert rows == 1
+
+
+FULL_DISK = r"""
+import os, resource, signal, sys
+from lwhub.errors import StorageError
+from lwhub.server.store import SQLiteStore
+
+store = SQLiteStore(sys.argv[1])
+store.add_account("alice")
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+files = [sys.argv[1], sys.argv[1] + "-wal"]
+resource.setrlimit(resource.RLIMIT_FSIZE, (max(os.path.getsize(f) for f in files if os.path.exists(f)) + 256 * 1024, hard))
+written = 0
+try:
+    for i in range(100000):
+        store.add_token(f"{i:064x}" + "x" * 400, "alice", ["alice"], None)
+        written += 1
+except StorageError as exc:
+    print("refused", written, exc.status, "nothing was changed" in str(exc))
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+store.add_token("after", "alice", ["alice"], None)  # the database works again once there is room
+print("rows", store._one("SELECT count(*) FROM tokens")[0] == written + 1)
+"""
+
+
+def test_a_full_disk_is_a_storage_error_and_changes_nothing(tmp_path):
+    """SQLite's own disk-full and I/O errors were answered 500 internal_error; they are 507 storage_error."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path / "r.sqlite3")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    refused, written, status, said = done.stdout.splitlines()[0].split()
+    assert refused == "refused" and int(written) > 0 and status == "507" and said == "True"
+    assert done.stdout.splitlines()[1] == "rows True"
