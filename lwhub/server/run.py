@@ -15,6 +15,7 @@ stopped or killed whole) and returns once it answers; ``port=0`` picks a free po
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import secrets
 import signal
@@ -63,6 +64,7 @@ def run_server(data_dir: str | Path, *, host: str = "127.0.0.1", port: int = 870
     check_upload_idle(upload_idle)
     ensure_port_free(host, port)
     data = Path(data_dir).resolve()
+    hold_data_dir(data)  # before recover, which would delete another registry's uploads in flight
     recover(data)
     os.environ[_DATA_ENV], os.environ[_INSTANCE_ENV] = str(data), instance
     os.environ[_IDLE_ENV] = "" if upload_idle is None else repr(float(upload_idle))  # None: the app's default
@@ -70,6 +72,25 @@ def run_server(data_dir: str | Path, *, host: str = "127.0.0.1", port: int = 870
         "lwhub.server.run:worker_app", address=host, port=port, interface="asgi", factory=True,
         workers=workers, log_level="warning", backlog=1024,
     ).serve()  # fmt: skip
+
+
+LOCK_FILE = "registry.lock"
+_held: list[int] = []  # the lock's descriptor, open as long as this process serves
+
+
+def hold_data_dir(data: Path) -> None:
+    """Refuse a data directory another registry serves (`flock` on ``registry.lock``, held
+    until this process ends; the workers it starts serve under it). Commands that only
+    write the database (``lwhub account create --data``) need no lock: SQLite orders them."""
+    data.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data / LOCK_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(f"{data}: another registry serves this data directory (it holds {LOCK_FILE}); stop it "
+                         "first, or give another one") from None  # fmt: skip
+    _held.append(fd)
 
 
 def ensure_port_free(host: str, port: int) -> None:
