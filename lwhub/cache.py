@@ -29,6 +29,7 @@ from pathlib import Path
 
 import msgspec
 
+from .errors import CacheError, LWHubError
 from .protocol import VersionInfo
 from .semver import is_prerelease, is_valid, sort_key
 
@@ -41,6 +42,17 @@ class Cache:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     # -- atomic building blocks -----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def writing(self, what: str) -> Iterator[None]:
+        """A file-system failure inside is a `CacheError` naming the cache and `what`."""
+        try:
+            yield
+        except OSError as exc:
+            if isinstance(exc, LWHubError):
+                raise
+            reason = f"{exc.strerror} ({exc.filename})" if exc.strerror and exc.filename else exc.strerror or str(exc)
+            raise CacheError(f"could not write {what} to the cache at {self.root}: {reason}", path=str(self.root)) from exc
 
     def write_atomic(self, path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ Exit codes, by error class; the first row that matches wins:
                                 NotCachedError, no such bundle, version or tag on the hub
     5     format                any other LWFormatError: a malformed bundle, world or adapter
     6     hub                   any other LWHubError: StorageError, ServerError, ProtocolError
-    7     i/o                   any other OSError: permissions, a full disk
+    7     i/o                   CacheError and any other OSError: permissions, a full disk
     8     not allowed           AuthError, ForbiddenError: no token, a bad or expired one, or one
                                 whose scopes do not cover the namespace
     9     exists                ConflictError: that version (or account) exists; versions are immutable
@@ -74,6 +74,7 @@ from lwformat.errors import (
 from .errors import (
     AuthError,
     BadRequestError,
+    CacheError,
     ConflictError,
     ForbiddenError,
     HubUnavailableError,
@@ -121,6 +122,7 @@ EXIT_CODES: list[tuple[type[BaseException], int, str]] = [  # (error class, exit
     (NotFoundError, 4, "`lwhub search WORD` finds names; `lwhub info OWNER/NAME` lists versions and tags"),
     (FileNotFoundError, 4, "check the path"),
     (LWFormatError, 5, "this is not a valid bundle, world or adapter; was it written by a compatible tool?"),
+    (CacheError, 7, "free space for the cache, or point LWHUB_CACHE elsewhere; a pull again keeps the chunks verified so far"),
     (StorageError, 6, "the hub could not store it (its disk is full or failing) and published nothing; try again later"),
     (LWHubError, 6, "see the message above"),
     (OSError, 7, "check permissions and free disk space"),

@@ -27,6 +27,8 @@
     │                                         no pinned key made
     ├── RollbackError                         a version older than one already seen
     ├── NotCachedError (FileNotFoundError)    offline, and the cache does not hold the bundle
+    ├── CacheError (OSError)                  the local cache could not be written: disk full,
+    │                                         read-only, a file-size limit
     ├── PushError (ValueError)                a bundle that cannot be pushed as asked
     └── RefError (ValueError)                 not a reference 'owner/name[@version|@tag]'
 
@@ -208,6 +210,11 @@ class RollbackError(LWHubError):
 
 class NotCachedError(LWHubError, FileNotFoundError):
     """Offline, and the local cache does not hold what was asked for."""
+
+
+class CacheError(LWHubError, OSError):
+    """The local cache could not be written (disk full, read-only, a file-size limit).
+    What was verified before stays; `.path` is the cache's root."""
 
 
 class PushError(LWHubError, ValueError):

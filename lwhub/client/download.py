@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import socket
 import threading
 import time
 import urllib.request
@@ -144,6 +145,9 @@ class _HttpxBody:
     def answer(self) -> httpx.Response:
         return read_capped(self.response, 1 << 20, truncate=True)  # an error answer: JSON, small
 
+    def abort(self) -> None:
+        """Nothing to cut from another thread here: the receiver stops at its next piece or read timeout."""
+
 
 class _DirectBody:
     """A plain-HTTP answer read by `http.client` straight into the caller's buffer, the
@@ -155,9 +159,19 @@ class _DirectBody:
     else (chunked, or until the connection closes) `read1` and a copy.
     """
 
-    def __init__(self, response: HTTPResponse, request: httpx.Request) -> None:
+    def __init__(self, response: HTTPResponse, request: httpx.Request, connection: HTTPConnection) -> None:
         self.response, self.request, self.status = response, request, response.status
         self._left = None if response.chunked else response.length  # bytes of the body not read yet
+        self._connection = connection
+
+    def abort(self) -> None:
+        """Cut the connection from another thread: a read waiting on it returns at once."""
+        sock = self._connection.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # closed already
+                pass
 
     def readinto(self, view: memoryview) -> int:
         try:
@@ -194,7 +208,7 @@ def _direct_answer(url: httpx.URL, headers: dict, timeout: float | None) -> Iter
             response = connection.getresponse()
         except (OSError, HTTPException) as exc:
             raise _BrokeOff(str(exc) or type(exc).__name__) from exc
-        yield _DirectBody(response, httpx.Request("GET", url, headers=headers))
+        yield _DirectBody(response, httpx.Request("GET", url, headers=headers), connection)
     finally:
         connection.close()
 
@@ -267,6 +281,7 @@ class Fetcher:
         self._free: list[bytearray] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._live: set = set()  # the answers being received now, for `abort`
 
     def fetch(self, jobs: list[FileJob]) -> None:
         """Make every job's blob present and verified in the cache."""
@@ -283,21 +298,43 @@ class Fetcher:
                 work.extend((job, *fds, a, b) for a, b in segs)
             with ThreadPoolExecutor(max_workers=max(1, min(len(work), self.streams * max(1, len(jobs))))) as receivers:
                 futures = [receivers.submit(self._segment, *w) for w in work]
-                errors = [e for f in futures if (e := f.exception()) is not None and not isinstance(e, _Stop)]
+                try:
+                    errors = [e for f in futures if (e := f.exception()) is not None and not isinstance(e, _Stop)]
+                except BaseException:  # the caller gave up (Ctrl-C): the receivers stop, the verified chunks stay
+                    self.abort()
+                    receivers.shutdown(cancel_futures=True)
+                    raise
         finally:
             for fd in opened:
                 os.close(fd)
         if errors:
             raise errors[0]
+        if self._stop.is_set():  # aborted: chunks are missing, so no partial file may become a blob
+            raise HubUnavailableError("the download was stopped before its end; pull again to resume",
+                                      url=self.blob_url(jobs[0].hexdigest) if jobs else "")  # fmt: skip
         for job in jobs:
             if not self.cache.blob(job.hexdigest).exists():
-                self.cache.finish_partial(job.hexdigest)
+                with self.cache.writing(job.path):
+                    self.cache.finish_partial(job.hexdigest)
+
+    def abort(self) -> None:
+        """Stop the download from another thread (or a signal handler): receivers stop at once
+        where they read with `http.client` (their connections are cut), else at their next piece.
+        `fetch` then raises `HubUnavailableError`; the chunks verified so far stay for the next pull.
+        An aborted Fetcher stays stopped."""
+        self._stop.set()
+        with self._lock:
+            live = list(self._live)
+        for body in live:
+            body.abort()
 
     def _plan(self, job: FileJob) -> tuple[tuple[int, int], list[tuple[int, int]]]:
         if job.size == 0:
-            self.cache.write_atomic(self.cache.blob(job.hexdigest), b"")
+            with self.cache.writing(job.path):
+                self.cache.write_atomic(self.cache.blob(job.hexdigest), b"")
             return (), []
-        fd, record = self.cache.open_partial(job.hexdigest, job.size)
+        with self.cache.writing(job.path):
+            fd, record = self.cache.open_partial(job.hexdigest, job.size)
         claimed = sorted(i for i in self.cache.done_chunks(job.hexdigest) if i < len(job.chunks))
         done = set(claimed) - set(bad_chunks(fd, job, claimed, self.verify))
         self.progress(sum(job.span(i)[1] - job.span(i)[0] for i in done))
@@ -306,6 +343,8 @@ class Fetcher:
 
     def _segment(self, job: FileJob, fd: int, record: int, first: int, last: int) -> None:
         attempt, cursor = 0, [first]  # cursor[0]: the first chunk not yet handed over
+        if self._stop.is_set():  # another segment failed, or the download was aborted, before this one began
+            raise _Stop()
         while cursor[0] < last:
             try:
                 self._receive(job, fd, record, cursor, last)
@@ -333,7 +372,7 @@ class Fetcher:
         whole = start == 0 and end == job.size
         handed: list = []  # futures of the chunks given to the verify pool
         try:
-            with self._answer(job.hexdigest, {} if whole else {"range": f"bytes={start}-{end - 1}"}) as body:
+            with self._answer(job.hexdigest, {} if whole else {"range": f"bytes={start}-{end - 1}"}) as body, self._receiving(body):
                 if body.status != (200 if whole else 206):
                     raise_for(body.answer())
                     raise ProtocolError(f"{job.path}: status {body.status} to a request for bytes {start}-{end - 1}")
@@ -357,6 +396,18 @@ class Fetcher:
             if failed:
                 raise failed[0]
 
+    @contextmanager
+    def _receiving(self, body: _HttpxBody | _DirectBody) -> Iterator[None]:
+        with self._lock:
+            self._live.add(body)
+        try:
+            if self._stop.is_set():  # aborted while this answer was being opened
+                raise _Stop()
+            yield
+        finally:
+            with self._lock:
+                self._live.discard(body)
+
     def _take(self, size: int) -> bytearray:
         self._slots.acquire()
         with self._lock:
@@ -374,14 +425,17 @@ class Fetcher:
         try:
             found = hashlib.sha256(view).hexdigest()  # releases the GIL: the receiver goes on meanwhile
             if found != job.chunks[i]:
-                self._stop.set()
                 raise IntegrityError(
                     f"{job.path}: chunk {i} (bytes {job.span(i)[0]}..{job.span(i)[1]}) has sha256 {found}, "
                     f"the signed manifest says {job.chunks[i]}; the registry serves corrupt data",
                     path=job.path, chunk=i, expected=job.chunks[i], found=found,
                 )  # fmt: skip
-            _pwrite_all(fd, view, job.span(i)[0])
-            self.cache.mark_done(record, i)
+            with self.cache.writing(f"{job.path} (chunk {i})"):
+                _pwrite_all(fd, view, job.span(i)[0])
+                self.cache.mark_done(record, i)
             self.progress(len(view))
+        except BaseException:  # the other receivers stop too: a full disk fails every later chunk as well
+            self._stop.set()
+            raise
         finally:
             self._give(buffer)

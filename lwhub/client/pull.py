@@ -208,7 +208,8 @@ def _install(client: Client, info: VersionInfo, mhex: str, materials: tuple[byte
         direct = client._own_http  # a caller's own httpx client (a custom transport, say) is used as given
         Fetcher(client.http, cache, client.blob_url, pool, streams=client.streams, direct=direct, progress=progress).fetch(missing)
     files = {MANIFEST: materials[0], SIGNATURE: materials[1]} | {j.path: cache.blob(j.hexdigest) for j in jobs}
-    return cache.install_bundle(mhex, files)
+    with cache.writing(f"{info.name}@{info.version}"):
+        return cache.install_bundle(mhex, files)
 
 
 def pull(client: Client, ref: str, *, tofu: bool = False, allow_rollback: bool = False, progress=None) -> Path:
@@ -236,9 +237,13 @@ def pull(client: Client, ref: str, *, tofu: bool = False, allow_rollback: bool =
         for key in keys:
             client.trust.pin(owner, key)
     if not client.offline:
-        client.cache.record_version(info)
-        if not is_valid(want):
-            client.cache.record_tag(full, want, info.version)
+        try:
+            client.cache.record_version(info)
+            if not is_valid(want):
+                client.cache.record_tag(full, want, info.version)
+        except OSError as exc:  # a cache provisioned read-only: the bundle is there, only offline lookups miss it
+            warnings.warn(f"{full}@{info.version} was verified, but the cache at {client.cache.root} could not record "
+                          f"the version for offline pulls: {exc}", RuntimeWarning, stacklevel=2)  # fmt: skip
     try:
         client.trust.mark_seen(full, info.version)
     except OSError as exc:  # a trust store provisioned read-only: the pull stands, unrecorded

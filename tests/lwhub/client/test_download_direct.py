@@ -7,6 +7,7 @@ byte, or answer 404, so each failure happens for real on the socket.
 import hashlib
 import os
 import re
+import select
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,11 +44,12 @@ class Blob(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(body)
             return
-        a, b = 0, len(DATA)
+        data = self.faults.get("data", DATA)
+        a, b = 0, len(data)
         if rng := self.headers.get("range"):
             m = re.match(r"bytes=(\d+)-(\d+)", rng)
             a, b = int(m[1]), int(m[2]) + 1
-        body = bytearray(DATA[a:b])
+        body = bytearray(data[a:b])
         if (at := self.faults.get("corrupt")) is not None and a <= at < b:
             body[at - a] ^= 1
         self.send_response(206 if rng else 200)
@@ -67,6 +69,21 @@ class Blob(BaseHTTPRequestHandler):
                     self.wfile.flush()
                     time.sleep(slow)
             except (BrokenPipeError, ConnectionResetError):  # the client gave up, as it should
+                pass
+            return
+        if self.faults.get("stall"):  # a little, then nothing until the client leaves (or 30 s pass)
+            self.wfile.write(body[:1000])
+            self.wfile.flush()
+            self.faults["stalled"].set()
+            if select.select([self.connection], [], [], 30)[0] and not self.connection.recv(1):
+                self.faults["left"].set()
+            return
+        if self.faults.get("count"):  # in pieces, counting what the socket took before the client left
+            try:
+                for i in range(0, len(body), 1 << 16):
+                    self.wfile.write(body[i : i + (1 << 16)])
+                    self.faults["sent"] += len(body[i : i + (1 << 16)])
+            except (BrokenPipeError, ConnectionResetError):
                 pass
             return
         cut = self.faults.get("cut")
@@ -156,3 +173,96 @@ def test_a_fast_registry_never_trips_the_speed_floor(server, tmp_path):
     cache = Cache(tmp_path)
     fetch(server, cache, min_speed=1e6, speed_time=0.001)  # every read is weighed; loopback is far above 1 MB/s
     assert cache.blob(HEX).read_bytes() == DATA
+
+
+def job_for(data: bytes) -> FileJob:
+    return FileJob("adapters.safetensors", hashlib.sha256(data).hexdigest(), len(data), tuple(
+        hashlib.sha256(data[i : i + CHUNK]).hexdigest() for i in range(0, len(data), CHUNK)), CHUNK)  # fmt: skip
+
+
+def test_a_cache_that_cannot_be_written_stops_the_download_with_a_typed_error(server, tmp_path):
+    """A full disk fails every later chunk too: the pull stops at the first failed write instead of
+    receiving the whole file first, says which cache, and keeps what it verified for the next pull."""
+    import resource
+    import signal
+
+    from lwhub.errors import CacheError
+
+    data = os.urandom(512 * CHUNK)  # 32 MiB: far more than the sockets' buffers hold
+    job = job_for(data)
+    Blob.faults.update(data=data, count=True, sent=0)
+    cache = Cache(tmp_path / "cache")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+
+    def limit_once_planned(n):  # the partial file exists at its full size (sparse); writes past 2 chunks fail now
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 * CHUNK, hard))
+
+    try:
+        with ThreadPoolExecutor(2) as pool, httpx.Client() as http, pytest.raises(CacheError) as caught:
+            Fetcher(http, cache, lambda h: server + h, pool, direct=True, retries=0, progress=limit_once_planned).fetch([job])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, xfsz)
+    assert caught.value.path == str(cache.root) and "File too large" in str(caught.value)
+    assert Blob.faults["sent"] < len(data) // 2, Blob.faults["sent"]
+    assert cache.done_chunks(job.hexdigest) == {0, 1}
+    Blob.faults.update(sent=0)
+    with ThreadPoolExecutor(2) as pool, httpx.Client() as http:
+        Fetcher(http, cache, lambda h: server + h, pool, direct=True, retries=0).fetch([job])
+    assert cache.blob(job.hexdigest).read_bytes() == data and Blob.ranges[-1] == f"bytes={2 * CHUNK}-{len(data) - 1}"
+
+
+def test_an_aborted_download_leaves_its_stalled_connection_at_once(server, tmp_path):
+    """abort() (what Ctrl-C does) cuts the connection a receiver waits on, even with no read timeout."""
+    Blob.faults.update(stall=True, stalled=threading.Event(), left=threading.Event())
+    cache, outcome = Cache(tmp_path), []
+    with ThreadPoolExecutor(2) as pool, httpx.Client(timeout=None) as http:
+        fetcher = Fetcher(http, cache, lambda h: server + h, pool, direct=True, retries=2)
+
+        def run():
+            try:
+                fetcher.fetch([JOB])
+            except Exception as exc:  # noqa: BLE001 - checked below
+                outcome.append(exc)
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        assert Blob.faults["stalled"].wait(30)
+        fetcher.abort()
+        worker.join(60)  # a bound for the old behaviour only: it waited for the server's 30 s
+    assert outcome and isinstance(outcome[0], HubUnavailableError) and "pull again to resume" in str(outcome[0]), outcome
+    assert Blob.faults["left"].is_set()  # the client left before the server gave up on it
+
+
+def test_an_interrupt_while_downloading_stops_the_receivers(server, tmp_path):
+    """Ctrl-C arrives in the main thread while it waits for the receivers: they must not hold it."""
+    import signal
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum, frame):
+        raise Interrupted
+
+    Blob.faults.update(stall=True, stalled=threading.Event(), left=threading.Event())
+    alarm = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with ThreadPoolExecutor(2) as pool, httpx.Client(timeout=None) as http, pytest.raises(Interrupted):
+            threading.Thread(target=lambda: Blob.faults["stalled"].wait(30) and signal.setitimer(signal.ITIMER_REAL, 0.05)).start()
+            Fetcher(http, Cache(tmp_path), lambda h: server + h, pool, direct=True).fetch([JOB])
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, alarm)
+    assert Blob.faults["left"].is_set()
+
+
+def test_a_download_aborted_before_it_began_installs_nothing(server, tmp_path):
+    """Every receiver stops before receiving: the empty partial file must not become the blob."""
+    cache = Cache(tmp_path)
+    with ThreadPoolExecutor(2) as pool, httpx.Client() as http:
+        fetcher = Fetcher(http, cache, lambda h: server + h, pool, direct=True)
+        fetcher.abort()
+        with pytest.raises(HubUnavailableError, match="stopped before its end"):
+            fetcher.fetch([JOB])
+    assert not cache.blob(HEX).exists()

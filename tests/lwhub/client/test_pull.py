@@ -175,6 +175,18 @@ def test_a_pull_stands_when_the_trust_store_cannot_record_it(hub, published, tmp
     assert (path / WEIGHTS).read_bytes() == (folder / WEIGHTS).read_bytes()
 
 
+def test_a_pull_stands_when_the_cache_cannot_record_the_version(hub, published, tmp_path):
+    """Everything verified and installed; only the ref for offline pulls could not be written."""
+    name, folder, _ = published
+    client = hub.client(tmp_path / "cache")
+    ref = client.cache.root / "refs" / name
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    ref.write_bytes(b"")  # a file where the refs folder goes: writing under it fails, even as root
+    with pytest.warns(RuntimeWarning, match="could not record the version for offline pulls"):
+        path = client.pull(name)
+    assert (path / WEIGHTS).read_bytes() == (folder / WEIGHTS).read_bytes()
+
+
 def test_a_manifest_or_signature_tampered_on_the_server_is_refused_at_pull(hub, published, tmp_path):
     name, folder, info = published
     for what, digest in [(MANIFEST, info.manifest), (SIGNATURE, info.signature)]:
