@@ -24,6 +24,7 @@ import zstandard
 from ..errors import BundleExistsError, BundleFormatError, BundleNotFoundError, UnsafePathError
 from . import limits, tar
 from .files import fsync_dir, list_members, open_member, rename_new
+from .zstd_frames import check_frames
 from .hashing import PIECE
 from .manifest import MANIFEST, SIGNATURE, MemberPath
 
@@ -158,6 +159,7 @@ def unpack(archive: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
             limits.ensure(declared, limits.MAX_TAR_BYTES, "MAX_TAR_BYTES", "declared unpacked size", path=src.name)
             bound = limits.ratio_bound(compressed)
             limits.ensure(declared, bound, "MAX_RATIO", "declared unpacked size", path=src.name)
+        check_frames(f, compressed, src.name)  # whole frames only: zstd's reader stops quietly inside one
         f.seek(0)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
         try:

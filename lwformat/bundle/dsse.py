@@ -95,7 +95,7 @@ def _fields(signature: bytes) -> tuple[str | None, bytes, bytes]:
     try:  # UTF-8 strictly, no byte order mark: from bytes, Python's json would read UTF-16 and UTF-32 too, which
         # Sigstore's readers (model_signing's) refuse
         doc = json.loads(signature.decode("utf-8"), object_pairs_hook=_unique_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, an integer past Python's digit limit; nested too deep
         raise MalformedSignatureError(f"{SIGNATURE}: not JSON ({exc})", path=SIGNATURE) from exc
     doc = _exact(doc, {"mediaType", "verificationMaterial", "dsseEnvelope"}, "the bundle")
     expect(doc["mediaType"] == BUNDLE_MEDIA_TYPE, f"media type {doc['mediaType']!r}, expected {BUNDLE_MEDIA_TYPE}")

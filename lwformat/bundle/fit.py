@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 def slot_settings(entry: SlotEntry) -> SlotSettings:
     index = entry.tensors.get("neuron_index")  # a neuron adapter's size is its index's length
-    neurons = tuple(range(index.shape[0])) if index is not None and index.shape else ()
+    # A range, not a tuple: only its length counts here, and a shape such as [2**40, 0] holds no bytes at all.
+    neurons = range(index.shape[0]) if index is not None and index.shape else ()
     return SlotSettings(entry.kind, entry.rank, entry.alpha, entry.rslora, neurons)
 
 

@@ -87,7 +87,7 @@ def _entry(key: str, value: object, data_len: int) -> tuple[str, tuple[int, ...]
     if not isinstance(value, dict) or set(value) != _ENTRY_KEYS:
         _fail(f"entry must hold exactly {sorted(_ENTRY_KEYS)}", key)
     dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
-    if dtype not in ITEMSIZE:
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:  # a list or dict would not even hash
         _fail(f"unknown dtype {dtype!r}", key)
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         _fail(f"shape {shape!r} is not a list of sizes", key)

@@ -25,6 +25,7 @@ MAX_TAR_BYTES = MAX_BUNDLE_BYTES + (MAX_MEMBERS + 2) * 512 + 10240  # members, h
 MAX_RATIO = 1024  # decompressed bytes per compressed byte of an archive, ...
 RATIO_FLOOR = 16 * MiB  # ... enforced once the decompressed size passes this floor
 MAX_ZSTD_WINDOW = 128 * MiB  # the decoder's window (memory) for one zstd frame
+MAX_ZSTD_BLOCKS = MAX_TAR_BYTES // 1024 + 1024  # zstd blocks in an archive: 1 KiB each at the largest size
 
 
 def ensure(

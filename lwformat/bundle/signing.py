@@ -45,7 +45,7 @@ from .manifest import MANIFEST, SIGNATURE, Manifest
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://model_signing/signature/v1.0"
-SHARD_NAME = re.compile(r"^(.+):(0|[1-9][0-9]*):([1-9][0-9]*)$")
+SHARD_NAME = re.compile(r"^(.+):(0|[1-9][0-9]{0,18}):([1-9][0-9]{0,18})$")  # offsets of at most 19 digits (int() stays cheap)
 
 
 # -- pure core ------------------------------------------------------------------------------
@@ -107,7 +107,7 @@ def parse_statement(payload: bytes) -> tuple[str, int | None, dict[str, str]]:
     """(model name, shard size or None, resources) of a signed statement, checked for consistency."""
     try:
         doc = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, an integer past Python's digit limit; too deep
         raise MalformedSignatureError(f"{SIGNATURE}: the signed statement is not JSON", path=SIGNATURE) from exc
     expect(isinstance(doc, dict) and doc.get("_type") == STATEMENT_TYPE, f"statement type must be {STATEMENT_TYPE}")
     expect(doc.get("predicateType") == PREDICATE_TYPE, f"predicate type must be {PREDICATE_TYPE}")

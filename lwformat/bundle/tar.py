@@ -83,6 +83,10 @@ def _number(block: bytes, start: int, width: int, what: str) -> int:
     return int(digits, 8) if digits else 0
 
 
+_IGNORED_NUMBERS = ((100, 8, "mode"), (108, 8, "uid"), (116, 8, "gid"), (136, 12, "mtime"), (329, 8, "devmajor"),
+                    (337, 8, "devminor"))  # fmt: skip
+
+
 def parse_header(block: bytes) -> Member | None:
     """A 512-byte header -> `Member`; None for an all-NUL block (the end of the archive)."""
     if len(block) != BLOCK:
@@ -96,6 +100,8 @@ def parse_header(block: bytes) -> Member | None:
     name = _field(block, 0, 100)
     prefix = _field(block, 345, 155) if block[257:265] == USTAR else b""
     full = (prefix + b"/" + name) if prefix else name
+    for start, width, what in _IGNORED_NUMBERS:  # not used, but the spec wants every number octal
+        _number(block, start, width, what)
     return Member(
         name=full.decode("utf-8", "replace"),
         size=_number(block, 124, 12, "size"),

@@ -23,6 +23,9 @@ def verify_files(bundle: Bundle, *, whole: bool = True) -> None:
     """
     m = bundle.manifest
     for want in m.files:
+        if not (bundle.path / want.path).exists() and not (bundle.path / want.path).is_symlink():
+            raise IntegrityError(f"{want.path}: missing (deleted since the bundle was opened?)", path=want.path,
+                                 expected=want.size, found=None)  # fmt: skip
         with open_member(bundle.path, want.path) as f:
             size = os.fstat(f.fileno()).st_size
             if size != want.size:

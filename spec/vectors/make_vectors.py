@@ -309,6 +309,8 @@ vector("oversized-header", "a safetensors header length of 16 MiB + 64",
        err("BundleLimitError", "open", path=WEIGHTS, limit="MAX_HEADER_BYTES"))(from_valid(oversized_header))
 vector("truncated.lwb", "the archive cut in half", err("BundleFormatError", "open"))(
     lwb(lambda v: archive(members(v))[: len(archive(members(v))) // 2]))
+vector("truncated-checksum.lwb", "the archive without the last 2 bytes of its frame's checksum",
+       err("BundleFormatError", "open"))(lwb(lambda v: archive(members(v))[:-2]))
 vector("not-zstd.lwb", "an uncompressed tar", err("BundleFormatError", "open"))(
     lwb(lambda v: b"".join(tar.header(n, len(b)) + b + bytes(tar.padding(len(b))) for n, b, _, _ in members(v))))
 vector("member-dotdot.lwb", "a member named ../evil", err("UnsafePathError", "open", path="../evil"))(

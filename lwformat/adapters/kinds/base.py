@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Sequence
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -30,7 +31,7 @@ class SlotSettings(NamedTuple):
     rank: int = 8
     alpha: float = 8.0
     rslora: bool = False
-    neurons: tuple[int, ...] = ()  # output channels a `neuron` adapter trains
+    neurons: Sequence[int] = ()  # output channels a `neuron` adapter trains (from a bundle: a range, its count)
 
     @property
     def scaling(self) -> float:

@@ -87,3 +87,15 @@ def test_pack_refuses_an_invalid_bundle_and_an_existing_target(tmp_path):
     with pytest.raises(BundleFormatError, match="does not list"):
         pack(folder, tmp_path / "c.lwb")
     assert not (tmp_path / "c.lwb").exists()
+
+
+@pytest.mark.parametrize("field, start", [("mode", 100), ("uid", 108), ("mtime", 136), ("devmajor", 329)])
+def test_every_numeric_header_field_must_be_octal(tmp_path, field, start):
+    """The spec: numeric fields MUST be octal; only size and chksum were read before."""
+    from lwformat.bundle import tar
+
+    block = bytearray(tar.header("manifest.json", 2))
+    block[start : start + 3] = b"zz9"
+    block[148:156] = b"%06o\x00 " % (sum(block[:148]) + 8 * 32 + sum(block[156:]))
+    with pytest.raises(BundleFormatError, match=f"{field} .* is not octal"):
+        tar.parse_header(bytes(block))

@@ -84,3 +84,28 @@ def test_shape_layer_and_dtype(bundle):
 
 def test_check_takes_a_manifest_too(bundle):
     assert check(bundle.manifest, tiny_world()).ok
+
+
+def test_a_neuron_index_of_a_huge_empty_shape_is_a_shape_mismatch(tmp_path):
+    """[2**40, 0] holds no bytes and passes every limit; its count must not be spelled out (MemoryError)."""
+    import json
+
+    from lwformat.adapters import LightConfig
+    from lwformat.bundle.canonical import encode, loads
+    from lwformat.bundle.layout import header_bytes, plan_layout
+    from lwformat.bundle.write import write_bundle
+
+    world = tiny_world()
+    world.customize(LightConfig(kind="neuron", neurons=2))
+    write_bundle(world, tmp_path / "b", name="a/b", version="1.0.0")
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_bytes())
+    slot = manifest["slots"][0]
+    slot["tensors"]["neuron_index"]["shape"] = [1 << 40, 0]
+    spans = plan_layout(loads(encode(manifest)))
+    data = header_bytes(spans) + bytes(spans[-1].end)
+    (tmp_path / "b" / "adapters.safetensors").write_bytes(data)
+    manifest["files"][0]["size"] = len(data)
+    (tmp_path / "b" / "manifest.json").write_bytes(encode(manifest))
+    with Bundle.open(tmp_path / "b") as b:
+        report = check(b, tiny_world())
+    assert outcomes(report)[f"{slot['block']}:{slot['module']}"] == Outcome.SHAPE_MISMATCH

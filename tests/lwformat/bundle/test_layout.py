@@ -182,3 +182,25 @@ def test_open_checks_the_header_before_loading(tmp_path):
     make_vectors.edit_header(tmp_path / "b", claim_terabyte)
     with pytest.raises(BundleFormatError, match="out of bounds"):
         Bundle.open(tmp_path / "b")
+
+
+@pytest.mark.parametrize("dtype", [["F32"], {"F32": 1}, 32, None])
+def test_a_dtype_that_is_no_string_is_a_format_error(tmp_path, dtype):
+    """A list or dict would not even hash: the lookup raised TypeError."""
+    world = tiny_world()
+    world.customize(LightConfig(kind="lora", rank=2))
+    write_bundle(world, tmp_path / "b", name="a/b", version="1.0.0")
+    path = tmp_path / "b" / "adapters.safetensors"
+    start, header = parse(path)
+    key = min(header)
+    header[key]["dtype"] = dtype
+    text = json.dumps(header).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    data = struct.pack("<Q", len(text)) + text + path.read_bytes()[start:]
+    path.write_bytes(data)
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_bytes())  # its size, as the file now is
+    manifest["files"][0]["size"] = len(data)
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(manifest, sort_keys=True, separators=(",", ":")))
+    with pytest.raises(BundleFormatError, match="dtype") as caught:
+        Bundle.open(tmp_path / "b")
+    assert caught.value.field == key

@@ -189,7 +189,7 @@ def test_unsupported_hash_type_is_malformed(signed, pair):
         signing.verify_signature(signed, pair[1])
 
 
-@pytest.mark.parametrize("variant", ["nested", "bom", "utf16", "twice"])
+@pytest.mark.parametrize("variant", ["nested", "bom", "utf16", "twice", "bigint"])
 def test_signature_files_that_are_not_plain_unambiguous_json_are_malformed(signed, pair, variant):
     """Deep nesting crashed the parser (RecursionError); a BOM or UTF-16 read here but not in model_signing; a key
     named twice means what each reader makes of it."""
@@ -199,6 +199,7 @@ def test_signature_files_that_are_not_plain_unambiguous_json_are_malformed(signe
         "bom": b"\xef\xbb\xbf" + good,
         "utf16": good.decode().encode("utf-16"),
         "twice": good.replace(b'{"mediaType"', b'{"mediaType": "x", "mediaType"', 1),
+        "bigint": good.replace(b'{"mediaType"', b'{"n": ' + b"9" * 5000 + b', "mediaType"', 1),  # past int()'s digit limit
     }[variant]
     assert changed != good
     (signed / "bundle.sig").write_bytes(changed)
@@ -294,3 +295,16 @@ def test_by_shards_an_added_empty_file_and_a_removed_file_fail(tmp_path, pair):
     (d / "manifest.json").unlink()
     with pytest.raises(SignedFileMismatchError, match="manifest.json: is missing"):
         signing.verify_signature(d, pair[1])
+
+
+@pytest.mark.parametrize("shard", ["9" * 5000, "1" * 20], ids=["5000 digits", "20 digits"])
+def test_a_signed_statement_with_huge_numbers_is_malformed(signed, pair, shard):
+    """An integer past Python's digit limit in the statement, or a shard offset of thousands of digits."""
+    key = keys.load_private_key(pair[0])
+    statement = json.loads(signing.statement_for({"manifest.json": "1" * 64}))
+    text = json.dumps(statement).replace('"manifest.json"', f'"manifest.json:0:{shard}"', 1)
+    if len(shard) > 4300:
+        text = text.replace('{"_type"', '{"n": ' + shard + ', "_type"', 1)
+    (signed / "bundle.sig").write_bytes(signing.sign_statement(text.encode(), key))
+    with pytest.raises(SignatureError):
+        signing.verify_signature(signed, pair[1])

@@ -89,3 +89,12 @@ def test_verify_with_keys_checks_the_signature(tmp_path):
         verify_files(bundle)
         with pytest.raises(SignatureError):
             verify(bundle, public)
+
+
+def test_a_file_deleted_since_open_is_an_integrity_error(tmp_path):
+    folder = write_tiny(tmp_path)
+    bundle = Bundle.open(folder)
+    (folder / "adapters.safetensors").unlink()
+    with pytest.raises(IntegrityError, match="missing") as caught:
+        verify_files(bundle)
+    assert caught.value.path == "adapters.safetensors"
