@@ -8,12 +8,11 @@ that is not finite (which huge finite values also give) is followed by the exact
 element-wise check. A weights file that passed is remembered by its identity (its
 sha256 in the manifest, and the file's device, inode, size, mtime and ctime), so applying
 the same file again costs a `stat`: bundle files are never written in place, and one that
-is gets new times. A swap from an open bundle that passed costs nothing more.
+is gets new times (`os.utime` can set the mtime back, not the ctime).
 """
 
 from __future__ import annotations
 
-import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
@@ -25,7 +24,6 @@ from ..errors import BundleFormatError
 
 _PASSED: OrderedDict[tuple, None] = OrderedDict()  # identities of weights files whose values passed
 _REMEMBERED = 4096
-_OPEN_PASSED: weakref.WeakSet = weakref.WeakSet()  # open bundles whose values passed
 
 
 def nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
@@ -66,18 +64,14 @@ def refuse(bundle: Any, where: str | None) -> None:
 def check_bundle(bundle: Any, slots) -> None:
     """Refuse `bundle` before any of its adapters is written (a swap): its runs, from the map.
 
-    An open `Bundle` that passed is not looked at again: its map refuses to read once the
-    file was written since (`Bundle._mapping`). A `Blend` (tensors in memory) is checked each time.
+    A `Bundle` whose file passed costs an `fstat`; a `Blend` (tensors in memory) is checked each time.
     """
-    if bundle in _OPEN_PASSED:
-        return
     if isinstance(bundle, Bundle):
         runs = bundle.packed()  # mapped first, so the identity is that of the mapped bytes
         identity = bundle.weights_identity()
         if not passed(identity) and nonfinite(runs.items()) is not None:  # one sum per dtype run
             refuse(bundle, nonfinite(_slot_tensors(bundle, slots)))  # then tensor by tensor, for the name
         remember(identity)
-        _OPEN_PASSED.add(bundle)
     else:
         refuse(bundle, nonfinite(_slot_tensors(bundle, slots)))
 

@@ -86,16 +86,16 @@ def _same_layout_swap(world: World, applied: Applied, bundle: Any, *, check_base
         for path, expected in applied.bound:
             if path is None or untouched_digest(world, path) != expected:
                 return False  # the full check will say what changed
-    if applied.indexed and bundle not in _INDICES_CHECKED:  # a bundle's stored indices, read once
+    if applied.indexed and _INDICES_CHECKED.get(bundle) != (identity := bundle.weights_identity()):  # once per file
         _check_indices(applied.indexed, lambda rs: bundle.slot_tensors(rs.entry.slot))
-        _INDICES_CHECKED.add(bundle)
+        _INDICES_CHECKED[bundle] = identity
     finiteness.check_bundle(bundle, applied.slots)
     copy_runs(applied.buffers, bundle)  # equal layouts give equal runs (the reader checked the order)
     applied.bundle = bundle
     return True
 
 
-_INDICES_CHECKED: weakref.WeakSet = weakref.WeakSet()  # bundles whose channel indices passed, for repeated fast swaps
+_INDICES_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # bundle -> the file identity whose indices passed
 
 
 def _indexed(slots: list[ResolvedSlot]) -> tuple[ResolvedSlot, ...]:

@@ -30,7 +30,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.client import HTTPConnection, HTTPException, HTTPResponse
@@ -73,11 +73,16 @@ def bad_chunks(fd: int, job: FileJob, indices: list[int], pool: ThreadPoolExecut
     if not indices:
         return []
     with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
-        view = memoryview(mapped)
-        try:
-            found = list(pool.map(lambda i: hashlib.sha256(view[slice(*job.span(i))]).hexdigest(), indices))
-        finally:
-            view.release()
+        futures: list = []
+        with memoryview(mapped) as view:
+            try:
+                for i in indices:
+                    futures.append(pool.submit(lambda i: hashlib.sha256(view[slice(*job.span(i))]).hexdigest(), i))
+                found = [f.result() for f in futures]
+            finally:  # the map closes only once no hash reads it any more (a Ctrl-C may land anywhere here)
+                for f in futures:
+                    f.cancel()
+                wait(futures)
     return [i for i, digest in zip(indices, found) if digest != job.chunks[i]]
 
 
@@ -145,8 +150,20 @@ class _HttpxBody:
     def answer(self) -> httpx.Response:
         return read_capped(self.response, 1 << 20, truncate=True)  # an error answer: JSON, small
 
+
+class _Cut:
+    """A socket that `Fetcher.abort` may shut down from another thread: a read waiting on it
+    returns at once. Kept from the connect on (`http.client` drops its own reference to the
+    socket once an answer that closes the connection has arrived)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
     def abort(self) -> None:
-        """Nothing to cut from another thread here: the receiver stops at its next piece or read timeout."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # closed already
+            pass
 
 
 class _DirectBody:
@@ -159,19 +176,9 @@ class _DirectBody:
     else (chunked, or until the connection closes) `read1` and a copy.
     """
 
-    def __init__(self, response: HTTPResponse, request: httpx.Request, connection: HTTPConnection) -> None:
+    def __init__(self, response: HTTPResponse, request: httpx.Request) -> None:
         self.response, self.request, self.status = response, request, response.status
         self._left = None if response.chunked else response.length  # bytes of the body not read yet
-        self._connection = connection
-
-    def abort(self) -> None:
-        """Cut the connection from another thread: a read waiting on it returns at once."""
-        sock = self._connection.sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:  # closed already
-                pass
 
     def readinto(self, view: memoryview) -> int:
         try:
@@ -200,15 +207,21 @@ def _httpx_answer(http: httpx.Client, url: str, headers: dict) -> Iterator[_Http
 
 
 @contextmanager
-def _direct_answer(url: httpx.URL, headers: dict, timeout: float | None) -> Iterator[_DirectBody]:
+def _direct_answer(url: httpx.URL, headers: dict, timeout: float | None, watch) -> Iterator[_DirectBody]:
+    """`watch(_Cut(socket))` registers the connection with its Fetcher before anything is sent."""
     connection = HTTPConnection(url.host, url.port, timeout=timeout)
     try:
         try:
-            connection.request("GET", url.raw_path.decode("ascii"), headers=headers)
-            response = connection.getresponse()
-        except (OSError, HTTPException) as exc:
+            connection.connect()
+        except OSError as exc:
             raise _BrokeOff(str(exc) or type(exc).__name__) from exc
-        yield _DirectBody(response, httpx.Request("GET", url, headers=headers), connection)
+        with watch(_Cut(connection.sock)):
+            try:
+                connection.request("GET", url.raw_path.decode("ascii"), headers=headers)
+                response = connection.getresponse()
+            except (OSError, HTTPException) as exc:
+                raise _BrokeOff(str(exc) or type(exc).__name__) from exc
+            yield _DirectBody(response, httpx.Request("GET", url, headers=headers))
     finally:
         connection.close()
 
@@ -239,9 +252,11 @@ class _Pace:
             self.waited, self.got = 0.0, 0
 
 
-def _fill(body: _HttpxBody | _DirectBody, view: memoryview, pace: _Pace) -> None:
+def _fill(body: _HttpxBody | _DirectBody, view: memoryview, pace: _Pace, stop: threading.Event) -> None:
     got = 0
     while got < len(view):
+        if stop.is_set():  # aborted, or another receiver failed: no need to finish the chunk
+            raise _Stop()
         began = time.monotonic()
         n = body.readinto(view[got:])
         if n == 0:
@@ -281,7 +296,7 @@ class Fetcher:
         self._free: list[bytearray] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._live: set = set()  # the answers being received now, for `abort`
+        self._live: set[_Cut] = set()  # the connections receiving now, for `abort`
 
     def fetch(self, jobs: list[FileJob]) -> None:
         """Make every job's blob present and verified in the cache."""
@@ -325,8 +340,8 @@ class Fetcher:
         self._stop.set()
         with self._lock:
             live = list(self._live)
-        for body in live:
-            body.abort()
+        for cut in live:
+            cut.abort()
 
     def _plan(self, job: FileJob) -> tuple[tuple[int, int], list[tuple[int, int]]]:
         if job.size == 0:
@@ -335,9 +350,14 @@ class Fetcher:
             return (), []
         with self.cache.writing(job.path):
             fd, record = self.cache.open_partial(job.hexdigest, job.size)
-        claimed = sorted(i for i in self.cache.done_chunks(job.hexdigest) if i < len(job.chunks))
-        done = set(claimed) - set(bad_chunks(fd, job, claimed, self.verify))
-        self.progress(sum(job.span(i)[1] - job.span(i)[0] for i in done))
+        try:
+            claimed = sorted(i for i in self.cache.done_chunks(job.hexdigest) if i < len(job.chunks))
+            done = set(claimed) - set(bad_chunks(fd, job, claimed, self.verify))
+            self.progress(sum(job.span(i)[1] - job.span(i)[0] for i in done))
+        except BaseException:  # not yet the caller's to close
+            os.close(fd)
+            os.close(record)
+            raise
         missing = [i for i in range(len(job.chunks)) if i not in done]
         return (fd, record), segments(missing, job, self.streams, self.min_segment) if missing else []
 
@@ -358,12 +378,16 @@ class Fetcher:
                 self._stop.set()
                 raise
 
-    def _answer(self, hexdigest: str, headers: dict):
+    @contextmanager
+    def _answer(self, hexdigest: str, headers: dict) -> Iterator[_HttpxBody | _DirectBody]:
         url = self.blob_url(hexdigest)
         parsed = httpx.URL(url)
         if self.direct and parsed.scheme == "http" and not _proxied(parsed):
-            return _direct_answer(parsed, headers, self.http.timeout.read)
-        return _httpx_answer(self.http, url, headers)
+            with _direct_answer(parsed, headers, self.http.timeout.read, self._watching) as body:
+                yield body
+        else:  # httpx's socket is out of reach: the receiver looks at the stop event before each read
+            with _httpx_answer(self.http, url, headers) as body, self._watching(None):
+                yield body
 
     def _receive(self, job: FileJob, fd: int, record: int, cursor: list[int], last: int) -> None:
         """Fetch chunks [cursor[0], last), moving the cursor past each chunk handed over."""
@@ -372,7 +396,7 @@ class Fetcher:
         whole = start == 0 and end == job.size
         handed: list = []  # futures of the chunks given to the verify pool
         try:
-            with self._answer(job.hexdigest, {} if whole else {"range": f"bytes={start}-{end - 1}"}) as body, self._receiving(body):
+            with self._answer(job.hexdigest, {} if whole else {"range": f"bytes={start}-{end - 1}"}) as body:
                 if body.status != (200 if whole else 206):
                     raise_for(body.answer())
                     raise ProtocolError(f"{job.path}: status {body.status} to a request for bytes {start}-{end - 1}")
@@ -381,7 +405,7 @@ class Fetcher:
                     buffer = self._take(job.chunk_size)
                     view = memoryview(buffer)[: job.span(i)[1] - job.span(i)[0]]
                     try:
-                        _fill(body, view, pace)
+                        _fill(body, view, pace, self._stop)
                     except BaseException:
                         self._give(buffer)
                         raise
@@ -397,16 +421,18 @@ class Fetcher:
                 raise failed[0]
 
     @contextmanager
-    def _receiving(self, body: _HttpxBody | _DirectBody) -> Iterator[None]:
+    def _watching(self, cut: _Cut | None) -> Iterator[None]:
+        """`cut` is one of the connections `abort` shuts down while inside (None: nothing to cut)."""
         with self._lock:
-            self._live.add(body)
+            if cut is not None:
+                self._live.add(cut)
         try:
-            if self._stop.is_set():  # aborted while this answer was being opened
+            if self._stop.is_set():  # aborted before this connection was registered
                 raise _Stop()
             yield
         finally:
             with self._lock:
-                self._live.discard(body)
+                self._live.discard(cut)
 
     def _take(self, size: int) -> bytearray:
         self._slots.acquire()

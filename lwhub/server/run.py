@@ -68,10 +68,13 @@ def run_server(data_dir: str | Path, *, host: str = "127.0.0.1", port: int = 870
     recover(data)
     os.environ[_DATA_ENV], os.environ[_INSTANCE_ENV] = str(data), instance
     os.environ[_IDLE_ENV] = "" if upload_idle is None else repr(float(upload_idle))  # None: the app's default
-    Granian(
-        "lwhub.server.run:worker_app", address=host, port=port, interface="asgi", factory=True,
-        workers=workers, log_level="warning", backlog=1024,
-    ).serve()  # fmt: skip
+    try:
+        Granian(
+            "lwhub.server.run:worker_app", address=host, port=port, interface="asgi", factory=True,
+            workers=workers, log_level="warning", backlog=1024,
+        ).serve()  # fmt: skip
+    finally:
+        release_data_dir()
 
 
 LOCK_FILE = "registry.lock"
@@ -91,6 +94,12 @@ def hold_data_dir(data: Path) -> None:
         raise UsageError(f"{data}: another registry serves this data directory (it holds {LOCK_FILE}); stop it "
                          "first, or give another one") from None  # fmt: skip
     _held.append(fd)
+
+
+def release_data_dir() -> None:
+    """Let the data directory go (closing the lock's descriptor releases the lock)."""
+    while _held:
+        os.close(_held.pop())
 
 
 def ensure_port_free(host: str, port: int) -> None:

@@ -350,3 +350,27 @@ def test_a_bundle_stored_in_float8_swaps_in_as_it_applies(tmp_path, world, stric
     world.swap("author/noir", f8, strict=strict)
     x = tokens()
     assert torch.equal(lm_out(world, x), lm_out(alone, x))
+
+
+def test_a_rewrite_whose_mtime_was_set_back_is_still_checked_again(tmp_path, world, bundles):
+    """`cp -p`, `rsync -t` or os.utime restore the mtime; the ctime tells the file changed."""
+    import os
+    import struct
+
+    from lwformat.errors import BundleFormatError, IntegrityError
+    from tests.lwformat.runtime.conftest import make_bundle
+
+    b = make_bundle(tmp_path, 2)
+    world.apply(bundles["noir"])
+    world.swap("author/noir", b)  # b's values pass
+    world.swap("author/noir", bundles["noir"])
+    x, before = tokens(), _state(world)
+    out = lm_out(world, x)
+    st = os.stat(b.weights_path)
+    with open(b.weights_path, "r+b") as f:
+        f.seek(b.data_offset + b.spans[-1].begin)
+        f.write(struct.pack("<f", float("nan")))
+    os.utime(b.weights_path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises((BundleFormatError, IntegrityError)):
+        world.swap("author/noir", b)
+    assert world.applied["author/noir"].bundle is bundles["noir"] and _unchanged(world, before, x, out)

@@ -168,3 +168,18 @@ def test_a_second_registry_on_a_served_data_directory_is_refused_and_removes_not
         assert httpx.get(f"{first.url}/v1/health").status_code == 200
     with serve(data) as again:  # the lock goes with the process that held it
         assert httpx.get(f"{again.url}/v1/health").status_code == 200
+
+
+def test_the_data_directory_lock_is_let_go_when_serving_ends(tmp_path):
+    """run_server releases it in a finally: the same process may serve the directory again."""
+    from lwhub.errors import UsageError
+    from lwhub.server.run import hold_data_dir, release_data_dir
+
+    hold_data_dir(tmp_path / "data")
+    try:
+        with pytest.raises(UsageError, match="another registry serves"):  # flock: a second descriptor is refused
+            hold_data_dir(tmp_path / "data")
+    finally:
+        release_data_dir()
+    hold_data_dir(tmp_path / "data")
+    release_data_dir()
