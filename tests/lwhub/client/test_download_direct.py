@@ -225,6 +225,24 @@ def test_a_cache_that_cannot_be_written_stops_the_download_with_a_typed_error(se
     assert cache.blob(job.hexdigest).read_bytes() == data and Blob.ranges[-1] == f"bytes={2 * CHUNK}-{len(data) - 1}"
 
 
+def abort_once_stalled(fetcher: Fetcher, bound: float) -> list[Exception]:
+    """Run `fetcher` on JOB in a thread, abort it once the server stalls; what the fetch raised."""
+    outcome: list[Exception] = []
+
+    def run():
+        try:
+            fetcher.fetch([JOB])
+        except Exception as exc:  # noqa: BLE001 - the caller checks it
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    assert Blob.faults["stalled"].wait(30)
+    fetcher.abort()
+    worker.join(bound)
+    return outcome
+
+
 @pytest.mark.parametrize("how", ["stall", "stall-close", "mute"])
 def test_an_aborted_download_leaves_its_stalled_connection_at_once(server, tmp_path, how):
     """abort() (what Ctrl-C does) cuts the connection a receiver waits on, even with no read timeout:
@@ -234,21 +252,9 @@ def test_an_aborted_download_leaves_its_stalled_connection_at_once(server, tmp_p
     Blob.faults.update(mute=True) if how == "mute" else Blob.faults.update(stall=True)
     if how == "stall-close":
         Blob.faults["framing"] = "close"
-    cache, outcome = Cache(tmp_path), []
     with ThreadPoolExecutor(2) as pool, httpx.Client(timeout=None) as http:
-        fetcher = Fetcher(http, cache, lambda h: server + h, pool, direct=True, retries=0)
-
-        def run():
-            try:
-                fetcher.fetch([JOB])
-            except Exception as exc:  # noqa: BLE001 - checked below
-                outcome.append(exc)
-
-        worker = threading.Thread(target=run)
-        worker.start()
-        assert Blob.faults["stalled"].wait(30)
-        fetcher.abort()
-        worker.join(60)  # a bound for the old behaviour only: it waited for the server's 30 s
+        fetcher = Fetcher(http, Cache(tmp_path), lambda h: server + h, pool, direct=True, retries=0)
+        outcome = abort_once_stalled(fetcher, 60)  # a bound for the old behaviour only: it waited for the server's 30 s
     assert outcome and isinstance(outcome[0], HubUnavailableError) and "pull again" in str(outcome[0]), outcome
     assert Blob.faults["left"].is_set()  # the client left before the server gave up on it
 
@@ -289,21 +295,9 @@ def test_a_download_aborted_before_it_began_installs_nothing(server, tmp_path):
 def test_an_aborted_download_over_httpx_stops_at_its_next_piece(server, tmp_path):
     """httpx's socket is out of reach; a receiver still stops between two pieces, not after a whole chunk."""
     Blob.faults.update(dribble=0.02, dribble_bytes=100000, stalled=threading.Event(), left=threading.Event())
-    outcome = []
     with ThreadPoolExecutor(2) as pool, httpx.Client(timeout=30) as http:
         fetcher = Fetcher(http, Cache(tmp_path), lambda h: server + h, pool, direct=False, retries=0, min_speed=0)
-
-        def run():
-            try:
-                fetcher.fetch([JOB])
-            except Exception as exc:  # noqa: BLE001 - checked below
-                outcome.append(exc)
-
-        worker = threading.Thread(target=run)
-        worker.start()
-        assert Blob.faults["stalled"].wait(30)
-        fetcher.abort()
-        worker.join(120)  # a bound for the old behaviour only: a 64 KiB chunk at 50 bytes/s
+        outcome = abort_once_stalled(fetcher, 120)  # a bound for the old behaviour only: a 64 KiB chunk at 50 bytes/s
     assert outcome and isinstance(outcome[0], HubUnavailableError) and "stopped before its end" in str(outcome[0])
     assert Blob.faults["left"].wait(30)  # the server's next writes found the connection closed
 
