@@ -79,10 +79,16 @@ def bad_chunks(fd: int, job: FileJob, indices: list[int], pool: ThreadPoolExecut
                 for i in indices:
                     futures.append(pool.submit(lambda i: hashlib.sha256(view[slice(*job.span(i))]).hexdigest(), i))
                 found = [f.result() for f in futures]
-            finally:  # the map closes only once no hash reads it any more (a Ctrl-C may land anywhere here)
+            except BaseException:  # a Ctrl-C may land anywhere here: the map closes only once no hash reads it
                 for f in futures:
                     f.cancel()
-                wait(futures)
+                while True:
+                    try:
+                        wait(futures)
+                        break
+                    except BaseException:  # noqa: S112 - a second Ctrl-C, while the first one goes on
+                        continue
+                raise
     return [i for i, digest in zip(indices, found) if digest != job.chunks[i]]
 
 
@@ -209,7 +215,7 @@ def _httpx_answer(http: httpx.Client, url: str, headers: dict) -> Iterator[_Http
 @contextmanager
 def _direct_answer(url: httpx.URL, headers: dict, timeout: float | None, watch) -> Iterator[_DirectBody]:
     """`watch(_Cut(socket))` registers the connection with its Fetcher before anything is sent."""
-    connection = HTTPConnection(url.host, url.port, timeout=timeout)
+    connection, response = HTTPConnection(url.host, url.port, timeout=timeout), None
     try:
         try:
             connection.connect()
@@ -223,6 +229,8 @@ def _direct_answer(url: httpx.URL, headers: dict, timeout: float | None, watch) 
                 raise _BrokeOff(str(exc) or type(exc).__name__) from exc
             yield _DirectBody(response, httpx.Request("GET", url, headers=headers))
     finally:
+        if response is not None:  # an answer that closes the connection holds the socket, not the connection
+            response.close()
         connection.close()
 
 
