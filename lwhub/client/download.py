@@ -30,7 +30,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.client import HTTPConnection, HTTPException, HTTPResponse
@@ -65,30 +65,26 @@ class _Stop(Exception):
     """Another segment failed: stop quietly."""
 
 
-def bad_chunks(fd: int, job: FileJob, indices: list[int], pool: ThreadPoolExecutor) -> list[int]:
-    """Which of `indices` do not hash to the manifest's digest, hashed in parallel.
+def _chunk_digest(fd: int, begin: int, end: int) -> str:
+    """sha256 of bytes [begin, end) of `fd`, read through a map of its own (the page cache in
+    place, no copy). Each hash owns its map, so an interrupted caller closes nothing a hash
+    still reads."""
+    start = begin - begin % mmap.ALLOCATIONGRANULARITY
+    with mmap.mmap(fd, end - start, offset=start, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
+        return hashlib.sha256(view[begin - start :]).hexdigest()
 
-    The file is memory-mapped, so hashing reads the page cache in place (no copy).
-    """
-    if not indices:
-        return []
-    with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
-        futures: list = []
-        with memoryview(mapped) as view:
-            try:
-                for i in indices:
-                    futures.append(pool.submit(lambda i: hashlib.sha256(view[slice(*job.span(i))]).hexdigest(), i))
-                found = [f.result() for f in futures]
-            except BaseException:  # a Ctrl-C may land anywhere here: the map closes only once no hash reads it
-                for f in futures:
-                    f.cancel()
-                while True:
-                    try:
-                        wait(futures)
-                        break
-                    except BaseException:  # noqa: S112 - a second Ctrl-C, while the first one goes on
-                        continue
-                raise
+
+def bad_chunks(fd: int, job: FileJob, indices: list[int], pool: ThreadPoolExecutor) -> list[int]:
+    """Which of `indices` do not hash to the manifest's digest, hashed in parallel."""
+    futures: list = []
+    try:
+        for i in indices:
+            futures.append(pool.submit(_chunk_digest, fd, *job.span(i)))
+        found = [f.result() for f in futures]
+    except BaseException:  # a Ctrl-C: the hashes not started are dropped, the running ones end on their own
+        for f in futures:
+            f.cancel()
+        raise
     return [i for i, digest in zip(indices, found) if digest != job.chunks[i]]
 
 
