@@ -53,7 +53,9 @@ class LightConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_
             refuse("name", "a non-empty string")
 
     def to_json(self) -> bytes:
-        return msgspec.json.encode(self, order="sorted")
+        # Not order="sorted": it sorts dict keys too, and the order of rank_pattern and
+        # alpha_pattern decides which pattern matches first.
+        return msgspec.json.encode(self)
 
     @classmethod
     def from_json(cls, data: bytes | str) -> LightConfig:

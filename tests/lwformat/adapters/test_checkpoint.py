@@ -72,3 +72,21 @@ def test_a_fused_world_saves_no_adapters(tmp_path):
     assert list(tmp_path.iterdir()) == []
     world.unfuse()
     save_adapters(world, tmp_path / "a.safetensors")
+
+
+def test_pattern_order_survives_a_save(tmp_path):
+    """The first matching rank/alpha pattern wins: sorted keys ('*' before 'fc') reloaded other sizes."""
+    world = small_world()
+    config = LightConfig(rank=4, blocks=[LLM], rank_pattern={"fc": 2, "*": 3}, alpha_pattern={"head": 1.0, "*": 16.0})
+    plan = world.customize(config)
+    with torch.no_grad():
+        for p in world.adapter_parameters():
+            p.add_(torch.randn_like(p))
+    world.save_adapters(tmp_path / "a.safetensors")
+    fresh = small_world()
+    assert fresh.load_adapters(tmp_path / "a.safetensors") == plan
+    loaded = fresh.customization[0]
+    assert list(loaded.rank_pattern.items()) == list(config.rank_pattern.items())
+    assert list(loaded.alpha_pattern.items()) == list(config.alpha_pattern.items())
+    tokens = torch.randint(0, 16, (2, 5))
+    assert torch.equal(world.block(LLM)(tokens), fresh.block(LLM)(tokens))

@@ -1,5 +1,7 @@
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lwformat import LightConfig
 from lwformat.errors import (
@@ -129,3 +131,11 @@ def test_a_config_built_in_python_is_checked_like_one_decoded(field, value):
     with pytest.raises(TargetError) as caught:
         LightConfig(**{field: value})
     assert caught.value.path == field
+
+
+@given(st.dictionaries(st.text(min_size=1), st.integers(1, 64)), st.dictionaries(st.text(min_size=1), st.floats(0, 64)))
+def test_pattern_order_survives_json(ranks, alphas):
+    """The first matching pattern wins, so to_json must keep the keys' order (it sorted them)."""
+    loaded = LightConfig.from_json(LightConfig(rank_pattern=ranks, alpha_pattern=alphas).to_json())
+    assert list(loaded.rank_pattern.items()) == list(ranks.items())
+    assert list(loaded.alpha_pattern.items()) == list(alphas.items())
