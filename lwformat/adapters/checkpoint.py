@@ -82,7 +82,7 @@ def load_adapters(world: World, path: str | os.PathLike) -> Plan:
     try:
         config = LightConfig.from_json(meta["config"])
         base = msgspec.json.decode(meta["base"], type=dict[str, str])
-    except (KeyError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (KeyError, TargetError, msgspec.DecodeError) as exc:  # TargetError: a config LightConfig refuses
         raise CheckpointError(f"{path}: bad metadata: {exc}", path=str(path)) from exc
     digests = world.digests()
     for block, expected in base.items():

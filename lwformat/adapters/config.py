@@ -13,6 +13,9 @@ PEFT; the first matching key wins. ``alpha`` defaults to ``rank`` (scaling 1).
 
 from __future__ import annotations
 
+import math
+import re
+
 import msgspec
 
 from ..errors import TargetError
@@ -42,8 +45,10 @@ class LightConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_
             refuse("kind", "a string")
         if not _is_int(self.rank):
             refuse("rank", "an integer")
-        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)):
-            refuse("alpha", "a number or None")
+        if self.alpha is not None and not _is_finite(self.alpha):
+            refuse("alpha", "a finite number or None")
+        if not isinstance(self.rslora, bool):
+            refuse("rslora", "True or False")
         if not (_is_int(self.neurons) or isinstance(self.neurons, list) and all(map(_is_int, self.neurons))):
             refuse("neurons", "an integer or a list of integers")
         for field in ("block_types", "blocks", "slots", "exclude"):
@@ -51,6 +56,14 @@ class LightConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_
                 refuse(field, "a list of strings")
         if not (isinstance(self.name, str) and self.name):
             refuse("name", "a non-empty string")
+        for field, check, want in (("rank_pattern", _is_int, "an integer"), ("alpha_pattern", _is_finite, "a finite number")):
+            patterns = getattr(self, field)
+            if not isinstance(patterns, dict):
+                refuse(field, "a dict of slot pattern to value")
+            for key, value in patterns.items():
+                if not isinstance(key, str) or not check(value):
+                    what = "a string" if not isinstance(key, str) else want
+                    raise TargetError(f"LightConfig.{field}[{key!r}] must be {what}, not {value!r}", path=field)
 
     def to_json(self) -> bytes:
         # Not order="sorted": it sorts dict keys too, and the order of rank_pattern and
@@ -59,11 +72,24 @@ class LightConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_
 
     @classmethod
     def from_json(cls, data: bytes | str) -> LightConfig:
-        return msgspec.json.decode(data, type=cls)
+        try:
+            return msgspec.json.decode(data, type=cls)
+        except msgspec.DecodeError as exc:  # a ValidationError too: wrong types, or what __post_init__ refused
+            cause, at = exc.__cause__, _AT_FIELD.search(str(exc))
+            path = cause.path if isinstance(cause, TargetError) else at and at[1]
+            raise TargetError(f"LightConfig: {exc}", path=path) from exc
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: object) -> bool:
+    # NaN or inf would reach the scaling, and every output through it.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_AT_FIELD = re.compile(r"at `\$\.(\w+)")  # where msgspec says the error is: "... - at `$.rank_pattern[...]`"
 
 
 WILDCARDS = frozenset("*?[")

@@ -1,6 +1,7 @@
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from lwformat import LightConfig
 from lwformat.adapters.checkpoint import adapter_tensors
@@ -90,3 +91,12 @@ def test_pattern_order_survives_a_save(tmp_path):
     assert list(loaded.alpha_pattern.items()) == list(config.alpha_pattern.items())
     tokens = torch.randint(0, 16, (2, 5))
     assert torch.equal(world.block(LLM)(tokens), fresh.block(LLM)(tokens))
+
+
+def test_a_config_the_file_cannot_hold_is_a_checkpoint_error(tmp_path):
+    trained().save_adapters(tmp_path / "a.safetensors")
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    save_file(tensors, str(tmp_path / "b.safetensors"), metadata={**meta, "config": '{"alpha_pattern": {"*": 1e999}}'})
+    with pytest.raises(CheckpointError, match="alpha"):
+        small_world().load_adapters(tmp_path / "b.safetensors")

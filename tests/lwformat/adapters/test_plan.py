@@ -1,3 +1,4 @@
+import msgspec
 import pytest
 import torch
 from hypothesis import given
@@ -125,12 +126,27 @@ def test_decustomize_restores_the_very_same_layers(world):
 
 
 @pytest.mark.parametrize("field, value", [("rank", "4"), ("rank", True), ("kind", 3), ("blocks", "author/**"),
-                                          ("alpha", "x"), ("neurons", [1.5]), ("name", "")])  # fmt: skip
+                                          ("alpha", "x"), ("neurons", [1.5]), ("name", ""), ("rslora", "no"),
+                                          ("alpha", float("nan")), ("alpha", float("inf")), ("rank_pattern", ["*"]),
+                                          ("rank_pattern", {"*": "4"}), ("rank_pattern", {"*": 2.5}), ("rank_pattern", {"*": True}),
+                                          ("alpha_pattern", {"*": "x"}), ("alpha_pattern", {"*": float("-inf")}),
+                                          ("alpha_pattern", {"fc": 1.0, "*": float("nan")})])  # fmt: skip
 def test_a_config_built_in_python_is_checked_like_one_decoded(field, value):
-    """Decoding JSON checks the types; LightConfig(...) did not, and customize failed deep inside."""
+    """Decoding JSON checks the types; LightConfig(...) did not, and customize failed deep inside
+    (or took a NaN alpha, or rslora="no", silently)."""
     with pytest.raises(TargetError) as caught:
         LightConfig(**{field: value})
     assert caught.value.path == field
+    if isinstance(value, dict):
+        assert repr(list(value)[-1]) in str(caught.value)  # the pattern at fault
+
+
+@pytest.mark.parametrize("data, field", [('{"rank_pattern": {"*": "4"}}', "rank_pattern"), ('{"rank_pattern": {"*": 2.5}}', "rank_pattern"),
+                                         ('{"alpha": 1e999}', "alpha"), ('{"name": ""}', "name"), ("{not json", None)])  # fmt: skip
+def test_a_config_decoded_is_refused_with_a_target_error(data, field):
+    with pytest.raises(TargetError) as caught:
+        LightConfig.from_json(data)
+    assert caught.value.path == field and isinstance(caught.value.__cause__, msgspec.DecodeError)
 
 
 @given(st.dictionaries(st.text(min_size=1), st.integers(1, 64)), st.dictionaries(st.text(min_size=1), st.floats(0, 64)))
