@@ -104,6 +104,15 @@ def load_adapters(world: World, path: str | os.PathLike) -> Plan:
                     raise CheckpointError(
                         f"{key}: stored shape {tuple(value.shape)}, the plan needs {tuple(live[key].shape)}", path=key
                     )
+                # A buffer (a neuron adapter's indices) is what the plan made from the config: one
+                # stored otherwise would override the plan silently, or name channels the layer lacks.
+                if not isinstance(live[key], torch.nn.Parameter) and not (
+                    value.dtype == live[key].dtype and torch.equal(value, live[key])
+                ):
+                    raise CheckpointError(
+                        f"{key}: stored {value.dtype} {value.tolist()}, the plan made {live[key].tolist()} from the config",
+                        path=key,
+                    )  # fmt: skip
                 live[key].copy_(value)
     except BaseException:
         decustomize(world)

@@ -20,6 +20,14 @@ def trained(kind="lora"):
     return world
 
 
+def rewritten(tmp_path, tensors=None, **meta):
+    """A copy of a saved light checkpoint with some tensors and metadata replaced."""
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        old_meta, old = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    save_file({**old, **(tensors or {})}, str(tmp_path / "b.safetensors"), metadata={**old_meta, **meta})
+    return tmp_path / "b.safetensors"
+
+
 @pytest.mark.parametrize("kind", ["lora", "dora", "ia3", "neuron", "bias"])
 def test_light_checkpoint_round_trip(tmp_path, kind):
     world = trained(kind)
@@ -95,8 +103,20 @@ def test_pattern_order_survives_a_save(tmp_path):
 
 def test_a_config_the_file_cannot_hold_is_a_checkpoint_error(tmp_path):
     trained().save_adapters(tmp_path / "a.safetensors")
-    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    save_file(tensors, str(tmp_path / "b.safetensors"), metadata={**meta, "config": '{"alpha_pattern": {"*": 1e999}}'})
     with pytest.raises(CheckpointError, match="alpha"):
-        small_world().load_adapters(tmp_path / "b.safetensors")
+        small_world().load_adapters(rewritten(tmp_path, config='{"alpha_pattern": {"*": 1e999}}'))
+
+
+@pytest.mark.parametrize("index", [[5, 6], [3, 3], [1, 99], [-1, 3], torch.tensor([1, 3], dtype=torch.int32)], ids=str)
+def test_stored_neuron_indices_must_be_the_plans(tmp_path, index):
+    """The file's neuron_index overrode the plan's silently; out of range, forward then raised IndexError."""
+    trained("neuron").save_adapters(tmp_path / "a.safetensors")
+    key = f"{LLM}:fc.neuron_index"
+    path = rewritten(tmp_path, {key: torch.as_tensor(index)})
+    world = small_world()
+    before = repr(world), {n: p.requires_grad for n, p in world.named_parameters()}
+    with pytest.raises(CheckpointError) as err:
+        world.load_adapters(path)
+    assert err.value.path == key and key in str(err.value)
+    assert (repr(world), {n: p.requires_grad for n, p in world.named_parameters()}) == before
+    assert world.customization is None
