@@ -94,6 +94,9 @@ def load_adapters(world: World, path: str | os.PathLike) -> Plan:
     grads = grad_flags(world)
     plan = customize(world, config)
     try:
+        # The digests checked above are the file's choice: every block the plan adapts must be among them.
+        if missing := [b for b in plan.blocks() if b not in base]:
+            raise CheckpointError(f"{path}: no base digest for block {missing[0]}, which the adapters adapt", path=missing[0])
         live = adapter_tensors(world)
         if set(live) != set(tensors):
             first = min(set(live) ^ set(tensors))

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -120,3 +122,18 @@ def test_stored_neuron_indices_must_be_the_plans(tmp_path, index):
     assert err.value.path == key and key in str(err.value)
     assert (repr(world), {n: p.requires_grad for n, p in world.named_parameters()}) == before
     assert world.customization is None
+
+
+@pytest.mark.parametrize("bound", [[], [LLM]], ids=["none", "one"])
+def test_a_file_must_bind_every_block_it_adapts(tmp_path, bound):
+    """Only the blocks the file listed were checked: with base={} adapters loaded onto another base."""
+    world = trained()
+    world.save_adapters(tmp_path / "a.safetensors")
+    other = small_world(seed=1)
+    base = json.dumps({b: other.digests()[b] for b in bound})  # what is listed matches this world
+    before = repr(other)
+    with pytest.raises(CheckpointError) as err:
+        other.load_adapters(rewritten(tmp_path, base=base))
+    assert err.value.path in world.customization[1].blocks() and err.value.path not in bound
+    assert err.value.path in str(err.value)
+    assert repr(other) == before and other.customization is None
