@@ -23,7 +23,7 @@ from ..world.paths import match_block, match_module
 from .config import LightConfig, is_explicit
 from .kinds import KINDS, SlotSettings
 from .layers import Geometry
-from .slots import eligible_slots, layer_at
+from .slots import UNCALLED, eligible_slots, layer_at, uncalled_layers
 
 if TYPE_CHECKING:
     from ..world.tree import World
@@ -190,6 +190,8 @@ def _check_explicit(config: LightConfig, block, paths: list[str], path: str, eli
             continue  # this block has no such module; another targeted block may
         slot = f"{path}:{module_path}"
         if module_path not in eligible:
+            if id(layer) in uncalled_layers(block.module):
+                raise UnsupportedLayerError(f"{slot}: {UNCALLED}", path=slot)
             raise UnsupportedLayerError(f"{slot}: {type(layer).__name__} is not a layer adapters can wrap", path=slot)
         if eligible[module_path][1].layer not in kind.layers:
             raise UnsupportedLayerError(f"{slot}: {config.kind} does not support {type(layer).__name__}", path=slot)

@@ -3,8 +3,9 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
 
-from lwformat import LightConfig
+from lwformat import Block, LightConfig, World
 from lwformat.errors import (
     AlreadyCustomizedError,
     NothingTargetedError,
@@ -155,3 +156,29 @@ def test_pattern_order_survives_json(ranks, alphas):
     loaded = LightConfig.from_json(LightConfig(rank_pattern=ranks, alpha_pattern=alphas).to_json())
     assert list(loaded.rank_pattern.items()) == list(ranks.items())
     assert list(loaded.alpha_pattern.items()) == list(alphas.items())
+
+
+def encoder_world(**block):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    return World.from_blocks({"s/p/g/enc": Block(layer, "conditioner", **block)})
+
+
+def test_multihead_attention_out_proj_is_no_slot():
+    """MHA reads out_proj.weight and never calls out_proj: its adapter did nothing until fused."""
+    assert slots(encoder_world().plan(LightConfig(rank=2))) == ["s/p/g/enc:linear1", "s/p/g/enc:linear2"]
+    bare = World.from_blocks({"s/p/g/mha": Block(nn.MultiheadAttention(8, 2), "conditioner")})
+    with pytest.raises(NothingTargetedError):
+        bare.plan(LightConfig(rank=2))
+
+
+@pytest.mark.parametrize("how", ["explicit", "declared"])
+def test_targeting_multihead_attention_out_proj_says_why(how):
+    world = encoder_world(slots=["self_attn.out_proj"]) if how == "declared" else encoder_world()
+    config = LightConfig(rank=2, slots=["self_attn.out_proj"] if how == "explicit" else [])
+    snap = snapshot(world)
+    with pytest.raises(UnsupportedLayerError) as err:
+        world.customize(config)
+    assert err.value.path == "s/p/g/enc:self_attn.out_proj"
+    assert "s/p/g/enc:self_attn.out_proj" in str(err.value) and "never calls" in str(err.value)
+    assert_unchanged(world, snap)
