@@ -79,6 +79,9 @@ class AdapterHost(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused or not self.adapters:
             return self.base(x)
+        if self.geo.is_conv and x.ndim == len(self.geo.in_shape):
+            # Unbatched (C, L) or (C, H, W), which nn.Conv1d/Conv2d take: the kinds' maths wants the batch first.
+            return self.forward(x[None])[0]  # (1, C, *S) -> (out, *S')
         if self.route is not None:
             return self._routed(x, self.base(x))
         # Without autograd, sums accumulate in place: into y itself when no adapter reads it.

@@ -103,3 +103,28 @@ def test_neuron_delta_touches_only_its_neurons():
 def test_host_reads_through_to_the_base_layer():
     host, layer, _, _ = host_with("lora", "linear")
     assert host.weight is layer.weight and host.in_features == 6
+
+
+UNBATCHED = {  # a conv layer and one unbatched input (C, L) or (C, H, W), which nn.Conv1d/Conv2d take
+    "conv1d": (lambda: nn.Conv1d(3, 5, 3, padding=1, stride=2), (3, 9)),
+    "conv1d_out_rank_length_equal": (lambda: nn.Conv1d(3, 2, 3, padding=1), (3, 2)),  # was silently wrong, not an error
+    "conv2d": (lambda: nn.Conv2d(3, 5, (3, 2), padding=1, dilation=(1, 2)), (3, 7, 6)),
+}
+
+
+@pytest.mark.parametrize("layer_name", UNBATCHED)
+@pytest.mark.parametrize("kind", [k for k in KINDS if "conv1d" in KINDS[k].layers])
+def test_unbatched_conv_input_is_one_sample_of_a_batch(kind, layer_name):
+    torch.manual_seed(0)
+    make_layer, shape = UNBATCHED[layer_name]
+    layer, x = make_layer(), torch.randn(shape)
+    geo = geometry(layer)
+    adapter = KINDS[kind](geo, SlotSettings(kind, rank=2, alpha=3.0, neurons=(0, 1)), layer)
+    host = AdapterHost(layer, geo)
+    host.add("a", adapter)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    y = host(x)
+    assert torch.equal(y, host(x[None])[0])
+    torch.testing.assert_close(y, merged_forward(layer, *adapter.delta_weight(layer), x), rtol=1e-5, atol=1e-5)
