@@ -130,8 +130,7 @@ def load_world(path: str | os.PathLike, *, device=None, verify: bool = False) ->
         recorded = msgspec.json.decode(digests_file.read_bytes(), type=Digests)
         if verify:
             verify_world(world, recorded.blocks)
-        else:
-            seed_cache(world, recorded.blocks)
+        seed_cache(world, recorded.blocks)
     return world
 
 

@@ -208,11 +208,14 @@ def seed_cache(world: World, blocks: dict[str, str]) -> None:
 
 
 def verify_world(world: World, expected: dict[str, str] | None = None) -> None:
-    """Recompute every block digest; raise naming the first block that differs from `expected`."""
-    expected = expected or {p: hit[1] for p, hit in world._digest_cache.items()}
-    found = world_digests(world, recompute=True)["blocks"]
+    """Recompute every block digest; raise naming the first block that differs from `expected`
+    (by default the cached digests). The cache is left as it is: were the recomputed digests
+    kept, a second check would pass on the very change the first one refused."""
+    if expected is None:
+        expected = {p: hit[1] for p, hit in world._digest_cache.items()}
+    blocks = world.blocks()
     for path, digest in expected.items():
-        if found.get(path) != digest:
-            raise CheckpointError(
-                f"block {path}: digest {found.get(path)} does not match the recorded {digest}", path=path
-            )
+        block = blocks.get(path)
+        found = None if block is None else PREFIX + block_digest_raw(base_tensors(block.module), path).hex()
+        if found != digest:
+            raise CheckpointError(f"block {path}: digest {found} does not match the recorded {digest}", path=path)

@@ -268,7 +268,10 @@ class World(nn.Module):
         return world_digests(self)["root"]
 
     def verify(self) -> None:
-        """Recompute every digest and compare with the cache; raise CheckpointError naming the block."""
+        """Recompute every digest and compare with the cache; raise CheckpointError naming the block.
+
+        The cache is left as it is, so a change stays refused until ``digests(recompute=True)`` accepts it.
+        """
         from .digest import verify_world
 
         verify_world(self)

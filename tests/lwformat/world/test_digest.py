@@ -115,3 +115,15 @@ def test_a_tensor_on_the_meta_device_is_named_not_hashed(world):
     with pytest.raises(WorldError, match="is on the meta device") as err:
         world.digests()
     assert err.value.path.startswith(f"{path}:{owner_name}.")
+
+
+def test_verify_keeps_refusing_a_change():
+    """verify() kept the digests it recomputed: a second call passed on the change the first refused."""
+    path = "author/narrate/text/critic"
+    world = small_world()
+    world.digests()
+    world.block(path).module.fc.weight.data[0, 0] += 1.0  # .data skips _version: only verify sees it
+    for _ in range(2):
+        with pytest.raises(CheckpointError) as err:
+            world.verify()
+        assert err.value.path == path
