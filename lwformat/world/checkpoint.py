@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import msgspec
 import torch
@@ -33,9 +33,12 @@ if TYPE_CHECKING:
 CONFIG, WEIGHTS, DIGESTS = "world.json", "weights.safetensors", "digests.json"
 
 
+Digest = Annotated[str, msgspec.Meta(pattern="^sha256:[0-9a-f]{64}$")]
+
+
 class Digests(msgspec.Struct, forbid_unknown_fields=False):
-    root: str
-    blocks: dict[str, str]
+    root: Digest
+    blocks: dict[str, Digest]
     format: str = "lwdigests/1"
 
 
@@ -126,12 +129,41 @@ def load_world(path: str | os.PathLike, *, device=None, verify: bool = False) ->
     if device is not None:
         world.to(device)
     digests_file = root / DIGESTS
-    if digests_file.is_file():
-        recorded = msgspec.json.decode(digests_file.read_bytes(), type=Digests)
+    if not digests_file.is_file():
         if verify:
-            verify_world(world, recorded.blocks)
-        seed_cache(world, recorded.blocks)
+            raise CheckpointError(f"{digests_file}: missing; nothing to verify the world against", path=str(digests_file))
+        return world
+    try:
+        recorded = msgspec.json.decode(digests_file.read_bytes(), type=Digests)
+    except msgspec.DecodeError as exc:  # ValidationError too
+        raise CheckpointError(f"{digests_file}: unreadable digests: {exc}", path=str(digests_file)) from exc
+    if verify:
+        _verify(world, recorded, digests_file)
+    seed_cache(world, recorded.blocks)
     return world
+
+
+def _verify(world: World, recorded: Digests, digests_file: Path) -> None:
+    """Every block digest recomputed, for exactly the world's blocks, and the root they make as recorded."""
+    blocks = set(world.blocks())
+    missing = sorted(blocks - set(recorded.blocks))
+    unknown = sorted(set(recorded.blocks) - blocks)
+    if missing or unknown:
+        first = (missing or unknown)[0]
+        raise CheckpointError(
+            f"{digests_file}: records other blocks than the world's: "
+            f"{len(missing)} missing, {len(unknown)} unknown (first: {first})",
+            path=first,
+        )
+    verify_world(world, recorded.blocks)
+    seed_cache(world, recorded.blocks)  # verified: the root below need not hash the blocks again
+    found = world_digests(world)["root"]
+    if found != recorded.root:  # the blocks match: the structure or the tensors above the blocks differ
+        raise CheckpointError(
+            f"{digests_file}: root {found} does not match the recorded {recorded.root} "
+            f"({CONFIG} or the tensors above the block level changed)",
+            path=str(digests_file),
+        )
 
 
 @torch.no_grad()

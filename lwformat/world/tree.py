@@ -186,7 +186,8 @@ class World(nn.Module):
 
     @classmethod
     def load(cls, path: Any, *, device: torch.device | str | None = None, verify: bool = False) -> World:
-        """Load a world saved with `save`; ``verify=True`` recomputes every digest."""
+        """Load a world saved with `save`; ``verify=True`` recomputes every digest and refuses a checkpoint
+        whose digests.json is missing or records other blocks or another root."""
         from .checkpoint import load_world
 
         return load_world(path, device=device, verify=verify)

@@ -47,6 +47,41 @@ def test_cached_digests_are_used_and_verify_recomputes(tmp_path):
     assert err.value.path == "author/narrate/text/llm"
 
 
+def _edit(path, edit):
+    record = json.loads(path.read_text())
+    edit(record)
+    path.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize(
+    ("tamper", "where"),
+    [
+        (lambda d: (d / "digests.json").unlink(), "digests.json"),
+        (lambda d: _edit(d / "digests.json", lambda r: r.update(blocks={})), "author/narrate/text/llm"),
+        (lambda d: _edit(d / "digests.json", lambda r: r["blocks"].update({"x/y/z/w": r["root"]})), "x/y/z/w"),
+        (lambda d: _edit(d / "world.json", lambda s: s["cycle"].reverse()), "digests.json"),
+    ],
+    ids=["no-digests", "no-blocks", "unknown-block", "other-root"],
+)
+def test_verify_refuses_what_it_cannot_check(tmp_path, tamper, where):
+    """verify=True loaded these: the weights went unchecked, or the recorded root was never compared."""
+    built(tmp_path).save(tmp_path / "base")
+    tamper(tmp_path / "base")
+    with pytest.raises(CheckpointError) as err:
+        World.load(tmp_path / "base", verify=True)
+    assert err.value.path.endswith(where)
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"root": 1, "blocks": []}', '{"root": "sha256:00", "blocks": {}}'])
+@pytest.mark.parametrize("verify", [False, True])
+def test_a_corrupt_digests_file_is_a_checkpoint_error(tmp_path, text, verify):
+    built(tmp_path).save(tmp_path / "base")
+    (tmp_path / "base" / "digests.json").write_text(text)
+    with pytest.raises(CheckpointError, match="unreadable digests") as err:
+        World.load(tmp_path / "base", verify=verify)
+    assert err.value.path == str(tmp_path / "base" / "digests.json")
+
+
 def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
     built(tmp_path).save(tmp_path / "base")
     spec = json.loads((tmp_path / "base" / "world.json").read_text())
