@@ -7,7 +7,8 @@
 
 A tensor tied to another inside a block (an LM head sharing its embedding) is stored
 once; the rebuilt block re-ties it. Writes go to a temporary sibling directory that
-replaces the target only when complete.
+replaces the target only when complete, and only where the target is absent, an empty
+directory or a saved world (it holds world.json).
 """
 
 from __future__ import annotations
@@ -89,6 +90,10 @@ def save_world(world: World, path: str | os.PathLike) -> None:
     target = Path(path)
     spec = spec_of(world)
     digests = world_digests(world)
+    if not _replaceable(target):
+        raise CheckpointError(
+            f"{target}: exists and is not a saved world (no {CONFIG}); not replacing it", path=str(target)
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -99,6 +104,13 @@ def save_world(world: World, path: str | os.PathLike) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _replaceable(target: Path) -> bool:
+    """Absent, an empty directory or a saved world: replacing anything else would delete the user's files."""
+    if not target.exists():
+        return True
+    return target.is_dir() and ((target / CONFIG).is_file() or not any(target.iterdir()))
 
 
 def _replace_dir(new: Path, target: Path) -> None:

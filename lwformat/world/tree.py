@@ -193,7 +193,10 @@ class World(nn.Module):
         return load_world(path, device=device, verify=verify)
 
     def save(self, path: Any) -> None:
-        """Write config, weights (safetensors) and cached digests to directory `path`."""
+        """Write config, weights (safetensors) and cached digests to directory `path`.
+
+        `path` is replaced whole, so it must be absent, empty, or a world saved before.
+        """
         from .checkpoint import save_world
 
         save_world(self, path)

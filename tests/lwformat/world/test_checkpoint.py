@@ -109,6 +109,26 @@ def test_save_replaces_an_existing_checkpoint_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "world.json"]
 
 
+def test_save_replaces_only_an_empty_directory_or_a_saved_world(tmp_path):
+    """save() replaced any directory whole: the user's files in it were deleted without a word."""
+    world = built(tmp_path)
+    (tmp_path / "empty").mkdir()
+    world.save(tmp_path / "empty")
+    assert World.load(tmp_path / "empty").root_digest() == world.root_digest()
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "notes.txt").write_text("months of work")
+    (tmp_path / "file").write_text("not a directory")
+    for target in (project, tmp_path / "file"):
+        with pytest.raises(CheckpointError, match="not a saved world") as err:
+            world.save(target)
+        assert err.value.path == str(target)
+    assert sorted(p.name for p in project.iterdir()) == ["data", "notes.txt"]
+    assert (project / "notes.txt").read_text() == "months of work"
+    assert (tmp_path / "file").read_text() == "not a directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "project", "world.json"]  # no temporaries
+
+
 def test_a_saved_world_loads_in_its_own_order(tmp_path):
     """Stages, pipelines, graphs and nodes run in order, and a ref names a node built before it: sorting them
     made worlds that could not load, loaded ones that computed otherwise, and bundles that listed their slots
