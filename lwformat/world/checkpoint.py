@@ -1,14 +1,14 @@
 """Save and load a world as a directory: config, safetensors weights, cached digests.
 
     world.json          the config (canonical JSON), enough to rebuild every block
-    weights.safetensors "<canonical block path>:<tensor name>" for block tensors,
-                        ":<dotted name>" for tensors held above the block level
+    weights.safetensors "<canonical block path>:<tensor name>", every tensor in a block
     digests.json        {"root", "blocks"} so loading need not rehash the weights
 
 A tensor tied to another inside a block (an LM head sharing its embedding) is stored
-once; the rebuilt block re-ties it. Writes go to a temporary sibling directory that
-replaces the target only when complete, and only where the target is absent, an empty
-directory or a saved world (it holds world.json).
+once; the rebuilt block re-ties it. A world holding tensors above the block level is not
+saved: world.json cannot rebuild them, so it would not load. Writes go to a temporary
+sibling directory that replaces the target only when complete, and only where the target
+is absent, an empty directory or a saved world (it holds world.json).
 """
 
 from __future__ import annotations
@@ -80,7 +80,6 @@ def weights_of(world: World) -> dict[str, torch.Tensor]:
             if id(t) not in seen:  # tied tensors are stored once
                 seen.add(id(t))
                 out[f"{path}:{name}"] = t.detach().contiguous()
-    out.update((f":{name}", t.detach().contiguous()) for name, t in world.extra_tensors().items())
     return out
 
 
@@ -89,6 +88,13 @@ def save_world(world: World, path: str | os.PathLike) -> None:
         raise FusedError("cannot save a fused world as a base; call unfuse() first")
     target = Path(path)
     spec = spec_of(world)
+    extra = next(iter(world.extra_tensors()), None)
+    if extra is not None:
+        raise WorldConfigError(
+            f"{extra}: a tensor held above the block level; {CONFIG} cannot rebuild it, so the saved world "
+            "would not load (hold it in a block)",
+            path=extra,
+        )
     digests = world_digests(world)
     if not _replaceable(target):
         raise CheckpointError(
@@ -170,10 +176,9 @@ def _verify(world: World, recorded: Digests, digests_file: Path) -> None:
     verify_world(world, recorded.blocks)
     seed_cache(world, recorded.blocks)  # verified: the root below need not hash the blocks again
     found = world_digests(world)["root"]
-    if found != recorded.root:  # the blocks match: the structure or the tensors above the blocks differ
+    if found != recorded.root:  # the blocks match: the structure differs
         raise CheckpointError(
-            f"{digests_file}: root {found} does not match the recorded {recorded.root} "
-            f"({CONFIG} or the tensors above the block level changed)",
+            f"{digests_file}: root {found} does not match the recorded {recorded.root} ({CONFIG} changed)",
             path=str(digests_file),
         )
 
@@ -204,5 +209,4 @@ def _copy_into(world: World, stored: dict[str, torch.Tensor], root: Path) -> Non
 
 def _live_tensors(world: World) -> dict[str, torch.Tensor]:
     out = {f"{p}:{n}": t for p, b in world.blocks().items() for n, t in base_tensors(b.module).items()}
-    out.update((f":{n}", t) for n, t in world.extra_tensors().items())
     return out

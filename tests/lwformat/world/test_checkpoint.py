@@ -101,6 +101,16 @@ def test_missing_files_and_module_built_blocks(tmp_path):
     assert not (tmp_path / "nope").exists()
 
 
+def test_a_tensor_above_the_blocks_is_refused_before_writing(tmp_path):
+    """save() stored it as ':<name>', which world.json cannot rebuild: load() refused the checkpoint save() wrote."""
+    world = built(tmp_path)
+    world.stages["author"].register_parameter("style_gain", torch.nn.Parameter(torch.ones(4)))
+    with pytest.raises(WorldConfigError, match="above the block level") as err:
+        world.save(tmp_path / "base")
+    assert err.value.path == "stages.author.style_gain"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["world.json"]
+
+
 def test_save_replaces_an_existing_checkpoint_whole(tmp_path):
     built(tmp_path, seed=0).save(tmp_path / "base")
     second = built(tmp_path, seed=1)
