@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import UnknownBlockError, WorldConfigError
@@ -87,7 +88,9 @@ def build_block(name: str, config: dict[str, Any], *, where: str = "") -> tuple[
     impl = block_impl(name, where=where)
     try:
         return impl.build(**config), impl.type
-    except TypeError as exc:
+    except torch.OutOfMemoryError:
+        raise  # the device's limit: callers retry elsewhere or smaller
+    except (TypeError, ValueError, RuntimeError) as exc:  # unknown keys, bad values, and what torch says of them
         raise WorldConfigError(f"{where}: bad config for block {name!r}: {exc}", path=where) from exc
 
 

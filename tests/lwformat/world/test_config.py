@@ -73,6 +73,19 @@ def test_bad_configs_name_the_node(tmp_path, mutate, error, where):
     assert err.value.path == where
 
 
+LM = {"vocab_size": 16, "dim": 8, "layers": 1, "heads": 2, "context": 8}
+
+
+@pytest.mark.parametrize(("config", "cause"), [({**LM, "vocab_size": -1}, RuntimeError), ({**LM, "heads": 3}, ValueError)])
+def test_bad_values_name_the_node(tmp_path, config, cause):
+    """Values the block refuses escaped as torch's bare RuntimeError or the block's own ValueError."""
+    spec = {"stages": {"a": {"pipelines": {"p": {"graphs": {"g": {"nodes": {"n": {"block": "decoder_lm", "config": config}}}}}}}}}
+    with pytest.raises(WorldConfigError, match="decoder_lm") as err:
+        World.from_config(write(tmp_path, spec))
+    assert err.value.path == "a/p/g/n"
+    assert type(err.value.__cause__) is cause
+
+
 def test_schema_errors_say_where():
     with pytest.raises(WorldConfigError, match=r"at `\$\.stages\[\.\.\.\]\.pipelines`"):
         config.decode(json.dumps({"stages": {"author": {"pipelines": 3}}}))
