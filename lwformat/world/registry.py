@@ -4,6 +4,11 @@ A block implementation turns a config dict into an ``nn.Module`` and states the 
 type it provides (``llm``, ``conditioner``, ``backbone``, ``codec``, ...). A flow is
 the function a graph runs: it takes the graph and a dict of named tensors and returns
 the tensors it produces. The reference zoo registers its own on import.
+
+A name is registered once: registering a name already taken, by you or by the zoo, raises
+WorldConfigError unless ``replace=True``. Every registration imports the zoo first, so a
+zoo name is taken whether or not a config has named one yet, and the zoo, once imported,
+never replaces a registration of yours.
 """
 
 from __future__ import annotations
@@ -34,24 +39,41 @@ _FLOWS: dict[str, Flow] = {}
 _BUILTINS = ("lwformat.zoo",)
 
 
-def register_block(name: str, type: str) -> Callable[[BlockFactory], BlockFactory]:
-    """Decorator: make `fn(**config) -> nn.Module` buildable from configs as `name`."""
+def register_block(name: str, type: str, *, replace: bool = False) -> Callable[[BlockFactory], BlockFactory]:
+    """Decorator: make `fn(**config) -> nn.Module` buildable from configs as `name`.
+
+    A name already registered (yours or the zoo's) raises WorldConfigError unless ``replace=True``.
+    """
 
     def decorate(fn: BlockFactory) -> BlockFactory:
-        _BLOCKS[name] = BlockImpl(name, type, fn)
+        _register(_BLOCKS, "block implementation", name, BlockImpl(name, type, fn), replace)
         return fn
 
     return decorate
 
 
-def register_flow(name: str) -> Callable[[Flow], Flow]:
-    """Decorator: make `fn(graph, state) -> dict` usable as the flow `name` of a graph."""
+def register_flow(name: str, *, replace: bool = False) -> Callable[[Flow], Flow]:
+    """Decorator: make `fn(graph, state) -> dict` usable as the flow `name` of a graph.
+
+    A name already registered (yours or the zoo's) raises WorldConfigError unless ``replace=True``.
+    """
 
     def decorate(fn: Flow) -> Flow:
-        _FLOWS[name] = fn
+        _register(_FLOWS, "flow", name, fn, replace)
         return fn
 
     return decorate
+
+
+def _register(table: dict[str, Any], kind: str, name: str, entry: Any, replace: bool) -> None:
+    # The zoo first: imported later, on a config naming one of its blocks, it would replace
+    # a registration of the same name in the middle of building worlds.
+    _load_builtins()
+    if name in table and not replace:
+        raise WorldConfigError(
+            f"{name}: a {kind} of that name is registered already; pass replace=True to replace it", path=name
+        )
+    table[name] = entry
 
 
 def _load_builtins() -> None:
@@ -94,10 +116,12 @@ def build_block(name: str, config: dict[str, Any], *, where: str = "") -> tuple[
         raise WorldConfigError(f"{where}: bad config for block {name!r}: {exc}", path=where) from exc
 
 
-@register_flow("sequential")
 def sequential(graph, state: dict) -> dict:
     """Feed ``state["x"]`` through the graph's nodes in order."""
     x = state["x"]
     for block in graph.nodes.values():
         x = block(x)
     return {"x": x}
+
+
+_FLOWS["sequential"] = sequential  # set directly: register_flow imports the zoo, which imports this module
