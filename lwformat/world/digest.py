@@ -39,8 +39,16 @@ DTYPE_NAMES = {
 }  # fmt: skip
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return DTYPE_NAMES[dtype]
+def dtype_name(dtype: torch.dtype, where: str = "") -> str:
+    """The safetensors name of `dtype`; `where` names the tensor when the spec has none for it."""
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise WorldError(
+            f"{where or 'a tensor'}: dtype {dtype} has no name in the spec, so it cannot be hashed or stored "
+            f"(supported: {', '.join(map(str, DTYPE_NAMES))})",
+            path=where or None,
+        ) from None
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -53,7 +61,7 @@ def tensor_digest_raw(t: torch.Tensor, where: str = "") -> bytes:
     if t.is_meta:
         raise WorldError(f"{where or 'a tensor'} is on the meta device: it holds no data to hash (load its weights first)", path=where or None)
     h = hashlib.sha256(b"lwtensor/1\0")
-    h.update(f"{dtype_name(t.dtype)}\0{','.join(map(str, t.shape))}\0".encode())
+    h.update(f"{dtype_name(t.dtype, where)}\0{','.join(map(str, t.shape))}\0".encode())
     h.update(tensor_bytes(t))
     return h.digest()
 

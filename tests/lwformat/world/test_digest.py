@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from lwformat import LightConfig, World
+from lwformat import Block, LightConfig, World
 from lwformat.errors import CheckpointError
 from lwformat.world import block_digest, tensor_digest
 from tests.conftest import small_world
@@ -127,3 +127,16 @@ def test_verify_keeps_refusing_a_change():
         with pytest.raises(CheckpointError) as err:
             world.verify()
         assert err.value.path == path
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.uint16, torch.uint32])
+def test_a_dtype_the_spec_does_not_name_is_a_typed_error(dtype):
+    """digests() raised a bare KeyError(torch.dtype), naming neither the block nor the tensor."""
+    from lwformat.errors import WorldError
+
+    module = nn.Linear(2, 2)
+    module.register_buffer("table", torch.zeros(3, dtype=dtype))
+    world = World.from_blocks({"s/p/g/n": Block(module, "backbone")})
+    with pytest.raises(WorldError, match=str(dtype)) as err:
+        world.digests()
+    assert err.value.path == "s/p/g/n:table"
