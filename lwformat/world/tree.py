@@ -168,13 +168,17 @@ class World(nn.Module):
     ) -> World:
         """Assemble a world from ``{block path: Block}``; one ``Block`` under two paths is shared.
 
-        ``flows`` maps ``stage/pipeline/graph`` to a flow name (default ``sequential``).
+        ``flows`` maps ``stage/pipeline/graph`` to a flow name (default ``sequential``); a key naming
+        no graph of `blocks` raises WorldConfigError.
         """
         tree: dict[str, dict[str, dict[str, dict[str, Block]]]] = {}
         for path, block in blocks.items():
             s, p, g, n = split_block_path(path)
             tree.setdefault(s, {}).setdefault(p, {}).setdefault(g, {})[n] = block
         flows = flows or {}
+        unknown = sorted(set(flows) - {f"{s}/{p}/{g}" for s, ps in tree.items() for p, gs in ps.items() for g in gs})
+        if unknown:  # a typo would leave its graph on the default flow without a word
+            raise WorldConfigError(f"flows: {unknown[0]!r} names no graph of the blocks given", path=unknown[0])
         stages = {
             s: Stage({
                 p: Pipeline({g: Graph(nodes, flows.get(f"{s}/{p}/{g}", "sequential"), where=f"{s}/{p}/{g}") for g, nodes in graphs.items()})

@@ -69,3 +69,10 @@ def test_an_unknown_flow_names_its_graph():
     with pytest.raises(WorldConfigError) as caught:
         World.from_blocks({"s/p/g/a": Block(nn.Linear(2, 2), "x")}, flows={"s/p/g": "sequentail"})
     assert caught.value.path == "s/p/g" and "sequential" in str(caught.value)
+
+
+def test_a_flow_for_no_graph_is_refused():
+    """A typo in a flows key was ignored: the graph ran the default flow instead of the one asked for."""
+    with pytest.raises(WorldConfigError, match="names no graph") as caught:
+        World.from_blocks({"s/p/g/a": Block(nn.Linear(2, 2), "x")}, flows={"s/p/gg": "sequential"})
+    assert caught.value.path == "s/p/gg"
