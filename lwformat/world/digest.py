@@ -8,7 +8,8 @@
     world root    = sha256("lwworld/1\\0" || raw structure digest ||
                            for each canonical block path, sorted: path || "\\0" || raw block digest)
     structure     = sha256 of the canonical JSON (sorted keys, no whitespace) of
-                    {"cycle": [...], "nodes": {path: {"type": t, "canonical": c, "flow": f}},
+                    {"cycle": [...], "order": [every block path, in the world's order],
+                     "nodes": {path: {"type": t, "canonical": c, "flow": f}},
                      "extra": tensor digest map of tensors held above the block level}
 
 Digests print as ``sha256:<64 hex>``. Adapters never take part: a block's tensors are
@@ -153,6 +154,9 @@ def structure(world: World) -> dict[str, Any]:
     }
     return {
         "cycle": list(world.cycle),
+        # the keys of "nodes" are sorted when encoded, yet the order runs: a sequential graph
+        # feeds its nodes in turn, a pipeline its graphs, a stage its pipelines
+        "order": [path for path, _ in world.walk()],
         "nodes": {
             path: {"type": block.block_type, "canonical": canonical[path], "flow": flows[path.rsplit("/", 1)[0]]}
             for path, block in world.walk()

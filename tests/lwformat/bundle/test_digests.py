@@ -68,6 +68,7 @@ def _independent_world_digests(world) -> tuple[str, dict[str, str]]:
         blocks[path] = block_digest_raw({n: le_bytes(t.detach()) for n, t in module.state_dict().items()})
     structure = {  # the tiny world's structure, written out by hand
         "cycle": ["author", "creator"],
+        "order": [LLM, BACKBONE],
         "nodes": {
             LLM: {"type": "llm", "canonical": LLM, "flow": "sequential"},
             BACKBONE: {"type": "backbone", "canonical": BACKBONE, "flow": "sequential"},

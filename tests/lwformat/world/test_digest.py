@@ -140,3 +140,17 @@ def test_a_dtype_the_spec_does_not_name_is_a_typed_error(dtype):
     with pytest.raises(WorldError, match=str(dtype)) as err:
         world.digests()
     assert err.value.path == "s/p/g/n:table"
+
+
+def test_the_root_covers_the_order_that_runs():
+    """Worlds running the same blocks in another order (nodes of a sequential graph, graphs of a
+    pipeline) computed otherwise under the same root: the structure's node map is sorted."""
+    torch.manual_seed(0)
+    a, b = Block(nn.Linear(4, 4), "x"), Block(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), "x")
+    for first, second in (("s/p/g/a", "s/p/g/b"), ("s/p/g1/n", "s/p/g2/n")):
+        one = World.from_blocks({first: a, second: b})
+        other = World.from_blocks({second: b, first: a})
+        x = torch.randn(2, 4)
+        assert not torch.equal(one({"x": x})["x"], other({"x": x})["x"])
+        assert one.root_digest() != other.root_digest()
+        assert one.digests() == other.digests()
