@@ -134,9 +134,10 @@ def _describe(account: str, scopes: list[str], expires: float | None, url: str) 
 @verb("login", "check a token with the hub, then save the hub's URL and the token for later commands",
       URL, arg("--token", help="the token (default: LWHUB_TOKEN, else asked for on a terminal)"))  # fmt: skip
 def login(args: argparse.Namespace) -> int:
+    from .client.api import check_token
+
     token = args.token or _ask_token()
-    if not token.startswith("lwh_"):  # the registry would speak of Authorization headers
-        raise UsageError("a token starts with lwh_ (`lwhub account create` or `lwhub token create` prints one)")
+    check_token(token, "--token" if args.token else "LWHUB_TOKEN" if os.environ.get("LWHUB_TOKEN") else "the token typed")
     with hub_client(args, token=token) as client:
         who = client.whoami()  # a refused token raises here, and nothing is saved
         url = client.url

@@ -18,6 +18,7 @@ DIGEST = re.compile(r"^sha256:([0-9a-f]{64})\Z")
 OWNER = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,63}\Z")  # either half of a manifest Name "owner/name"
 MAX_TTL = 100 * 365 * 86400  # seconds: a token's lifetime, at most (an expiry every clock can print)
 TAG = re.compile(r"^[a-z][a-z0-9_.\-]{0,63}\Z")  # starts with a letter: never a version
+TOKEN = re.compile(r"^lwh_[A-Za-z0-9_\-]+\Z")  # "lwh_" + secrets.token_urlsafe, as `lwhub.server.auth` issues them
 MAX_PAGE = 200
 T = TypeVar("T")
 

@@ -21,7 +21,7 @@ from lwformat.bundle.keys import PublicKey, loads_public_key, public_pem
 
 from ..cache import Cache
 from ..errors import NotCachedError, ProtocolError, RefError, TooLargeError, UsageError
-from ..protocol import API, BlobInfo, BundleInfo, KeyInfo, NewToken, Page, TagRequest, TokenRequest, VersionInfo, Whoami, YankRequest
+from ..protocol import API, TOKEN, BlobInfo, BundleInfo, KeyInfo, NewToken, Page, TagRequest, TokenRequest, VersionInfo, Whoami, YankRequest
 from ..semver import is_valid
 from ..trust import TrustStore
 from . import pull as _pull
@@ -34,6 +34,15 @@ T = TypeVar("T")
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lwhub"
+
+
+def check_token(token: str, source: str = "the token (--token, LWHUB_TOKEN or the saved login)") -> None:
+    """Refuse a malformed token before it goes into a header: httpx would report a stray
+    CR or space as an unreachable registry, quoting the token, and crash on non-ASCII.
+    The message never repeats the token: it is a secret."""
+    if not TOKEN.match(token):
+        raise UsageError(f"{source} is malformed: a token starts with lwh_, then only letters, digits, '_' and '-' "
+                         "(a stray space or line end?); `lwhub account create` or `lwhub token create` prints one")  # fmt: skip
 
 
 class Client:
@@ -55,6 +64,8 @@ class Client:
             raise UsageError(f"{url!r} is not an http:// or https:// URL", path=url)
         if not offline and _path(self.url) == API:  # every request adds it: /v1/v1/... answers 404s
             raise UsageError(f"{url!r}: give the registry's root URL, without {API}", path=url)
+        if token:
+            check_token(token)
         self.token = token
         self.offline = offline
         self.streams = max(1, streams if streams is not None else min(4, os.cpu_count() or 1))

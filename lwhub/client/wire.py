@@ -2,6 +2,7 @@
 
     {"error": {"code", "message", "detail"}}  ->  lwhub.errors.error_for(code, ...)
     any other non-2xx answer                  ->  ServerError ("internal_error") or BadRequestError
+    httpx.LocalProtocolError (a bad header)   ->  UsageError, never quoting the header
     httpx.TransportError (refused, reset...)  ->  HubUnavailableError
 """
 
@@ -81,6 +82,8 @@ def reaching(url: str) -> Iterator[None]:
     """Turn a transport failure into `HubUnavailableError` naming the registry."""
     try:
         yield
+    except httpx.LocalProtocolError:  # its message quotes the header, which may hold the token
+        raise UsageError(f"a request to {url} could not be sent: a header holds characters HTTP does not allow", path=url) from None
     except httpx.TransportError as exc:
         raise HubUnavailableError(f"cannot reach the registry at {url}: {exc or type(exc).__name__}", url=url) from exc
     except httpx.InvalidURL as exc:

@@ -127,6 +127,23 @@ def test_a_bad_token_is_refused_and_not_saved(hub, home, capsys):
     assert code == 10 and "cannot reach" in err and "--url" in err
 
 
+def test_a_malformed_token_is_a_usage_error_that_never_shows_it(hub, home, capsys, monkeypatch):
+    """A token file edited on Windows (a stray CR), a trailing space, a non-ASCII character."""
+    token = run(capsys, "account", "create", "cli-frank", "--data", hub.data)[1].strip()
+    config = home / "config" / "config.json"
+    before = config.read_bytes() if config.exists() else None
+    for bad in (token + "\r", token + " ", "lwh_\u00e9"):
+        with monkeypatch.context() as env:
+            env.setenv("LWHUB_TOKEN", bad)
+            code, out, err = run(capsys, "whoami", "--url", hub.url, "--json")
+        error = json.loads(out)["error"]
+        assert code == 2 and error["type"] == "UsageError" and "malformed" in error["message"], repr(bad)
+        assert token not in out + err and "Traceback" not in err, repr(bad)
+        code, out, err = run(capsys, "login", "--url", hub.url, "--token", bad)
+        assert code == 2 and "--token is malformed" in err and token not in out + err and "Traceback" not in err, repr(bad)
+    assert (config.read_bytes() if config.exists() else None) == before  # nothing saved
+
+
 @contextlib.contextmanager
 def recording_server():
     """Another server on loopback that records the Authorization header of each request."""

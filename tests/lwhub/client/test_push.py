@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import threading
 
+import httpx
 import pytest
 
 from lwformat.bundle.manifest import SIGNATURE, WEIGHTS
 from lwformat.errors import IntegrityError as FormatIntegrityError
-from lwhub.client import from_env, parse_ref, pull
-from lwhub.errors import HubUnavailableError, PushError, RefError
+from lwhub.client import Client, from_env, parse_ref, pull
+from lwhub.errors import HubUnavailableError, PushError, RefError, UsageError
 
 
 def test_push_refuses_other_names_unsigned_and_changed_bundles(hub, tmp_path, make_bundle):
@@ -45,6 +46,20 @@ def test_settings_come_from_the_environment_when_asked(hub, tmp_path, monkeypatc
         assert bundle.manifest.name == "alice/from-env" and bundle.path.parent.parent == tmp_path / "cache"
     with pytest.raises(HubUnavailableError):
         from_env(url="http://127.0.0.1:9").whoami()  # nothing listens on the discard port
+
+
+def test_a_malformed_token_or_header_is_a_usage_error_that_never_quotes_it(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("LWHUB_HOME", str(tmp_path / "home"))
+    for bad in (hub.token + "\r", hub.token + " ", "lwh_\u00e9", "Bearer " + hub.token):
+        monkeypatch.setenv("LWHUB_TOKEN", bad)
+        with pytest.raises(UsageError, match="malformed") as caught:
+            from_env(url=hub.url, cache_dir=tmp_path / "c")
+        assert hub.token not in str(caught.value)
+    # The caller's own httpx client may carry a header HTTP does not allow: not an unreachable registry.
+    with (httpx.Client(headers={"x-note": "secret\r"}) as http, Client(hub.url, http=http, cache_dir=tmp_path / "c") as client,
+          pytest.raises(UsageError, match="could not be sent") as caught):  # fmt: skip
+        client.info("alice/none")
+    assert "secret" not in str(caught.value)
 
 
 def test_pulls_sharing_one_cache_need_no_lock(hub, tmp_path, make_bundle):
