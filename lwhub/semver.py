@@ -10,7 +10,7 @@ a database can ``ORDER BY`` it:
 
     key  = N(major) N(minor) N(patch) ("0" ids "\\x00" | "1")     "1" = a release
     ids  = id ("\\x01" id)*,  id = "0" N(numeric) | "1" alphanumeric
-    N(x) = x as 20 decimal digits
+    N(x) = x as 20 decimal digits: a version with a longer number is not valid
 """
 
 from __future__ import annotations
@@ -18,16 +18,16 @@ from __future__ import annotations
 import re
 
 PATTERN = re.compile(r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(?:-([0-9A-Za-z\-]+(?:\.[0-9A-Za-z\-]+)*))?(?:\+([0-9A-Za-z\-]+(?:\.[0-9A-Za-z\-]+)*))?\Z")
-_MAX = 10**20 - 1
+_DIGITS = 20  # the most a number may have: `sort_key` pads to 20, a longer one would sort out of order
 
 
 def is_valid(version: str) -> bool:
     m = PATTERN.match(version)
-    return bool(m) and all(int(m.group(i)) <= _MAX for i in (1, 2, 3)) and not _leading_zero(m.group(4))
-
-
-def _leading_zero(pre: str | None) -> bool:
-    return any(p.isdigit() and len(p) > 1 and p[0] == "0" for p in (pre or "").split("."))
+    if not m:
+        return False
+    numbers = [m.group(1), m.group(2), m.group(3), *(p for p in (m.group(4) or "").split(".") if p.isdigit())]
+    # Measured, never int(): Python refuses to parse a number past 4300 digits.
+    return all(len(n) <= _DIGITS and (n == "0" or n[0] != "0") for n in numbers)
 
 
 def is_prerelease(version: str) -> bool:

@@ -160,6 +160,14 @@ def test_python_dash_m_lwhub_runs(tmp_path):
     assert Path(json.loads(done.stdout)["public"]).is_file()
 
 
+def test_a_version_past_twenty_digits_is_a_reference_error_not_a_crash(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LWHUB_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LWHUB_CACHE", str(tmp_path / "cache"))
+    for verb in ("pull", "yank"):
+        code, out, err = run(capsys, verb, "alice/noir@" + "1" * 5000 + ".0.0", "--url", "http://127.0.0.1:9", "--json")
+        assert code == 2 and json.loads(out)["error"]["type"] == "RefError" and "Traceback" not in err, verb
+
+
 def test_a_token_lifetime_is_checked_before_anything_is_written(tmp_path, capsys):
     for ttl in ("nan", "inf", "-1", "1e12"):
         code, out, err = run(capsys, "account", "create", "dave", "--data", tmp_path / "hub", "--ttl", ttl)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from lwhub.semver import is_prerelease, is_valid, newer, sort_key
 
+HUGE = "1" * 5000  # past Python's 4300-digit limit on parsing a number
 SPEC_ORDER = [
     "1.0.0-alpha", "1.0.0-alpha.1", "1.0.0-alpha.beta", "1.0.0-beta", "1.0.0-beta.2", "1.0.0-beta.11",
     "1.0.0-rc.1", "1.0.0", "1.9.0", "1.10.0", "1.11.0", "2.0.0", "10.0.0",
@@ -34,6 +35,19 @@ def test_invalid_versions_are_refused(bad):
         sort_key(bad)
 
 
+@pytest.mark.parametrize("bad", [f"{HUGE}.0.0", f"0.0.{HUGE}", "1" * 21 + ".0.0", "1.0.0-" + "1" * 21, f"1.0.0-rc.{HUGE}"],
+                         ids=["huge major", "huge patch", "21-digit major", "21-digit pre-release", "huge pre-release"])  # fmt: skip
+def test_a_number_past_twenty_digits_is_refused_not_parsed(bad):
+    assert not is_valid(bad)
+    with pytest.raises(ValueError, match="not a semantic version"):
+        sort_key(bad)
+
+
+def test_twenty_digit_numbers_keep_their_order():
+    widest, narrower = "1.0.0-" + "9" * 20, "1.0.0-" + "9" * 19
+    assert is_valid(widest) and newer(widest, narrower) and newer("9" * 20 + ".0.0", "9" * 19 + ".0.0")
+
+
 def test_prerelease():
     assert is_prerelease("2.0.0-rc.1") and not is_prerelease("2.0.0+build")
 
@@ -51,7 +65,8 @@ def _manifest_accepts(version: str) -> bool:
 
 
 @pytest.mark.parametrize("version", ["1.0.0-01", "1.0.0-a..b", "1.0.0-.a", "1.0.0+", "1.0.0+a..b", "100000000000000000000.0.0",
-                                     "1.0.0-0a", "1.0.0-rc.1+b.005", "99999999999999999999.0.0", "1.0.0-x-y.0"])  # fmt: skip
+                                     "1.0.0-0a", "1.0.0-rc.1+b.005", "99999999999999999999.0.0", "1.0.0-x-y.0",
+                                     pytest.param(HUGE + ".0.0", id="huge major"), "1.0.0-" + "9" * 20])  # fmt: skip
 def test_a_bundle_may_carry_exactly_the_versions_the_hub_takes(version):
     """A writer looser than the hub made bundles that signed fine and could never be pushed."""
     assert _manifest_accepts(version) == is_valid(version)

@@ -89,7 +89,8 @@ def test_references_name_a_version_a_tag_or_latest():
     assert parse_ref("alice/x@beta") == ("alice", "x", "beta")
 
 
-@pytest.mark.parametrize("ref", ["alice", "alice/x/y", "Alice/x", "alice/x@../../v1/tokens", "alice/x@1.0", "/x", "alice/x@01.0.0"])
+@pytest.mark.parametrize("ref", ["alice", "alice/x/y", "Alice/x", "alice/x@../../v1/tokens", "alice/x@1.0", "/x", "alice/x@01.0.0",
+                                 pytest.param("alice/x@" + "1" * 5000 + ".0.0", id="alice/x@<5000 digits>.0.0")])  # fmt: skip
 def test_malformed_references_are_refused_before_any_request(ref):
     with pytest.raises(RefError):
         parse_ref(ref)

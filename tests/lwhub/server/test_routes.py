@@ -234,6 +234,18 @@ def test_names_digests_and_numbers_are_matched_whole(hub, published):
     assert r.status_code < 500
 
 
+def test_a_version_with_a_number_past_twenty_digits_is_a_typed_refusal(hub, published):
+    """Python cannot parse a 5000-digit number: the registry answered 500."""
+    huge = "1" * 5000 + ".0.0"
+    for path in (f"versions/{huge}", f"resolve/{huge}", f"resolve/{huge}/signed", "resolve/1.0.0-" + "1" * 21):
+        r = httpx.get(f"{hub.url}/v1/bundles/alice/noir/{path}")
+        assert r.status_code == 404 and r.json()["error"]["code"] in ERROR_CODES, path[:40]
+    info = httpx.get(f"{hub.url}/v1/bundles/alice/noir/versions/1.0.0").json()
+    body = {"manifest": info["manifest"], "signature": info["signature"]}
+    r = httpx.post(f"{hub.url}/v1/bundles/alice/noir/versions/{huge}", json=body, headers={"authorization": f"Bearer {hub.token}"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_version"
+
+
 def test_a_token_never_outlives_the_one_that_made_it(hub):
     parent = create_token(hub.data, "alice", expires=time.time() + 60)
     auth = {"authorization": f"Bearer {parent}"}
