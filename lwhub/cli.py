@@ -225,18 +225,34 @@ def keygen(args: argparse.Namespace) -> int:
     from .cli_config import hub_client
 
     with hub_client(args) if args.register else contextlib.nullcontext() as client:
-        owner = (args.owner or client.whoami().account) if client else None  # check the login before writing files
+        owner = _owner_to_register(client, args.owner) if client else None  # before writing files
         private, public = generate_keypair(args.out, name=args.name)
         kid = key_id(load_public_key(public))
         text = f"private key  {private}  (keep it secret)\npublic key   {public}  (share it)\nkey id       {kid}"
         data = {"private": str(private), "public": str(public), "key_id": kid}
         if client:
-            client.register_key(owner, public)
+            try:
+                client.register_key(owner, public)
+            except BaseException:  # a pair the hub does not know would block a retry under the same name
+                private.unlink(missing_ok=True)
+                public.unlink(missing_ok=True)
+                raise
             client.trust.pin(owner, public)  # your own key: pulls and blends of what you publish verify here
             text += f"\nregistered   for {owner} on {client.url}, and pinned here"
             data |= {"registered": {"owner": owner, "url": client.url}, "pinned": {"owner": owner, "key_id": kid}}
     emit(args, text, data)
     return 0
+
+
+def _owner_to_register(client, owner: str | None) -> str:
+    """The owner a new key is for, once the hub confirmed the login and that its scopes cover that owner."""
+    who = client.whoami()
+    owner = owner or who.account
+    if owner not in who.scopes:  # what the hub would refuse, but only after the files were written
+        raise ForbiddenError(f"the token of {who.account!r} may not register keys for {owner!r} (its scopes: "
+                             f"{', '.join(who.scopes) or 'none'}); no key was written",
+                             code="namespace_forbidden", detail={"namespace": owner, "scopes": list(who.scopes)})  # fmt: skip
+    return owner
 
 
 @verb(

@@ -173,6 +173,53 @@ def recording_server():
         server.server_close()
 
 
+@contextlib.contextmanager
+def registry_that_refuses_keys():
+    """Another server on loopback: it knows the token (cli-carol's scopes) but cannot store a key (507)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def answer(self, status: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self.answer(200, {"account": "cli-carol", "scopes": ["cli-carol"], "expires": None})
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.answer(507, {"error": {"code": "storage_error", "message": "the disk is full"}})
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_keygen_register_leaves_no_key_the_hub_did_not_take(hub, carol, capsys, tmp_path, monkeypatch):
+    code, _, err = run(capsys, "keygen", "--out", tmp_path, "--name", "k", "--register", "--owner", "alice")
+    assert code == 8 and "'alice'" in err and list(tmp_path.iterdir()) == []
+    code, _, _ = run(capsys, "keygen", "--out", tmp_path, "--name", "k", "--register", "--owner", "cli-carol", "--url", DEAD_URL)
+    assert code == 10 and list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("LWHUB_TOKEN", "lwh_" + "x" * 43)
+    with registry_that_refuses_keys() as url:
+        code, _, err = run(capsys, "keygen", "--out", tmp_path, "--name", "k", "--register", "--url", url)
+    assert code == 6 and "the disk is full" in err and list(tmp_path.iterdir()) == []
+    assert run(capsys, "keygen", "--out", tmp_path, "--name", "k")[0] == 0  # the name is still free for a retry
+
+
 def test_the_saved_token_goes_only_to_the_registry_it_was_saved_for(hub, carol, capsys, monkeypatch):
     """A login for one hub is not sent to another named by --url or LWHUB_URL."""
     with recording_server() as (other, seen):
