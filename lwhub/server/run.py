@@ -105,6 +105,8 @@ def release_data_dir() -> None:
 def ensure_port_free(host: str, port: int) -> None:
     """Refuse a port another server listens on. Granian binds with SO_REUSEPORT (for its
     workers), so a second registry on the port would start and take half the requests."""
+    if not 0 <= port <= 65535:  # bind() would raise OverflowError: a traceback, not a usage error
+        raise UsageError(f"port {port}: a TCP port is 0 to 65535; check --port", path=f"{host}:{port}")
     if port == 0:
         return
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

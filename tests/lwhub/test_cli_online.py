@@ -432,6 +432,9 @@ def test_serve_runs_a_hub_until_interrupted(tmp_path, capsys, monkeypatch):
     url = f"http://127.0.0.1:{port}"
     code, out, err = run(capsys, "serve", "--data", data, "--port", port, "--upload-idle", "0")
     assert code == 2 and "seconds above 0" in err and "serving" not in err
+    for bad in ("70000", "-5"):
+        code, out, err = run(capsys, "serve", "--data", data, "--port", bad, "--json")
+        assert code == 2 and json.loads(out)["error"]["type"] == "UsageError" and "0 to 65535" in out and "serving" not in err, bad
     server = subprocess.Popen([sys.executable, "-m", "lwhub", "serve", "--data", str(data), "--port", str(port), "--upload-idle", "30"],
                               stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     try:
