@@ -97,7 +97,7 @@ from .errors import IntegrityError as DownloadIntegrityError
 BASE_HINT = "this bundle was made for another base world; `lwhub inspect` shows the base it needs"
 EXIT_CODES: list[tuple[type[BaseException], int, str]] = [  # (error class, exit code, what to do)
     (SigningKeyError, 2, "give a usable PEM key: `lwhub keygen` makes a new pair under a name no file has yet; openssl-made keys work too"),
-    (SigningError, 2, "sign by files (the default), or give a --shard-size of at least 1"),
+    (SigningError, 2, "sign by files (the default), or give a --shard-size of at least 1 and below 2**62"),
     (SignatureError, 1, "do not use this bundle: fetch it again, or ask its author for the right public key"),
     (IntegrityError, 1, "do not use this bundle: a file changed since it was written; fetch it again"),
     (DownloadIntegrityError, 1, "nothing unverified was kept: pull again; if it persists, the hub holds bad bytes"),

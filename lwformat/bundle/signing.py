@@ -45,6 +45,7 @@ from .manifest import MANIFEST, SIGNATURE, Manifest
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://model_signing/signature/v1.0"
+SHARD_SIZE_LIMIT = 1 << 62  # shard sizes are below it: what `open_signature` reads, `sign_bundle` writes
 SHARD_NAME = re.compile(r"^(.+):(0|[1-9][0-9]{0,18}):([1-9][0-9]{0,18})$")  # offsets of at most 19 digits (int() stays cheap)
 
 
@@ -120,7 +121,7 @@ def parse_statement(payload: bytes) -> tuple[str, int | None, dict[str, str]]:
     shard_size = None
     if ser["method"] == "shards":  # the stock signer writes it through a protobuf Struct, as a float: 256.0
         shard_size = ser.get("shard_size")
-        expect(type(shard_size) in (int, float) and 0 < shard_size < 1 << 62 and shard_size % 1 == 0, "bad shard_size")
+        expect(type(shard_size) in (int, float) and 0 < shard_size < SHARD_SIZE_LIMIT and shard_size % 1 == 0, "bad shard_size")
         shard_size = int(shard_size)
     algorithm = _algorithm(shard_size)
     resources: dict[str, str] = {}
@@ -277,8 +278,8 @@ def sign_bundle(
     """Sign every file of `bundle_dir`; writes ``bundle.sig`` atomically and returns its path."""
     path = _bundle_dir(bundle_dir)
     key = private_key if isinstance(private_key, K.PrivateKey) else K.load_private_key(private_key)
-    if shard_size is not None and shard_size < 1:
-        raise SigningError(f"shard_size must be at least 1, not {shard_size}", path=str(path))
+    if shard_size is not None and not 1 <= shard_size < SHARD_SIZE_LIMIT:  # a larger one would write a signature no reader takes
+        raise SigningError(f"shard_size must be at least 1 and below 2**62, not {shard_size}", path=str(path))
     names = list_files(path)
     if shard_size is None:
         digests = file_digests(path, names)

@@ -278,6 +278,15 @@ def test_an_empty_file_cannot_be_signed_by_shards(tmp_path, pair):
     assert signing.verify_signature(d, pair[1])
 
 
+def test_a_shard_size_no_verifier_takes_is_refused_before_anything_is_written(tmp_path, pair):
+    d = bundle_like(tmp_path / "b")
+    with pytest.raises(SigningError, match="below 2\\*\\*62"):
+        signing.sign_bundle(d, pair[0], shard_size=1 << 62)
+    assert not (d / "bundle.sig").exists() and not list(d.glob(".bundle.sig.*"))
+    signing.sign_bundle(d, pair[0], shard_size=(1 << 62) - 1)  # the largest: one shard per file
+    assert signing.verify_signature(d, pair[1])
+
+
 def test_signing_is_deterministic(signed, pair):
     first = (signed / "bundle.sig").read_bytes()
     signing.sign_bundle(signed, pair[0])
