@@ -393,15 +393,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return INTERRUPTED
     except BrokenPipeError:
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so that exiting does not fail to flush again
-        return PIPE_CLOSED
+        return pipe_closed()
     except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
         code, hint = exit_code(exc)
-        if code == INTERNAL:
-            traceback.print_exc()
-            hint = "this is a bug in lwhub; please report it with the traceback above"
-        report_error(args, exc, code, hint)
+        try:
+            if code == INTERNAL:
+                traceback.print_exc()
+                hint = "this is a bug in lwhub; please report it with the traceback above"
+            report_error(args, exc, code, hint)
+        except BrokenPipeError:  # the reader left before the error report too
+            return pipe_closed()
         return code
+
+
+def pipe_closed() -> int:
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so that exiting does not fail to flush again
+    return PIPE_CLOSED
 
 
 if __name__ == "__main__":  # `python -m lwhub.cli`: the verb modules register into `lwhub.cli`, not `__main__`

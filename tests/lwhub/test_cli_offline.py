@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import stat
 import subprocess
@@ -166,6 +167,19 @@ def test_a_version_past_twenty_digits_is_a_reference_error_not_a_crash(tmp_path,
     for verb in ("pull", "yank"):
         code, out, err = run(capsys, verb, "alice/noir@" + "1" * 5000 + ".0.0", "--url", "http://127.0.0.1:9", "--json")
         assert code == 2 and json.loads(out)["error"]["type"] == "RefError" and "Traceback" not in err, verb
+
+
+@pytest.mark.parametrize("argv", [("trust", "list"), ("verify", "no-such-bundle")], ids=["success", "error"])
+def test_output_to_a_closed_pipe_exits_141(argv, tmp_path):
+    """`lwhub ... --json | head -0`: the reader is gone before lwhub writes, an error report included."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        done = subprocess.run([sys.executable, "-m", "lwhub", *argv, "--json"], stdout=writer, stderr=subprocess.PIPE, text=True,
+                              timeout=60, cwd=Path(__file__).parents[2], env=os.environ | {"LWHUB_HOME": str(tmp_path)}, check=False)  # fmt: skip
+    finally:
+        os.close(writer)
+    assert done.returncode == cli.PIPE_CLOSED and "Traceback" not in done.stderr, done.stderr
 
 
 def test_a_token_lifetime_is_checked_before_anything_is_written(tmp_path, capsys):
