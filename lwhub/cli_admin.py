@@ -69,13 +69,11 @@ def _print_token(args: argparse.Namespace, token: str, note: str, data: dict) ->
 )  # fmt: skip
 def serve(args: argparse.Namespace) -> int:
     from .server import run_server
-    from .server.run import check_upload_idle, ensure_port_free
 
-    check_upload_idle(args.upload_idle)
-    ensure_port_free(args.host, args.port)  # before saying it serves
-    _data_dir(args.data)
-    print(f"lwhub: serving {args.data} at http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr, flush=True)
-    run_server(args.data, host=args.host, port=args.port, workers=args.workers, upload_idle=args.upload_idle)
+    def ready() -> None:  # once the port, the data directory and its lock are checked: not before
+        print(f"lwhub: serving {args.data} at http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr, flush=True)
+
+    run_server(_data_dir(args.data), host=args.host, port=args.port, workers=args.workers, upload_idle=args.upload_idle, ready=ready)
     return 0
 
 

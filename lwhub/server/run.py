@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -57,8 +58,11 @@ def worker_app():
 
 
 def run_server(data_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8700, workers: int = 1, instance: str = "",
-               upload_idle: float | None = None) -> None:  # fmt: skip
-    """Recover `data_dir`, then serve it until interrupted (blocking; what `lwhub serve` runs)."""
+               upload_idle: float | None = None, ready: Callable[[], None] | None = None) -> None:  # fmt: skip
+    """Recover `data_dir`, then serve it until interrupted (blocking; what `lwhub serve` runs).
+
+    `ready` is called once every check has passed and the data directory is held, just before serving.
+    """
     from granian import Granian
 
     check_upload_idle(upload_idle)
@@ -69,6 +73,8 @@ def run_server(data_dir: str | Path, *, host: str = "127.0.0.1", port: int = 870
     os.environ[_DATA_ENV], os.environ[_INSTANCE_ENV] = str(data), instance
     os.environ[_IDLE_ENV] = "" if upload_idle is None else repr(float(upload_idle))  # None: the app's default
     try:
+        if ready is not None:
+            ready()
         Granian(
             "lwhub.server.run:worker_app", address=host, port=port, interface="asgi", factory=True,
             workers=workers, log_level="warning", backlog=1024,

@@ -432,6 +432,9 @@ def test_serve_runs_a_hub_until_interrupted(tmp_path, capsys, monkeypatch):
     url = f"http://127.0.0.1:{port}"
     code, out, err = run(capsys, "serve", "--data", data, "--port", port, "--upload-idle", "0")
     assert code == 2 and "seconds above 0" in err and "serving" not in err
+    (tmp_path / "a-file").write_text("")
+    code, _, err = run(capsys, "serve", "--data", tmp_path / "a-file" / "data", "--port", port)  # cannot be made
+    assert code == 7 and "a-file" in err and "serving" not in err
     for bad in ("70000", "-5"):
         code, out, err = run(capsys, "serve", "--data", data, "--port", bad, "--json")
         assert code == 2 and json.loads(out)["error"]["type"] == "UsageError" and "0 to 65535" in out and "serving" not in err, bad
@@ -444,6 +447,8 @@ def test_serve_runs_a_hub_until_interrupted(tmp_path, capsys, monkeypatch):
         assert code == 0
         code, who = run_json(capsys, "whoami")
         assert code == 0 and who["account"] == "dana" and who["url"] == url
+        code, _, err = run(capsys, "serve", "--data", data, "--port", free_port())  # that registry holds the lock
+        assert code == 2 and "another registry serves" in err and "serving" not in err
     finally:
         server.send_signal(signal.SIGINT)
         _, err = server.communicate(timeout=30)
