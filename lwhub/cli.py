@@ -27,7 +27,8 @@ Exit codes, by error class; the first row that matches wins:
                                 to publish it, or the hub offers an older version than seen here
     2     usage                 bad arguments, UsageError, PushError, RefError, BadRequestError,
                                 SigningKeyError (an unusable key file), SigningError (a signature
-                                that cannot be made as asked)
+                                that cannot be made as asked), BundleExistsError (an output
+                                directory that exists: bundles are never overwritten)
     3     incompatible          IncompatibleError, BaseMismatchError, BlendError; `check` finding problems
     4     not found             FileNotFoundError, NotFoundError: BundleNotFoundError, MissingPathError,
                                 NotCachedError, no such bundle, version or tag on the hub
@@ -63,6 +64,7 @@ from typing import Any
 from lwformat.errors import (
     BaseMismatchError,
     BlendError,
+    BundleExistsError,
     IncompatibleError,
     IntegrityError,
     LWFormatError,
@@ -114,6 +116,7 @@ EXIT_CODES: list[tuple[type[BaseException], int, str]] = [  # (error class, exit
     (HubUnavailableError, 10, ("is the hub running? check --url, LWHUB_URL or `lwhub login --url`; `lwhub pull --offline` "
                                "serves what is cached")),
     (UsageError, 2, "see `lwhub <verb> --help`"),
+    (BundleExistsError, 2, "bundles are never overwritten: give --out a directory that does not exist yet, or move the old one away"),
     (PushError, 2, "see `lwhub push --help`"),
     (RefError, 2, "name a bundle as owner/name, owner/name@1.2.3 or owner/name@tag"),
     (MethodNotAllowedError, 2, "the registry does not take that request here: is this lwhub as new as the registry?"),

@@ -6,7 +6,7 @@ Each part is ``REF[:WEIGHT]`` (weight 1 when left out). The blend (`lwformat.run
 records every parent's name, version, weight and manifest identity in the new manifest;
 it is written with `Blend.save`, signed with ``--key`` and pushed. ``--out DIR`` keeps the
 bundle there (with ``--no-push`` it is kept in ``./NAME-VERSION`` when ``--out`` is not given).
-Everything the command line can check (the parts, the key) is checked before any pull.
+Everything the command line can check (the parts, the key, a new --out) is checked before any pull.
 """
 
 from __future__ import annotations
@@ -35,6 +35,22 @@ def parse_part(text: str) -> tuple[str, float]:
         raise UsageError(f"{text!r}: a part is REF[:WEIGHT], e.g. author/noir-style:0.7") from None
 
 
+def _new_directory(args: argparse.Namespace) -> Path | None:
+    """Where the command line puts the bundle, refused before any pull if it cannot be written there;
+    None when that is known only after the blend (a temporary directory, or a name derived from the parents)."""
+    if args.out:
+        out = Path(args.out)
+    elif args.no_push and args.name:
+        out = Path(f"{args.name.partition('/')[2]}-{args.version}")
+    else:
+        return None
+    if out.exists() or out.is_symlink():
+        raise UsageError(f"{out}: already exists; a blend is written to a new directory (give --out another one)", path=str(out))
+    if not out.parent.is_dir():
+        raise UsageError(f"{out.parent}: no such directory to write the blend in", path=str(out.parent))
+    return out
+
+
 @verb(
     "blend", "pull bundles, blend them into a new bundle that records its parents, sign it and push it",
     arg("parts", nargs="+", metavar="REF[:WEIGHT]", help="e.g. author/noir-style:0.7 author/rain@1.0.0:0.3"),
@@ -59,15 +75,14 @@ def blend(args: argparse.Namespace) -> int:
     if not args.no_push and not args.key:
         raise UsageError("a pushed bundle must be signed: give --key PRIVATE.pem (or --no-push)")
     key = load_private_key(existing(args.key, "key file")) if args.key else None
+    out = _new_directory(args)
     with hub_client(args) as client, contextlib.ExitStack() as stack:
         bundles = [(stack.enter_context(Bundle.open(pull_ref(client, args, ref, tofu=args.tofu))), w) for ref, w in parts]
         result = blend_bundles(bundles, method=args.method, rank=args.rank, name=args.name, version=args.version)
         m = result.manifest
-        if args.out:
-            out = Path(args.out)
-        elif args.no_push:
+        if out is None and args.no_push:
             out = Path(f"{m.name.partition('/')[2]}-{m.version}")
-        else:
+        elif out is None:
             out = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lwhub-blend-"))) / m.name.partition("/")[2]
         manifest = result.save(out)
         if key is not None:

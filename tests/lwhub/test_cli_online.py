@@ -386,6 +386,24 @@ def test_blend_pulls_blends_signs_and_pushes_with_parents(hub, carol, capsys, tm
     assert not (tmp_path / "even" / "bundle.sig").exists() and (tmp_path / "even" / "manifest.json").is_file()
 
 
+def test_blend_refuses_an_output_that_exists_before_any_pull(hub, carol, capsys, tmp_path, monkeypatch):
+    run(capsys, "trust", "add", "cli-carol", carol / "carol.pub")
+    for name, seed in [("cli-carol/dawn", 22), ("cli-carol/dusk", 23)]:
+        folder = adapter_bundle(tmp_path / name.split("/")[1], name, "1.0.0", carol / "carol.pem", adapter_seed=seed)
+        assert run(capsys, "push", folder)[0] == 0
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "mine-0.1.0").mkdir()
+    parts = ["blend", "cli-carol/dawn:0.5", "cli-carol/dusk:0.5", "--method", "linear", "--no-push"]
+    for where in (["--out", "taken"], ["--as", "cli-carol/mine"]):  # the second: ./NAME-VERSION, the default --out
+        code, _, err = run(capsys, *parts, *where, "--url", DEAD_URL)  # nothing answers there: refused before any pull
+        assert code == 2 and "already exists" in err and "hint:" in err, where
+    code, made = run_json(capsys, *parts)  # named after its parents: known only once blended
+    assert code == 0 and Path(made["saved"]).is_dir()
+    code, _, err = run(capsys, *parts)  # the same blend again: the same name, now taken
+    assert code == 2 and "already exists" in err and "never overwritten" in err
+
+
 def test_pull_draws_a_progress_bar_only_on_a_terminal(hub, carol, capsys, tmp_path, monkeypatch):
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
