@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import re
 
-PATTERN = re.compile(r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(?:-([0-9A-Za-z\-]+(?:\.[0-9A-Za-z\-]+)*))?(?:\+([0-9A-Za-z\-]+(?:\.[0-9A-Za-z\-]+)*))?\Z")
-_DIGITS = 20  # the most a number may have: `sort_key` pads to 20, a longer one would sort out of order
+# SemVer 2.0.0 exactly (no leading zeros, pre-release numbers included; no empty identifiers),
+# with numbers of at most 20 digits: `sort_key` pads to 20, a longer one would sort out of
+# order. The regex says it all, so the published OpenAPI pattern is what the server takes.
+_NUM = r"(?:0|[1-9][0-9]{0,19})"
+_ID = rf"(?:{_NUM}|[0-9]*[A-Za-z-][0-9A-Za-z-]*)"
+PATTERN = re.compile(rf"^({_NUM})\.({_NUM})\.({_NUM})(?:-({_ID}(?:\.{_ID})*))?(?:\+([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?\Z")
 
 
 def is_valid(version: str) -> bool:
-    m = PATTERN.match(version)
-    if not m:
-        return False
-    numbers = [m.group(1), m.group(2), m.group(3), *(p for p in (m.group(4) or "").split(".") if p.isdigit())]
-    # Measured, never int(): Python refuses to parse a number past 4300 digits.
-    return all(len(n) <= _DIGITS and (n == "0" or n[0] != "0") for n in numbers)
+    return PATTERN.match(version) is not None
 
 
 def is_prerelease(version: str) -> bool:
@@ -37,7 +36,7 @@ def is_prerelease(version: str) -> bool:
 
 def sort_key(version: str) -> str:
     m = PATTERN.match(version)
-    if not m or not is_valid(version):
+    if not m:
         raise ValueError(f"{version!r} is not a semantic version (MAJOR.MINOR.PATCH[-pre][+build])")
     head = "".join(f"{int(m.group(i)):020d}" for i in (1, 2, 3))
     if not m.group(4):

@@ -33,9 +33,9 @@ Digest = Annotated[str, _whole(r"sha256:[0-9a-f]{64}")]
 Hex = Annotated[str, _whole(r"[0-9a-f]{64}")]
 Name = Annotated[str, _whole(r"[a-z0-9][a-z0-9_.\-]{0,63}/[a-z0-9][a-z0-9_.\-]{0,63}")]
 # SemVer 2.0.0: no leading zeros in numbers (pre-release ones included), no empty identifiers;
-# numbers of at most 20 digits, as the hub stores them (lwhub.semver).
+# numbers (pre-release ones included) of at most 20 digits, as the hub stores them (lwhub.semver).
 _NUM = r"(0|[1-9][0-9]{0,19})"
-_PRE = r"(0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)"
+_PRE = rf"({_NUM}|[0-9]*[A-Za-z-][0-9A-Za-z-]*)"
 _BUILD = r"[0-9A-Za-z-]+"
 SemVer = Annotated[str, _whole(rf"{_NUM}\.{_NUM}\.{_NUM}(-{_PRE}(\.{_PRE})*)?(\+{_BUILD}(\.{_BUILD})*)?")]
 BlockPath = Annotated[str, _whole(r"[A-Za-z0-9][A-Za-z0-9_\-]*(/[A-Za-z0-9][A-Za-z0-9_\-]*){3}")]

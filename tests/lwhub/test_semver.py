@@ -66,7 +66,8 @@ def _manifest_accepts(version: str) -> bool:
 
 @pytest.mark.parametrize("version", ["1.0.0-01", "1.0.0-a..b", "1.0.0-.a", "1.0.0+", "1.0.0+a..b", "100000000000000000000.0.0",
                                      "1.0.0-0a", "1.0.0-rc.1+b.005", "99999999999999999999.0.0", "1.0.0-x-y.0",
-                                     pytest.param(HUGE + ".0.0", id="huge major"), "1.0.0-" + "9" * 20])  # fmt: skip
+                                     pytest.param(HUGE + ".0.0", id="huge major"), "1.0.0-" + "9" * 20,
+                                     "1.0.0-" + "9" * 21, "1.0.0-rc." + "1" * 21])  # fmt: skip
 def test_a_bundle_may_carry_exactly_the_versions_the_hub_takes(version):
     """A writer looser than the hub made bundles that signed fine and could never be pushed."""
     assert _manifest_accepts(version) == is_valid(version)
