@@ -8,14 +8,15 @@ Every kind below is linear in its parameters, so the exact sum is again of the s
             svd     the best rank-k factors of that sum, from the factors (`lowrank.rerank`),
                     k = min(rank, out, fan_in, R); rank defaults to the largest r_i (as in PEFT)
             ties/dare  PEFT's factor-wise merge: ranks zero-padded to r = max r_i (exact: the
-                    padding adds zero rows to A_i and zero columns to B_i), then
+                    padding adds zero rows to A_i and zero columns to B_i; ties trims each
+                    parent among its own r_i rows or columns, not the padding), then
                     A' = merge(A_i; sign(c_i)·√|c_i|),  B' = merge(B_i; √|c_i|)  (`blend_merge`),
                     re-ranked like svd when a rank below r is asked for
             stored with alpha = rank, so scaling 1: the weights live in B
     ia3     g = 1 + merge(g_i − 1; w_i)          (the delta (g − 1) ⊙ y is linear in g − 1)
     bias    c = merge(c_i; w_i)
-    neuron  rows D_i aligned on the sorted union of the parents' indices (zero rows elsewhere),
-            D = merge(D_i; w_i)
+    neuron  rows D_i aligned on the sorted union of the parents' indices (zero rows elsewhere,
+            which ties does not count as the parent's entries), D = merge(D_i; w_i)
 
 For ``linear`` and ``svd`` the non-LoRA kinds are the exact sum. DoRA is not linear in its
 parameters (a norm divides the update), so no blend of DoRA adapters is exact or defined.
@@ -111,13 +112,15 @@ def _flat_method(recipe: Recipe) -> str:
     return "linear" if recipe.method == "svd" else recipe.method
 
 
-def _merge(T: torch.Tensor, parts: list[Part], recipe: Recipe, generator: torch.Generator) -> tuple[torch.Tensor, float, float]:
-    """(merged, ‖merged − exact‖_F, ‖exact‖_F) for task tensors T: (n, *shape)."""
+def _merge(
+    T: torch.Tensor, parts: list[Part], recipe: Recipe, generator: torch.Generator, real: torch.Tensor | None = None
+) -> tuple[torch.Tensor, float, float]:
+    """(merged, ‖merged − exact‖_F, ‖exact‖_F) for task tensors T: (n, *shape), `real` marking non-padding."""
     w = torch.tensor([p.weight for p in parts], dtype=recipe.compute)  # (n,)
     exact = weighted_sum(T, w)
     if recipe.method in ("linear", "svd"):
         return exact, 0.0, float(exact.norm())
-    merged = merge(T, w, recipe.method, recipe.density, generator)
+    merged = merge(T, w, recipe.method, recipe.density, generator, real)
     return merged, float((merged - exact).norm()), float(exact.norm())
 
 
@@ -128,9 +131,13 @@ def _neuron(slot: str, parts: list[Part], recipe: Recipe, generator: torch.Gener
     union = torch.unique(torch.cat(indices))  # (k,) sorted
     in_shape = parts[0].tensors["neuron_delta"].shape[1:]
     T = torch.zeros(len(parts), union.numel(), *in_shape, dtype=recipe.compute)  # (n, k, *in_shape)
+    held = torch.zeros(len(parts), union.numel(), dtype=torch.bool)  # (n, k): the rows each parent trains
     for i, (p, index) in enumerate(zip(parts, indices)):
-        T[i, torch.searchsorted(union, index)] = p.tensors["neuron_delta"].to(recipe.compute)
-    merged, error, norm = _merge(T, parts, recipe, generator)
+        rows = torch.searchsorted(union, index)
+        T[i, rows] = p.tensors["neuron_delta"].to(recipe.compute)
+        held[i, rows] = True
+    real = held.view(*held.shape, *[1] * len(in_shape)).expand(T.shape)  # (n, k, *in_shape)
+    merged, error, norm = _merge(T, parts, recipe, generator, real)
     return SlotBlend({"neuron_delta": merged, "neuron_index": union}, _flat_method(recipe), 0, error, norm)
 
 
@@ -177,10 +184,12 @@ def _lora(parts: list[Part], recipe: Recipe, generator: torch.Generator) -> Slot
     pad = torch.nn.functional.pad
     A_pad = torch.stack([pad(p.tensors["lora_A"].reshape(p.entry.rank, -1), (0, 0, 0, r - p.entry.rank)) for p in parts])
     B_pad = torch.stack([pad(p.tensors["lora_B"], (0, r - p.entry.rank)) for p in parts])  # (n, out, r); A_pad (n, r, fan_in)
+    own = torch.arange(r) < torch.tensor([p.entry.rank for p in parts])[:, None]  # (n, r): each parent's real ranks
+    real_A, real_B = own[:, :, None].expand(A_pad.shape), own[:, None, :].expand(B_pad.shape)  # as A_pad, B_pad
     root = torch.tensor([abs(c_i) ** 0.5 for c_i in c], dtype=recipe.compute)  # (n,)
     sign = torch.tensor([1.0 if c_i >= 0 else -1.0 for c_i in c], dtype=recipe.compute)  # (n,)
-    A = merge(A_pad.to(recipe.compute), sign * root, recipe.method, recipe.density, generator)  # (r, fan_in)
-    B = merge(B_pad.to(recipe.compute), root, recipe.method, recipe.density, generator)  # (out, r)
+    A = merge(A_pad.to(recipe.compute), sign * root, recipe.method, recipe.density, generator, real_A)  # (r, fan_in)
+    B = merge(B_pad.to(recipe.compute), root, recipe.method, recipe.density, generator, real_B)  # (out, r)
     if recipe.rank is not None and recipe.rank < r:
         B, A, _, _ = rerank(B, A, recipe.rank)
     error, norm = float(lowrank_distance(B, A, B_cat, A_cat)), float(lowrank_norm(B_cat, A_cat))

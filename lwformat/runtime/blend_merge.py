@@ -3,7 +3,9 @@
 n task tensors of one shape are stacked as T: (n, *shape), with weights w: (n,):
 
     linear  Σ_i w_i T_i
-    ties    trim:   T̃_i keeps the ⌊density · numel⌋ entries of T_i largest in magnitude, zero elsewhere
+    ties    trim:   T̃_i keeps the ⌊density · n_i⌋ entries of T_i largest in magnitude, zero elsewhere,
+                    n_i its real entries: padding (the zero rows of a lower LoRA rank, the channels
+                    a neuron parent does not train) is neither kept nor counted
             elect:  s = sign(Σ_i w_i T̃_i)   (+1 where the sum is 0)
             merge:  Σ_i w_i T̃_i [sign T̃_i = s]  /  max(1, #{i : sign T̃_i = s})   (disjoint mean)
     dare    T̃_i = T_i ⊙ m_i / density,  m_i ~ Bernoulli(density) per entry (seeded),  then Σ_i w_i T̃_i
@@ -28,19 +30,21 @@ def _per_task(w: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
     return w.view(-1, *([1] * (T.ndim - 1)))  # (n, 1, ...) broadcasts against T
 
 
-def trim(T: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep each task's ⌊density · numel⌋ largest-magnitude entries."""
+def trim(T: torch.Tensor, density: float, real: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep each task's ⌊density · n_i⌋ largest-magnitude entries of its n_i real ones (`real`: (n, *shape), default all)."""
     if density >= 1:
         return T
     flat = T.reshape(T.shape[0], -1)  # (n, numel)
-    k = int(density * flat.shape[1])
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep.scatter_(1, flat.abs().topk(k, dim=1).indices, True)  # (n, numel)
+    real = torch.ones_like(flat, dtype=torch.bool) if real is None else real.reshape(flat.shape)  # (n, numel)
+    keep = torch.zeros_like(flat, dtype=torch.bool)  # (n, numel)
+    for i, (task, mine) in enumerate(zip(flat, real)):
+        k = int(density * int(mine.sum()))
+        keep[i, task.abs().masked_fill(~mine, -1).topk(k).indices] = True  # padding ranks below every real entry
     return (flat * keep).view(T.shape)
 
 
-def ties(T: torch.Tensor, w: torch.Tensor, density: float) -> torch.Tensor:
-    weighted = _per_task(w, T) * trim(T, density)  # (n, *shape)
+def ties(T: torch.Tensor, w: torch.Tensor, density: float, real: torch.Tensor | None = None) -> torch.Tensor:
+    weighted = _per_task(w, T) * trim(T, density, real)  # (n, *shape)
     elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).to(T.dtype)  # shape
     agree = weighted.sign() == elected  # (n, *shape); zeros never agree
     count = agree.sum(0).clamp(min=1)  # shape
@@ -54,10 +58,13 @@ def dare(T: torch.Tensor, w: torch.Tensor, density: float, generator: torch.Gene
     return weighted_sum(T * keep / density, w)
 
 
-def merge(T: torch.Tensor, w: torch.Tensor, method: str, density: float, generator: torch.Generator) -> torch.Tensor:
-    """Merge stacked task tensors T: (n, *shape) with weights w: (n,) by `method`."""
+def merge(
+    T: torch.Tensor, w: torch.Tensor, method: str, density: float, generator: torch.Generator, real: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Merge stacked task tensors T: (n, *shape) with weights w: (n,) by `method`; `real` (n, *shape) marks
+    the entries that are not padding (default all), which ties trims among."""
     if method == "ties":
-        return ties(T, w, density)
+        return ties(T, w, density, real)
     if method == "dare":
         return dare(T, w, density, generator)
     return weighted_sum(T, w)

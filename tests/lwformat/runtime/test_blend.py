@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -207,6 +208,51 @@ def test_dare_keeps_about_density_and_rescales():
     out = dare(T, torch.tensor([2.0], dtype=torch.float64), 0.25, torch.Generator().manual_seed(0))
     assert set(out.unique().tolist()) == {0.0, 8.0}  # 2 · 1 / 0.25
     assert (out != 0).double().mean().item() == pytest.approx(0.25, abs=0.02)
+
+
+def trim_own(T: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES' trim of one task over its own entries: its ⌊density · numel⌋ largest in magnitude kept."""
+    flat = T.reshape(-1)
+    kept = torch.zeros_like(flat)
+    top = flat.abs().topk(int(density * flat.numel())).indices
+    kept[top] = flat[top]
+    return kept.view(T.shape)
+
+
+def disjoint_mean(tasks: list[torch.Tensor]) -> torch.Tensor:
+    """TIES' vote and disjoint mean at equal weights 1: the mean of the nonzero values of the elected sign."""
+    T = torch.stack(tasks)
+    agree = T.sign() == torch.where(T.sum(0) >= 0, 1.0, -1.0).to(T.dtype)
+    return (T * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def test_ties_trims_each_parent_among_its_own_entries_not_the_padding(tmp_path):
+    # rank 2 beside rank 4, both at scaling 1 and weight 1: each factor is trimmed over its own
+    # r_i rows (A) or columns (B), then zero-padded to rank 4 and merged
+    r2 = make_bundle(tmp_path, 1, name="author/a", rank=2, alpha=2.0)
+    r4 = make_bundle(tmp_path, 2, name="author/b", rank=4, alpha=4.0)
+    result = blend([(r2, 1.0), (r4, 1.0)], method="ties", density=0.5)
+    for entry in result.manifest.slots:
+        A, B = [], []
+        for parent in (r2, r4):
+            t, r = parent.slot_tensors(entry.slot), parent.slots[entry.slot].rank
+            A.append(F.pad(trim_own(t["lora_A"].double().reshape(r, -1), 0.5), (0, 0, 0, 4 - r)))  # (4, fan_in)
+            B.append(F.pad(trim_own(t["lora_B"].double(), 0.5), (0, 4 - r)))  # (out, 4)
+        got = result.slot_tensors(entry.slot)
+        torch.testing.assert_close(got["lora_A"].double().reshape(4, -1), disjoint_mean(A), rtol=0, atol=1e-6)
+        torch.testing.assert_close(got["lora_B"].double(), disjoint_mean(B), rtol=0, atol=1e-6)
+    # neuron parents on disjoint channels: the union's other rows are not a parent's entries,
+    # so each parent keeps half of its own rows' entries, and alone holds them
+    na = make_bundle(tmp_path, 3, name="author/na", kind="neuron", neurons=[0, 1], blocks=["author/**"])
+    nb = make_bundle(tmp_path, 4, name="author/nb", kind="neuron", neurons=[2, 3, 4, 5, 6, 7], blocks=["author/**"])
+    result = blend([(na, 1.0), (nb, 1.0)], method="ties", density=0.5)
+    for entry in result.manifest.slots:
+        got = result.slot_tensors(entry.slot)
+        for parent in (na, nb):
+            t = parent.slot_tensors(entry.slot)
+            rows = [got["neuron_index"].tolist().index(i) for i in t["neuron_index"].tolist()]
+            expected = trim_own(t["neuron_delta"].double(), 0.5)
+            torch.testing.assert_close(got["neuron_delta"][rows].double(), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("method, rank", [("ties", None), ("dare", None), ("ties", 2), ("dare", 2)])
