@@ -39,6 +39,7 @@ from ..bundle.canonical import encode, manifest_id
 from ..bundle.manifest import SPEC, BaseBinding, Manifest, Name, Parent, SemVer, SlotEntry, TensorEntry
 from ..errors import BlendError, SlotNotFoundError
 from ..world.digest import DTYPE_NAMES
+from . import finiteness
 from .blend_kinds import TENSOR_ORDER, Part, Recipe, SlotBlend, blend_slots
 from .storage import finite
 
@@ -116,7 +117,8 @@ def blend(parts: Sequence[tuple[Any, float]], *, method: str = "linear", rank: i
     A bundle is anything with ``.manifest`` and ``.slot_tensors(slot)`` (a `Bundle`, a `Blend`).
     ``rank`` re-ranks LoRA slots (svd, ties, dare; svd defaults to the largest parent rank);
     ``density`` and ``seed`` drive ties and dare; ``name`` defaults to a digest of the recipe
-    under the first parent's owner. Raises `BlendError` naming the slot or block at fault.
+    under the first parent's owner. Raises `BlendError` naming the slot or block at fault, and
+    `BundleFormatError` for a parent holding NaN or inf (``.path`` names ``slot:tensor``).
     """
     parts = [(bundle, _weight(bundle, w)) for bundle, w in _pairs(parts)]
     _check_request(parts, method, rank, density, seed)
@@ -134,6 +136,9 @@ def blend(parts: Sequence[tuple[Any, float]], *, method: str = "linear", rank: i
     base = _base(parts)
     holders = _slots(parts)
     loaded = {slot: [Part(w, e, bundle.slot_tensors(slot)) for bundle, e, w in held] for slot, held in holders.items()}
+    for slot, held in holders.items():  # NaN or inf would poison the blend (or stop svd's decompositions untyped)
+        for (bundle, _, _), part in zip(held, loaded[slot]):
+            finiteness.refuse(bundle, finiteness.nonfinite((f"{slot}:{n}", t) for n, t in part.tensors.items()))
     results = blend_slots(loaded, Recipe(method, rank, density, seed))
     tensors, reports, entries = {}, {}, []
     for slot, result in results.items():

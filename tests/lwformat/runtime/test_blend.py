@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import math
+import shutil
+import struct
 
 import pytest
 import torch
@@ -20,7 +23,7 @@ from torch import nn
 from lwformat import LightConfig
 from lwformat.bundle.read import Bundle
 from lwformat.bundle.write import write_bundle
-from lwformat.errors import BlendError
+from lwformat.errors import BlendError, BundleFormatError
 from lwformat.runtime.blend import blend
 from lwformat.runtime.blend_kinds import TENSOR_ORDER
 from lwformat.runtime.blend_merge import dare, ties
@@ -345,6 +348,28 @@ def test_bad_weights_are_refused(lora):
             blend([(lora["r2"], weight)])
     with pytest.raises(BlendError, match="at least one"):
         blend([])
+
+
+def poisoned(bundle: Bundle, key: str, value: float, out) -> Bundle:
+    """A copy of `bundle` whose float32 tensor `key` starts with `value`, its bytes patched as another tool might."""
+    shutil.copytree(bundle.path, out)
+    path = out / bundle.weights_path.name
+    data = bytearray(path.read_bytes())
+    size = struct.unpack("<Q", data[:8])[0]
+    at = 8 + size + json.loads(data[8 : 8 + size])[key]["data_offsets"][0]
+    data[at : at + 4] = struct.pack("<f", value)
+    path.write_bytes(bytes(data))
+    return Bundle.open(out)
+
+
+@pytest.mark.parametrize("method", ["linear", "svd", "ties", "dare"])
+def test_a_parent_holding_nan_or_inf_is_refused_naming_it_and_the_tensor(tmp_path, lora, method):
+    slot = f"{LM}:fc2"
+    for i, value in enumerate((math.nan, math.inf)):
+        bad = poisoned(lora["lm_only"], f"{slot}.lora_B", value, tmp_path / f"bad{i}")
+        with pytest.raises(BundleFormatError, match="author/fog@1.0.0: .*NaN or inf") as info:
+            blend([(lora["r2"], 0.5), (bad, 0.5)], method=method)
+        assert info.value.path == f"{slot}:lora_B"
 
 
 # -- the factor maths, for random shapes and ranks ---------------------------------------------------
