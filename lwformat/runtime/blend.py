@@ -147,6 +147,9 @@ def blend(parts: Sequence[tuple[Any, float]], *, method: str = "linear", rank: i
         if any(t.is_floating_point() and not bool(t.isfinite().all()) for t in tensors[slot].values()):
             raise BlendError(f"{slot}: the blend overflows the stored dtype (weights this large make inf)", path=slot,
                              parents=tuple(b.manifest.name for b, _ in parts))  # fmt: skip
+        if not (math.isfinite(result.error) and math.isfinite(result.norm)):  # a report never reads inf or nan
+            raise BlendError(f"{slot}: the blend's Frobenius norm overflows float64 (weights this large make inf)", path=slot,
+                             parents=tuple(b.manifest.name for b, _ in parts))  # fmt: skip
         reports[slot] = SlotReport(slot, first.kind, result.method, result.rank, result.error, result.norm)
         entries.append(_entry(first, tensors[slot], result.rank))
     manifest = Manifest(

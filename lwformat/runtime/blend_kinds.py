@@ -119,9 +119,15 @@ def _merge(
     w = torch.tensor([p.weight for p in parts], dtype=recipe.compute)  # (n,)
     exact = weighted_sum(T, w)
     if recipe.method in ("linear", "svd"):
-        return exact, 0.0, float(exact.norm())
+        return exact, 0.0, _norm(exact)
     merged = merge(T, w, recipe.method, recipe.density, generator, real)
-    return merged, float((merged - exact).norm()), float(exact.norm())
+    return merged, _norm(merged - exact), _norm(exact)
+
+
+def _norm(x: torch.Tensor) -> float:
+    """‖x‖_F, scaled first: torch squares the entries as they are, and 1e160 squares to inf in float64."""
+    top = x.abs().max()
+    return float(top * (x / top).norm()) if top > 0 else 0.0
 
 
 def _neuron(slot: str, parts: list[Part], recipe: Recipe, generator: torch.Generator) -> SlotBlend:
@@ -155,7 +161,11 @@ def _concat(parts: list[Part], compute: torch.dtype) -> tuple[torch.Tensor, torc
     A_cat = torch.cat([p.tensors["lora_A"].reshape(p.entry.rank, -1) for p in parts]).to(compute)  # (R, fan_in)
     B_cat = torch.cat([p.tensors["lora_B"] for p in parts], dim=1).to(compute)  # (out, R)
     scale = torch.tensor([c_i for c_i, p in zip(c, parts) for _ in range(p.entry.rank)], dtype=compute)  # (R,)
-    return B_cat * scale, A_cat, c
+    B_cat = B_cat * scale  # (out, R)
+    if not bool(B_cat.isfinite().all()):  # no decomposition takes inf: refuse here, typed
+        slot = parts[0].entry.slot
+        raise BlendError(f"{slot}: weight × scaling × lora_B overflows float64 (weights this large make inf)", path=slot)
+    return B_cat, A_cat, c
 
 
 def _lora_result(parts: list[Part], B: torch.Tensor, A: torch.Tensor, method: str, error: float, norm: float) -> SlotBlend:

@@ -16,6 +16,10 @@ Q_B and Q_A have orthonormal columns, so M and the core share singular values:
     best rank k (Eckart–Young):  B' = B · V_B Λ_B^-½ U_k Σ_k^½,   A' = Σ_k^½ W_kᵀ Λ_A^-½ V_Aᵀ · A
     ‖M − B'A'‖_F = (Σ_{k<j≤p} σ_j²)^½,   p = min(m, n, R): M has no more singular values
 
+Each factor is first divided by a power of two near its largest entry (exact, and undone
+on the results), so that its Gram matrix neither overflows (entries of 1e160 square to inf
+in float64) nor underflows; the sizes come back in the results' exponents.
+
 Eigenvalues below R·ε·λ_max are rounding noise (ε of float64): their Λ^-½ is taken as 0
 (a pseudo-inverse), which drops directions along which B or A is numerically zero.
 Singular values are then accurate to about √ε·σ_max (1e-8 relative) in float64.
@@ -43,9 +47,22 @@ def _root(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return lam.sqrt()[..., :, None] * V.mT, V, inv_root  # S: (..., R, R)
 
 
+def _exponent(X: torch.Tensor) -> torch.Tensor:
+    """e with max|X| in [2^(e−1), 2^e) per batch entry (0 for zeros), within ±1000 so that 2^±e is finite."""
+    return torch.frexp(X.abs().amax((-2, -1), keepdim=True)).exponent.clamp(-1000, 1000).to(X.dtype)  # (..., 1, 1)
+
+
+def _scaled_back(x: torch.Tensor, eB: torch.Tensor, eA: torch.Tensor) -> torch.Tensor:
+    """x · 2^eB · 2^eA per batch entry, one power at a time: inf only where the result is beyond float64."""
+    return x * torch.exp2(eB[..., 0, 0]) * torch.exp2(eA[..., 0, 0])  # (...,)
+
+
 def lowrank_norm(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """‖B A‖_F from the factors, per batch entry."""
-    return ((B.mT @ B) * (A @ A.mT)).sum((-2, -1)).clamp(min=0).sqrt()  # tr(BᵀB · AAᵀ), both symmetric
+    eB, eA = _exponent(B), _exponent(A)  # (..., 1, 1)
+    B, A = B * torch.exp2(-eB), A * torch.exp2(-eA)  # exact; entries below 1, so the Grams cannot overflow
+    norm = ((B.mT @ B) * (A @ A.mT)).sum((-2, -1)).clamp(min=0).sqrt()  # tr(BᵀB · AAᵀ), both symmetric
+    return _scaled_back(norm, eB, eA)
 
 
 def lowrank_distance(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> torch.Tensor:
@@ -61,6 +78,8 @@ def rerank(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, t
     (m, R), n = B.shape[-2:], A.shape[-1]
     p = min(m, n, R)
     k = min(rank, p)
+    eB, eA = _exponent(B), _exponent(A)  # (..., 1, 1)
+    B, A = B * torch.exp2(-eB), A * torch.exp2(-eA)  # exact; entries below 1, so the Grams cannot overflow
     S_B, V_B, inv_B = _root(B.mT @ B)  # (..., R, R), (..., R, R), (..., R)
     S_A, V_A, inv_A = _root(A @ A.mT)
     U, sigma, Wh = torch.linalg.svd(S_B @ S_A.mT)  # (..., R, R), (..., R), (..., R, R)
@@ -69,4 +88,6 @@ def rerank(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, t
     Y = (root[..., :, None] * Wh[..., :k, :]) @ (inv_A[..., :, None] * V_A.mT)  # (..., k, R)
     discarded = sigma[..., k:p].square().sum(-1).sqrt()
     total = sigma[..., :p].square().sum(-1).sqrt()
-    return B @ X, Y @ A, discarded, total  # (..., m, k), (..., k, n)
+    half = torch.floor((eB + eA) / 2)  # (..., 1, 1): the scale goes back split evenly, as σ is
+    B_k, A_k = B @ X * torch.exp2(half), Y @ A * torch.exp2(eB + eA - half)  # (..., m, k), (..., k, n)
+    return B_k, A_k, _scaled_back(discarded, eB, eA), _scaled_back(total, eB, eA)

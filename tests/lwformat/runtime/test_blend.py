@@ -55,21 +55,24 @@ class ConvNet(nn.Module):
         return self.mix(torch.tanh(self.conv(x)))
 
 
-def make_world(seed: int = 0) -> World:
+def make_world(seed: int = 0, dtype: torch.dtype = torch.float32) -> World:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return World.from_blocks({LM: Block(TokenNet(), "llm"), CONV: Block(ConvNet(), "backbone")})
+        return World.from_blocks({LM: Block(TokenNet().to(dtype), "llm"), CONV: Block(ConvNet().to(dtype), "backbone")})
 
 
-def make_bundle(root, seed: int, *, world_seed: int = 0, name: str = "author/noir", **config) -> Bundle:
-    world = make_world(world_seed)
+def make_bundle(root, seed: int, *, world_seed: int = 0, name: str = "author/noir", dtype=torch.float32, fill=None, **config) -> Bundle:
+    world = make_world(world_seed, dtype)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         world.customize(LightConfig(**config))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in world.adapter_parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+            if fill is None:
+                p.add_(torch.randn(p.shape, generator=gen, dtype=dtype) * 0.1)
+            else:
+                p.fill_(fill)
     out = root / f"bundle-{next(_count)}"
     write_bundle(world, out, name=name, version="1.0.0")
     return Bundle.open(out)
@@ -370,6 +373,39 @@ def test_a_parent_holding_nan_or_inf_is_refused_naming_it_and_the_tensor(tmp_pat
         with pytest.raises(BundleFormatError, match="author/fog@1.0.0: .*NaN or inf") as info:
             blend([(lora["r2"], 0.5), (bad, 0.5)], method=method)
         assert info.value.path == f"{slot}:lora_B"
+
+
+@pytest.mark.parametrize("weight", [1e160, 1e-160])
+def test_huge_and_tiny_weights_blend_and_report_finite_numbers(tmp_path, weight):
+    # the blends (entries ≈ 1e159 or 1e-161) fit float64; their factors' Gram matrices (≈ 1e318, 1e-322) do not
+    a = make_bundle(tmp_path, 1, name="author/big", rank=2, dtype=torch.float64, blocks=["author/**"])
+    for method, kwargs in (("linear", {}), ("svd", {"rank": 2}), ("ties", {"density": 1.0}), ("dare", {"density": 1.0})):
+        result = blend([(a, weight)], method=method, **kwargs)
+        for entry in result.manifest.slots:
+            exact = dense(a.slots[entry.slot], a.slot_tensors(entry.slot))  # at weight 1
+            got = dense(entry, result.slot_tensors(entry.slot)) / weight
+            torch.testing.assert_close(got, exact, rtol=0, atol=1e-9 * float(exact.abs().max()))
+            report = result.report.slots[entry.slot]
+            assert report.norm == pytest.approx(weight * float(exact.norm()), rel=1e-9)
+            assert report.error <= 1e-7 * report.norm
+    shift = make_bundle(tmp_path, 2, name="author/shift", kind="bias", dtype=torch.float64, blocks=["author/**"])
+    for entry, report in zip(shift.manifest.slots, blend([(shift, weight)]).report.slots.values()):
+        c = shift.slot_tensors(entry.slot)["bias_delta"]
+        assert report.norm == pytest.approx(weight * float(c.norm()), rel=1e-9)
+
+
+def test_a_blend_whose_norm_overflows_float64_is_refused_not_reported_as_inf(tmp_path):
+    # A and B all ones at rank 2: Δ = 2·ones(24, 16); at weight 5e306 every entry, 1e307, fits
+    # float64, while ‖Δ‖_F = √384 · 1e307 does not
+    flat = make_bundle(tmp_path, 1, name="author/flat", rank=2, alpha=2.0, dtype=torch.float64, slots=["fc1"], fill=1.0)
+    for method in ("linear", "svd"):
+        with pytest.raises(BlendError, match="overflows float64") as info:
+            blend([(flat, 5e306)], method=method)
+        assert info.value.path == f"{LM}:fc1"
+    # weight × scaling 2 is beyond float64 itself: refused before any decomposition sees inf
+    steep = make_bundle(tmp_path, 2, name="author/steep", rank=2, alpha=4.0, dtype=torch.float64, slots=["fc1"])
+    with pytest.raises(BlendError, match="weight × scaling × lora_B overflows float64"):
+        blend([(steep, 1.7e308)], method="svd", rank=1)
 
 
 # -- the factor maths, for random shapes and ranks ---------------------------------------------------
