@@ -9,7 +9,10 @@ Methods (the maths per kind is in `blend_kinds`, the factor maths in `lowrank`):
             factored as Q·S (orthonormal Q, S R×R, from its Gram matrix), then the small core
             S_B S_Aᵀ is decomposed by SVD; the dense delta is never formed, and the error is
             the discarded singular values
-    ties    PEFT's TIES on the LoRA factors (trim to ``density``, elect sign, disjoint mean)
+    ties    PEFT's TIES on the LoRA factors (trim to ``density``, elect sign, disjoint mean);
+            beyond PEFT, which refuses ties over different ranks and merges a lone adapter
+            linearly, ranks are zero-padded (each parent trimmed among its own entries) and
+            a lone parent is trimmed too
     dare    PEFT's DARE on the LoRA factors (drop with probability 1 − density, rescale by
             1/density, seeded by ``seed`` and the slot); both re-ranked like svd given ``rank``
 

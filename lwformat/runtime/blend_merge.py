@@ -6,15 +6,15 @@ n task tensors of one shape are stacked as T: (n, *shape), with weights w: (n,):
     ties    trim:   T̃_i keeps the ⌊density · n_i⌋ entries of T_i largest in magnitude, zero elsewhere,
                     n_i its real entries: padding (the zero rows of a lower LoRA rank, the channels
                     a neuron parent does not train) is neither kept nor counted
-            elect:  s = sign(Σ_i w_i T̃_i)   (+1 where the sum is 0)
+            elect:  s = sign(Σ_i T̃_i)   (+1 where the sum is 0): the unweighted values vote
             merge:  Σ_i w_i T̃_i [sign T̃_i = s]  /  max(1, #{i : sign T̃_i = s})   (disjoint mean)
     dare    T̃_i = T_i ⊙ m_i / density,  m_i ~ Bernoulli(density) per entry (seeded),  then Σ_i w_i T̃_i
 
-(Yadav et al., 2023, TIES-Merging; Yu et al., 2023, DARE.) One difference from PEFT's
-``ties``: the sign is elected over the weighted values, so a negative weight (negating a
-task) votes with the sign it contributes; for equal positive weights both rules agree.
-A zero entry (a parent without the slot, a trimmed or dropped entry) never votes and is
-never counted in the mean. ``density`` = 1 trims and drops nothing.
+(Yadav et al., 2023, TIES-Merging; Yu et al., 2023, DARE.) As in PEFT's ``ties``
+(``majority_sign_method="total"``), weights scale what is merged, not the vote: a negative
+weight does not flip its task's vote, and a task at weight 0 that agrees still counts in the
+mean. A zero entry (padding, a trimmed or dropped entry) never votes and is never counted in
+the mean. ``density`` = 1 trims and drops nothing.
 """
 
 from __future__ import annotations
@@ -44,11 +44,11 @@ def trim(T: torch.Tensor, density: float, real: torch.Tensor | None = None) -> t
 
 
 def ties(T: torch.Tensor, w: torch.Tensor, density: float, real: torch.Tensor | None = None) -> torch.Tensor:
-    weighted = _per_task(w, T) * trim(T, density, real)  # (n, *shape)
-    elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).to(T.dtype)  # shape
-    agree = weighted.sign() == elected  # (n, *shape); zeros never agree
+    trimmed = trim(T, density, real)  # (n, *shape)
+    elected = torch.where(trimmed.sum(0) >= 0, 1.0, -1.0).to(T.dtype)  # shape
+    agree = trimmed.sign() == elected  # (n, *shape); zeros never agree
     count = agree.sum(0).clamp(min=1)  # shape
-    return (weighted * agree).sum(0) / count
+    return (_per_task(w, T) * trimmed * agree).sum(0) / count
 
 
 def dare(T: torch.Tensor, w: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:

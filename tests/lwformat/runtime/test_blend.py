@@ -6,6 +6,7 @@ Every expectation is computed here, densely or from the parents, never by the co
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -204,9 +205,56 @@ def test_ties_trims_elects_and_takes_the_disjoint_mean():
     T = torch.tensor([[3.0, -1.0, 0.5], [-2.0, -4.0, 1.0]])
     # trimmed to 2 of 3: [3, -1, 0] and [-2, -4, 0]; elected signs +, -, + (a zero sum counts as +)
     assert ties(T, torch.tensor([1.0, 1.0]), density=2 / 3).tolist() == [3.0, -2.5, 0.0]
-    # weights scale the values before the vote: weighted [1.5, -0.5, 0] and [-4, -8, 0];
-    # 1.5 − 4 < 0 elects − at the first entry, where only the second task agrees
-    assert ties(T, torch.tensor([0.5, 2.0]), density=2 / 3).tolist() == [-4.0, -4.25, 0.0]
+    # weights scale what is merged, not the vote (PEFT's rule): the unweighted sums 1, −5, 0 still
+    # elect +, −, +; merged are the weighted [1.5, −0.5, 0] and [−4, −8, 0] that agree
+    assert ties(T, torch.tensor([0.5, 2.0]), density=2 / 3).tolist() == [1.5, -4.25, 0.0]
+
+
+def test_ties_is_peft_ties_for_any_weights():
+    from peft.utils.merge_utils import ties as peft_ties
+
+    T = torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    w = torch.tensor([0.7, -1.3, 0.0], dtype=torch.float64)  # a negative weight and a zero one
+    for density in (0.3, 0.5, 0.9):
+        torch.testing.assert_close(ties(T, w, density), peft_ties(list(T), w, density), rtol=0, atol=1e-12)
+
+
+def test_ties_matches_peft_add_weighted_adapter_at_different_alphas_and_ranks(tmp_path):
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    from lwformat.interop import import_peft
+
+    base = make_world().block(LM).module
+    targets = ["emb", "fc1", "fc2"]
+    # PEFT's ties needs one r per adapter; per-module ranks and alphas may differ, and do here
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                           rank_pattern={"fc2": 2}, alpha_pattern={"fc2": 3}), adapter_name="a")  # fmt: skip
+    model.add_adapter("b", LoraConfig(r=4, lora_alpha=32, target_modules=targets, rank_pattern={"fc2": 2}))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    parents = []
+    for adapter in ("a", "b"):
+        model.save_pretrained(tmp_path / "peft", selected_adapters=[adapter])
+        world = World.from_blocks({LM: Block(copy.deepcopy(base), "llm")})
+        import_peft(world, LM, tmp_path / "peft" / adapter)
+        write_bundle(world, tmp_path / adapter, name=f"author/{adapter}", version="1.0.0")
+        parents.append(Bundle.open(tmp_path / adapter))
+    weights = [0.7, -0.4]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.add_weighted_adapter(["a", "b"], weights, "mix", combination_type="ties", density=0.5)
+    result = blend(list(zip(parents, weights)), method="ties", density=0.5)
+    for module in targets:
+        slot = f"{LM}:{module}"
+        theirs = dict(model.named_modules())[f"base_model.model.{module}"].get_delta_weight("mix").double()
+        ours = dense(next(e for e in result.manifest.slots if e.slot == slot), result.slot_tensors(slot))
+        ours = ours.T if module == "emb" else ours  # PEFT's embedding delta is (num_embeddings, dim)
+        assert float((ours - theirs).norm() / theirs.norm()) < 1e-6, module
 
 
 def test_dare_keeps_about_density_and_rescales():
@@ -478,15 +526,14 @@ def test_ties_elects_plus_on_a_zero_sum():
     assert ties(T, torch.tensor([0.5, 0.5], dtype=torch.float64), density=1.0).tolist() == [0.5, 0.5]
 
 
-def test_ties_through_blend_elects_plus_where_a_bundle_cancels_itself(tmp_path):
-    # one bias bundle at +1 and at −1: every entry votes c and −c, a zero sum, so + is
-    # elected everywhere and the merged shift is |c| (the positive of the two values)
+def test_ties_through_blend_votes_with_the_unweighted_values(tmp_path):
+    # one bias bundle at +1 and at −1: both tasks hold c, so both agree with sign(c) whatever
+    # their weights (PEFT's vote), and the disjoint mean of c and −c is 0, the exact sum
     b = make_bundle(tmp_path, 9, name="author/shift", kind="bias")
     result = blend([(b, 1.0), (b, -1.0)], method="ties", density=1.0)
     for entry in b.manifest.slots:
-        c = b.slot_tensors(entry.slot)["bias_delta"]
-        assert bool((c != 0).any())
-        assert torch.equal(result.slot_tensors(entry.slot)["bias_delta"], c.abs())
+        assert bool((b.slot_tensors(entry.slot)["bias_delta"] != 0).any())
+        assert not bool(result.slot_tensors(entry.slot)["bias_delta"].any())
 
 
 @pytest.mark.parametrize("method", ["ties", "dare"])
