@@ -33,6 +33,7 @@ from ..adapters.plan import Plan, iter_hosts
 from ..adapters.slots import eligible_slots, layer_at
 from ..bundle.limits import MAX_HEADER_BYTES, MAX_TENSORS, ensure
 from ..errors import InteropError
+from ..runtime.finiteness import nonfinite
 
 if TYPE_CHECKING:
     from ..world.tree import World
@@ -120,7 +121,11 @@ def attach(world: World, block_path: str, slots: dict[str, ForeignSlot], *, kind
             for module, foreign in slots.items():
                 adapter = hosts[module].adapters[name]
                 for tensor_name, value in foreign.tensors.items():
-                    getattr(adapter, tensor_name).copy_(value)
+                    param = getattr(adapter, tensor_name)
+                    param.copy_(value)
+                    if nonfinite([(tensor_name, param)]):  # finite in the file, beyond the block's dtype
+                        slot = f"{block_path}:{module}"
+                        raise InteropError(f"{slot}: {tensor_name} holds values beyond {param.dtype} (inf once converted)", path=slot)
     except BaseException:
         decustomize(world)
         restore_grad_flags(world, grads)

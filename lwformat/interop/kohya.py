@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import InteropError
+from ..runtime.finiteness import nonfinite
 from .attach import ForeignSlot, attach, block_slots, check_module, read_safetensors, shapes_for, to_ours
 
 if TYPE_CHECKING:
@@ -72,6 +73,8 @@ def import_kohya(
         if part not in PARTS:
             raise InteropError(f"{key}: not a kohya LoRA key (expected {', '.join(PARTS)})", path=key)
         check_module(world, block_path, slots, module, key)
+        if nonfinite([(key, value)]):  # applied, it would turn every output it touches into NaN
+            raise InteropError(f"{key}: holds NaN or inf values (a diverged training run?)", path=key)
         grouped.setdefault(module, {})[PARTS[part]] = (key, value)
     foreign = {}
     for module, found in grouped.items():

@@ -21,6 +21,7 @@ copied bit for bit (converted only if the block's dtype differs from the file's)
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -34,6 +35,7 @@ from safetensors.torch import save_file
 from ..adapters.kinds import KINDS
 from ..adapters.plan import iter_hosts
 from ..errors import InteropError
+from ..runtime.finiteness import nonfinite
 from .attach import (
     ForeignSlot,
     attach,
@@ -100,7 +102,16 @@ def read_config(peft_dir: Path) -> dict:
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.startswith(BASE_CHANGING_INITS):
         raise InteropError(f"{path}: init_lora_weights={init!r} changes the base weights", path="init_lora_weights")
+    alphas = {"lora_alpha": config.get("lora_alpha", 8)}
+    alphas |= {f"alpha_pattern[{k!r}]": v for k, v in (config.get("alpha_pattern") or {}).items()}
+    for field, alpha in alphas.items():
+        if not _finite_number(alpha):
+            raise InteropError(f"{path}: {field}={alpha!r} is not a finite number", path=field)
     return config
+
+
+def _finite_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _read_slots(
@@ -116,6 +127,8 @@ def _read_slots(
         module = f"{root}.{peft_name}" if root else peft_name
         peft_names[module] = peft_name
         geo = check_module(world, block_path, slots, module, key)
+        if nonfinite([(key, value)]):  # applied, it would turn every output it touches into NaN
+            raise InteropError(f"{key}: holds NaN or inf values (a diverged training run?)", path=key)
         name, for_embedding = SUFFIXES[suffix]
         if for_embedding is not None and for_embedding != (geo.layer == "embedding"):
             raise InteropError(f"{key}: a {suffix.strip('.')} tensor on a {geo.layer} layer", path=key)

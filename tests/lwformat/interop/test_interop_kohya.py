@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -122,6 +124,28 @@ def test_unknown_parts_and_modules_are_refused(unet, tmp_path):
     with pytest.raises(InteropError, match=r"to_q.lora_up.weight: shape \(4, 8\), this linear layer needs \(8, 4\)"):
         import_kohya(world, PATH, file, key_map="lora_unet_")
     assert world.customization is None
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_nan_or_inf_in_a_tensor_or_an_alpha_is_refused_naming_the_key(unet, tmp_path, value):
+    world = world_of(unet)
+    for key, t in ((STEM + "to_q.lora_down.weight", torch.full((4, 8), value)), (STEM + "to_q.alpha", torch.tensor(value))):
+        file, _ = kohya_file(tmp_path, extra={key: t})
+        with pytest.raises(InteropError, match="NaN or inf") as info:
+            import_kohya(world, PATH, file, key_map="lora_unet_")
+        assert info.value.path == key
+    assert world.customization is None
+
+
+def test_values_beyond_the_blocks_dtype_are_refused_and_the_world_is_unchanged(tmp_path):
+    torch.manual_seed(0)
+    world = world_of(UNetish().half())
+    before = world.digests()
+    file, _ = kohya_file(tmp_path, extra={STEM + "to_q.lora_down.weight": torch.full((4, 8), 1e5)})  # float16 tops at 65504
+    with pytest.raises(InteropError, match="beyond torch.float16") as info:
+        import_kohya(world, PATH, file, key_map="lora_unet_")
+    assert info.value.path == f"{PATH}:down_blocks.0.attentions.0.to_q"
+    assert world.customization is None and world.digests() == before
 
 
 def test_an_ambiguous_stem_is_refused(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -176,6 +177,26 @@ def test_refusals_leave_the_world_untouched(base, tmp_path):
 
     assert world.customization is None and world.digests() == before
     assert all(p.requires_grad for p in world.parameters())
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_nan_or_inf_in_a_tensor_or_an_alpha_is_refused_naming_the_key(base, tmp_path, value):
+    _, saved = make_peft(base, tmp_path, dora=False, rslora=False)
+    world = world_of(base)
+    before = world.digests()
+    key = "base_model.model.blocks.0.up.lora_B.weight"
+    rewrite(saved, lambda t: t[key].view(-1).__setitem__(3, value))
+    with pytest.raises(InteropError, match="NaN or inf") as info:
+        import_peft(world, PATH, saved)
+    assert info.value.path == key
+    rewrite(saved, lambda t: t[key].view(-1).__setitem__(3, 0.0))
+    config = json.loads((saved / "adapter_config.json").read_text())
+    for field, change in (("lora_alpha", {"lora_alpha": value}), ("alpha_pattern['mix']", {"alpha_pattern": {"mix": value}})):
+        (saved / "adapter_config.json").write_text(json.dumps(config | change))  # Python's json writes and reads NaN
+        with pytest.raises(InteropError, match="not a finite number") as info:
+            import_peft(world, PATH, saved)
+        assert info.value.path == field
+    assert world.customization is None and world.digests() == before
 
 
 def test_a_module_that_is_not_a_slot_is_refused(base, tmp_path):
