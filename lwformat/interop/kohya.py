@@ -81,7 +81,10 @@ def import_kohya(
         geo = slots[module]
         if "lora_A" not in found or "lora_B" not in found:
             raise InteropError(f"{module}: needs both lora_down and lora_up", path=module)
-        rank = found["lora_A"][1].shape[0]
+        key, A = found["lora_A"]
+        if A.ndim < 2:  # before its shape is read
+            raise InteropError(f"{key}: shape {tuple(A.shape)}, not (r, in[, *kernel])", path=key)
+        rank = A.shape[0]  # (r, in, ...)
         want = shapes_for("lora", geo, rank)
         tensors = {n: to_ours(n, geo, want[n], t, key) for n, (key, t) in found.items() if n != "alpha"}
         alpha = float(rank)

@@ -102,6 +102,14 @@ def read_config(peft_dir: Path) -> dict:
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.startswith(BASE_CHANGING_INITS):
         raise InteropError(f"{path}: init_lora_weights={init!r} changes the base weights", path="init_lora_weights")
+    for field in ("rank_pattern", "alpha_pattern"):
+        if config.get(field) is not None and not isinstance(config[field], dict):
+            raise InteropError(f"{path}: {field}={config[field]!r} is not an object of module patterns", path=field)
+    ranks = {"r": config.get("r", 8)}
+    ranks |= {f"rank_pattern[{k!r}]": v for k, v in (config.get("rank_pattern") or {}).items()}
+    for field, rank in ranks.items():
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise InteropError(f"{path}: {field}={rank!r} is not a positive integer", path=field)
     alphas = {"lora_alpha": config.get("lora_alpha", 8)}
     alphas |= {f"alpha_pattern[{k!r}]": v for k, v in (config.get("alpha_pattern") or {}).items()}
     for field, alpha in alphas.items():
@@ -141,6 +149,8 @@ def _read_slots(
         if "lora_A" not in found:
             raise InteropError(f"{PREFIX}{module}: has no lora_A tensor", path=module)
         key_A, A = found["lora_A"]
+        if A.ndim < 2:  # before its shape is read
+            raise InteropError(f"{key_A}: shape {tuple(A.shape)}, not (r, in[, *kernel])", path=key_A)
         rank = A.shape[0]  # (r, in, ...)
         if rank != (expected := _pattern(config.get("rank_pattern") or {}, peft_names[module], config.get("r", 8))):
             raise InteropError(f"{key_A}: rank {rank}, the config says {expected}", path=key_A)

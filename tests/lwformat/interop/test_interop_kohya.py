@@ -148,6 +148,14 @@ def test_values_beyond_the_blocks_dtype_are_refused_and_the_world_is_unchanged(t
     assert world.customization is None and world.digests() == before
 
 
+def test_a_lora_down_without_dimensions_is_an_interop_error(unet, tmp_path):
+    key = STEM + "to_q.lora_down.weight"
+    file, _ = kohya_file(tmp_path, extra={key: torch.tensor(1.0)})
+    with pytest.raises(InteropError, match=r"shape \(\)") as info:
+        import_kohya(world_of(unet), PATH, file, key_map="lora_unet_")
+    assert info.value.path == key
+
+
 def test_an_ambiguous_stem_is_refused(tmp_path):
     module = nn.Module()
     module.a_b = nn.Module()

@@ -234,6 +234,37 @@ def test_unsupported_configs_are_refused(base, tmp_path, change, message):
     assert world.customization is None
 
 
+@pytest.mark.parametrize(
+    ("change", "path"),
+    [
+        ({"lora_alpha": "x"}, "lora_alpha"),
+        ({"lora_alpha": None}, "lora_alpha"),
+        ({"r": "4"}, "r"),
+        ({"rank_pattern": ["blocks.1.down"]}, "rank_pattern"),
+        ({"rank_pattern": {"img": 0}}, "rank_pattern['img']"),
+        ({"alpha_pattern": {"mix": "x"}}, "alpha_pattern['mix']"),
+    ],
+)
+def test_malformed_config_values_are_interop_errors_naming_the_field(base, tmp_path, change, path):
+    _, saved = make_peft(base, tmp_path, dora=False, rslora=False)
+    config = json.loads((saved / "adapter_config.json").read_text())
+    (saved / "adapter_config.json").write_text(json.dumps(config | change))
+    world = world_of(base)
+    with pytest.raises(InteropError) as info:
+        import_peft(world, PATH, saved)
+    assert info.value.path == path
+    assert world.customization is None
+
+
+def test_a_lora_A_without_dimensions_is_an_interop_error(base, tmp_path):
+    _, saved = make_peft(base, tmp_path, dora=False, rslora=False)
+    key = "base_model.model.blocks.0.up.lora_A.weight"
+    rewrite(saved, lambda t: t.update({key: torch.tensor(1.0)}))
+    with pytest.raises(InteropError, match=r"shape \(\)") as info:
+        import_peft(world_of(base), PATH, saved)
+    assert info.value.path == key
+
+
 def test_a_pickled_adapter_is_never_loaded(base, tmp_path):
     _, saved = make_peft(base, tmp_path, dora=False, rslora=False)
     (saved / "adapter_model.safetensors").rename(saved / "adapter_model.bin")
