@@ -65,6 +65,7 @@ def import_kohya(
     all_paths = [n for n, _ in world.block(block_path).module.named_modules() if n]
     rule = prefix_rule(key_map, all_paths) if isinstance(key_map, str) else key_map
     grouped: dict[str, dict[str, tuple[str, object]]] = {}
+    stems: dict[str, str] = {}  # module -> the stem that names it
     for key, value in read_safetensors(file).items():
         stem, _, part = key.partition(".")
         module = rule(stem)
@@ -73,6 +74,8 @@ def import_kohya(
         if part not in PARTS:
             raise InteropError(f"{key}: not a kohya LoRA key (expected {', '.join(PARTS)})", path=key)
         check_module(world, block_path, slots, module, key)
+        if stems.setdefault(module, stem) != stem:  # one stem's tensors would silently replace the other's
+            raise InteropError(f"{module}: both {stems[module]!r} and {stem!r} map to it; key_map must keep one", path=module)
         if nonfinite([(key, value)]):  # applied, it would turn every output it touches into NaN
             raise InteropError(f"{key}: holds NaN or inf values (a diverged training run?)", path=key)
         grouped.setdefault(module, {})[PARTS[part]] = (key, value)

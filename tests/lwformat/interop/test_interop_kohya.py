@@ -156,6 +156,19 @@ def test_a_lora_down_without_dimensions_is_an_interop_error(unet, tmp_path):
     assert info.value.path == key
 
 
+def test_two_stems_mapped_to_one_module_are_refused_naming_both(unet, tmp_path):
+    # SDXL-style text encoders lora_te1_/lora_te2_ stripped by one rule: both name to_q
+    file, _ = kohya_file(tmp_path, extra={
+        "lora_te2_to_q.lora_down.weight": torch.ones(4, 8), "lora_te2_to_q.lora_up.weight": torch.ones(8, 4),
+    })  # fmt: skip
+    to_q = "down_blocks.0.attentions.0.to_q"
+    world = world_of(unet)
+    with pytest.raises(InteropError, match="both") as info:
+        import_kohya(world, PATH, file, key_map=lambda stem: to_q if stem.endswith("to_q") else None)
+    assert f"'{STEM}to_q'" in str(info.value) and "'lora_te2_to_q'" in str(info.value)
+    assert info.value.path == to_q and world.customization is None
+
+
 def test_an_ambiguous_stem_is_refused(tmp_path):
     module = nn.Module()
     module.a_b = nn.Module()
