@@ -81,6 +81,17 @@ def check_module(world: World, block_path: str, slots: dict[str, Geometry], modu
     raise InteropError(f"{key}: module {module!r} of {block_path}: {what}", path=key)
 
 
+def check_rank(geo: Geometry, rank: int, key: str) -> None:
+    """Refuse a rank above min(in, out), which PEFT allows (B·A cannot use it) and adapters here do not."""
+    if rank > geo.max_rank:
+        raise InteropError(
+            f"{key}: rank {rank} is above min(in, out) = {geo.max_rank} of this {geo.layer} ({geo.fan_in} in, "
+            f"{geo.out} out), which PEFT allows but B·A cannot use; adapters here hold at most {geo.max_rank}: "
+            "re-rank the adapter first",
+            path=key,
+        )
+
+
 def shapes_for(kind: str, geo: Geometry, rank: int) -> dict[str, tuple[int, ...]]:
     return KINDS[kind].shapes(geo, SlotSettings(kind, rank))
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import InteropError
 from ..runtime.finiteness import nonfinite
-from .attach import ForeignSlot, attach, block_slots, check_module, read_safetensors, shapes_for, to_ours
+from .attach import ForeignSlot, attach, block_slots, check_module, check_rank, read_safetensors, shapes_for, to_ours
 
 if TYPE_CHECKING:
     from ..adapters.plan import Plan
@@ -88,6 +88,7 @@ def import_kohya(
         if A.ndim < 2:  # before its shape is read
             raise InteropError(f"{key}: shape {tuple(A.shape)}, not (r, in[, *kernel])", path=key)
         rank = A.shape[0]  # (r, in, ...)
+        check_rank(geo, rank, key)
         want = shapes_for("lora", geo, rank)
         tensors = {n: to_ours(n, geo, want[n], t, key) for n, (key, t) in found.items() if n != "alpha"}
         alpha = float(rank)

@@ -41,6 +41,7 @@ from .attach import (
     attach,
     block_slots,
     check_module,
+    check_rank,
     foreign_shape,
     most_common,
     read_safetensors,
@@ -154,6 +155,7 @@ def _read_slots(
         rank = A.shape[0]  # (r, in, ...)
         if rank != (expected := _pattern(config.get("rank_pattern") or {}, peft_names[module], config.get("r", 8))):
             raise InteropError(f"{key_A}: rank {rank}, the config says {expected}", path=key_A)
+        check_rank(geo, rank, key_A)
         want = shapes_for(kind, geo, rank)
         if missing := sorted(set(want) - set(found)) or sorted(set(found) - set(want)):
             raise InteropError(f"{PREFIX}{module}: tensors {missing} missing or unexpected for {kind}", path=module)

@@ -169,6 +169,14 @@ def test_two_stems_mapped_to_one_module_are_refused_naming_both(unet, tmp_path):
     assert info.value.path == to_q and world.customization is None
 
 
+def test_a_rank_above_the_layers_smaller_side_is_an_interop_error(unet, tmp_path):
+    key = STEM + "to_q.lora_down.weight"  # to_q is Linear(8, 8)
+    file, _ = kohya_file(tmp_path, extra={key: torch.ones(10, 8), STEM + "to_q.lora_up.weight": torch.ones(8, 10)})
+    with pytest.raises(InteropError, match=r"rank 10 is above min\(in, out\) = 8") as info:
+        import_kohya(world_of(unet), PATH, file, key_map="lora_unet_")
+    assert info.value.path == key
+
+
 def test_an_ambiguous_stem_is_refused(tmp_path):
     module = nn.Module()
     module.a_b = nn.Module()

@@ -265,6 +265,16 @@ def test_a_lora_A_without_dimensions_is_an_interop_error(base, tmp_path):
     assert info.value.path == key
 
 
+def test_a_rank_above_the_layers_smaller_side_is_an_interop_error(base, tmp_path):
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=12, lora_alpha=8, target_modules=["blocks.0.up"]))  # Linear(8, 16)
+    model.save_pretrained(tmp_path / "peft")
+    PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")(TOKENS)  # PEFT loads and runs it
+    world = world_of(base)
+    with pytest.raises(InteropError, match=r"rank 12 is above min\(in, out\) = 8") as info:
+        import_peft(world, PATH, tmp_path / "peft")
+    assert info.value.path == "base_model.model.blocks.0.up.lora_A.weight" and world.customization is None
+
+
 def test_a_pickled_adapter_is_never_loaded(base, tmp_path):
     _, saved = make_peft(base, tmp_path, dora=False, rslora=False)
     (saved / "adapter_model.safetensors").rename(saved / "adapter_model.bin")
