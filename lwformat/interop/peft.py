@@ -24,12 +24,14 @@ import json
 import math
 import os
 import re
-import tempfile
+import shutil
+import uuid
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ..adapters.kinds import KINDS
@@ -252,18 +254,60 @@ def export_peft(world: World, block_path: str, out_dir: str | os.PathLike, *, ro
         "modules_to_save": None,
     }
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _replace(out / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _replace(out / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    files = {
+        WEIGHTS: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
+        CONFIG: lambda path: path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
+    }
+    try:
+        _write_all(out, files)
+    except (OSError, SafetensorError) as exc:
+        raise InteropError(f"{out}: cannot write the PEFT adapter ({exc}); nothing was changed there", path=str(out)) from exc
     return out
 
 
-def _replace(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
+def _write_all(out: Path, files: dict) -> None:
+    """Write `files` ({name: write(path)}) into `out`, all or nothing.
+
+    Each is written in full into a staging directory beside its target first. A new `out` is
+    that directory, renamed into place; in an existing one (PEFT's `save_pretrained` overwrites
+    its files, and keeps the others) the files are swapped in one by one, and a failure puts
+    back those already swapped.
+    """
+    fresh = not out.exists()
+    home = out.parent if fresh else out  # renames stay within one filesystem
+    home.mkdir(parents=True, exist_ok=True)
+    staging = home / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
+    staging.mkdir()
     try:
-        write(tmp)
-        os.replace(tmp, target)
+        for name, write in files.items():
+            write(staging / name)
+        if fresh:
+            staging.rename(out)
+        else:
+            _swap_in(staging, out, list(files))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already once renamed into place
+
+
+def _swap_in(staging: Path, out: Path, names: list[str]) -> None:
+    swapped: list[tuple[Path, Path | None]] = []  # (target, the file it replaced, kept in staging)
+    try:
+        for name in names:
+            target, old = out / name, staging / f"{name}.old"
+            kept = target.is_file() or target.is_symlink()
+            if kept:
+                os.rename(target, old)
+            try:
+                os.rename(staging / name, target)  # fails on a directory in the way
+            except BaseException:
+                if kept:
+                    os.rename(old, target)
+                raise
+            swapped.append((target, old if kept else None))
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for target, old in reversed(swapped):
+            if old is None:
+                target.unlink()
+            else:
+                os.replace(old, target)
         raise

@@ -292,6 +292,40 @@ def test_export_refuses_kinds_peft_cannot_hold(base, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def customized(base: nn.Module, rank: int) -> World:
+    world = world_of(base)
+    world.customize(LightConfig(rank=rank, alpha=rank, slots=["blocks.0.up"]))
+    return world
+
+
+def test_export_overwrites_an_adapter_directory_as_save_pretrained_does(base, tmp_path):
+    out = tmp_path / "out"
+    export_peft(customized(base, 2), PATH, out)
+    (out / "README.md").write_text("mine")
+    world = customized(base, 4)
+    export_peft(world, PATH, out)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(TOKENS), world.block(PATH)(TOKENS), atol=1e-5, rtol=1e-5)
+
+
+def test_a_failed_export_changes_nothing_and_is_an_interop_error(base, tmp_path):
+    out = tmp_path / "out"
+    export_peft(customized(base, 2), PATH, out)
+    weights = (out / "adapter_model.safetensors").read_bytes()
+    (out / "adapter_config.json").unlink()
+    (out / "adapter_config.json").mkdir()  # the weights can be replaced, the config cannot
+    with pytest.raises(InteropError, match="cannot write") as info:
+        export_peft(customized(base, 4), PATH, out)
+    assert info.value.path == str(out)
+    assert (out / "adapter_model.safetensors").read_bytes() == weights  # the old adapter's, not half of the new one
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]  # no leftovers
+    with pytest.raises(InteropError, match="cannot write"):
+        export_peft(customized(base, 4), PATH, out / "adapter_model.safetensors" / "sub")  # a path beneath a file
+
+
 def test_gpt2_conv1d_layers_round_trip(tmp_path):
     # GPT-2 stores Linear weights transposed (transformers' Conv1D): PEFT's fan_in_fan_out case.
     from transformers import GPT2Config, GPT2Model
