@@ -18,7 +18,8 @@ Q_B and Q_A have orthonormal columns, so M and the core share singular values:
 
 Each factor is first divided by a power of two near its largest entry (exact, and undone
 on the results), so that its Gram matrix neither overflows (entries of 1e160 square to inf
-in float64) nor underflows; the sizes come back in the results' exponents.
+in float64) nor underflows; the sizes come back in the results' exponents. Before the
+re-rank, each rank-one term is balanced between its two factors by a power of two too.
 
 Eigenvalues below R·ε·λ_max are rounding noise (ε of float64): their Λ^-½ is taken as 0
 (a pseudo-inverse), which drops directions along which B or A is numerically zero.
@@ -57,6 +58,17 @@ def _scaled_back(x: torch.Tensor, eB: torch.Tensor, eA: torch.Tensor) -> torch.T
     return x * torch.exp2(eB[..., 0, 0]) * torch.exp2(eA[..., 0, 0])  # (...,)
 
 
+def _balanced(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same product with each rank-one term b_j a_j carried evenly: b_j·2^c, a_j·2^-c (exact).
+
+    A term held mostly by one factor (B/1e8, A·1e8: the same delta) would sit 1e16 below the
+    other terms in that factor's Gram matrix, under the noise floor, and be dropped.
+    """
+    nB, nA = B.norm(dim=-2), A.norm(dim=-1)  # (..., R) each
+    c = torch.where((nB > 0) & (nA > 0), torch.round(0.5 * (nA.log2() - nB.log2())), 0.0)  # (..., R)
+    return B * torch.exp2(c)[..., None, :], A * torch.exp2(-c)[..., :, None]  # (..., m, R), (..., R, n)
+
+
 def lowrank_norm(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """‖B A‖_F from the factors, per batch entry."""
     eB, eA = _exponent(B), _exponent(A)  # (..., 1, 1)
@@ -80,6 +92,7 @@ def rerank(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, t
     k = min(rank, p)
     eB, eA = _exponent(B), _exponent(A)  # (..., 1, 1)
     B, A = B * torch.exp2(-eB), A * torch.exp2(-eA)  # exact; entries below 1, so the Grams cannot overflow
+    B, A = _balanced(B, A)
     S_B, V_B, inv_B = _root(B.mT @ B)  # (..., R, R), (..., R, R), (..., R)
     S_A, V_A, inv_A = _root(A @ A.mT)
     U, sigma, Wh = torch.linalg.svd(S_B @ S_A.mT)  # (..., R, R), (..., R), (..., R, R)
