@@ -141,7 +141,8 @@ def blend(parts: Sequence[tuple[Any, float]], *, method: str = "linear", rank: i
     loaded = {slot: [Part(w, e, bundle.slot_tensors(slot)) for bundle, e, w in held] for slot, held in holders.items()}
     for slot, held in holders.items():  # NaN or inf would poison the blend (or stop svd's decompositions untyped)
         for (bundle, _, _), part in zip(held, loaded[slot]):
-            finiteness.refuse(bundle, finiteness.nonfinite((f"{slot}:{n}", t) for n, t in part.tensors.items()))
+            finiteness.refuse(bundle, finiteness.nonfinite((f"{slot}:{n}", t) for n, t in part.tensors.items()),
+                              "nothing was blended")
     results = blend_slots(loaded, Recipe(method, rank, density, seed))
     tensors, reports, entries = {}, {}, []
     for slot, result in results.items():

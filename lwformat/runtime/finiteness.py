@@ -54,11 +54,11 @@ def remember(identity: tuple | None) -> None:
             _PASSED.popitem(last=False)
 
 
-def refuse(bundle: Any, where: str | None) -> None:
+def refuse(bundle: Any, where: str | None, outcome: str = "the world is unchanged") -> None:
     if where is not None:
         m = bundle.manifest
         raise BundleFormatError(f"{m.name}@{m.version}: {where} holds NaN or inf values (a diverged training run?); "
-                                "the world is unchanged", path=where)  # fmt: skip
+                                f"{outcome}", path=where)  # fmt: skip
 
 
 def check_bundle(bundle: Any, slots) -> None:

@@ -418,7 +418,7 @@ def test_a_parent_holding_nan_or_inf_is_refused_naming_it_and_the_tensor(tmp_pat
     slot = f"{LM}:fc2"
     for i, value in enumerate((math.nan, math.inf)):
         bad = poisoned(lora["lm_only"], f"{slot}.lora_B", value, tmp_path / f"bad{i}")
-        with pytest.raises(BundleFormatError, match="author/fog@1.0.0: .*NaN or inf") as info:
+        with pytest.raises(BundleFormatError, match="author/fog@1.0.0: .*NaN or inf.*; nothing was blended") as info:
             blend([(lora["r2"], 0.5), (bad, 0.5)], method=method)
         assert info.value.path == f"{slot}:lora_B"
 
@@ -485,6 +485,23 @@ def test_rerank_is_the_optimal_truncation(m, n, ranks, keep, seed):
     assert measured <= naive + 1e-9 * scale
     # distances come from Gram matrices: accurate to about √ε of the matrices' size
     assert float(lowrank_distance(B_k, A_k, B, A)) == pytest.approx(measured, abs=1e-7 * scale)
+
+
+@settings(max_examples=30, deadline=None)
+@given(exponent=st.integers(-40, 40), seed=st.integers(0, 2**16))
+def test_rerank_does_not_lose_a_term_its_factors_carry_unevenly(exponent, seed):
+    """B/λ with A·λ is the same matrix: a term carried mostly by one factor is no noise."""
+    gen = torch.Generator().manual_seed(seed)
+    B, A = torch.randn(12, 4, generator=gen, dtype=torch.float64), torch.randn(4, 10, generator=gen, dtype=torch.float64)
+    lam = 10.0**exponent * (1 + torch.rand((), generator=gen, dtype=torch.float64))  # not a power of two
+    B[:, :2] /= lam  # the first parent's two terms, rescaled as a trainer may leave them
+    A[:2] *= lam
+    M = B @ A  # (12, 10)
+    sigma = torch.linalg.svdvals(M)
+    B_k, A_k, discarded, total = rerank(B, A, 4)
+    scale = float(sigma[0])
+    assert float((M - B_k @ A_k).norm()) == pytest.approx(float(sigma[4:].square().sum().sqrt()), abs=1e-9 * scale)
+    assert float(total) == pytest.approx(float(M.norm()), rel=1e-9)
 
 
 def test_a_blend_saves_as_a_bundle_that_applies_like_the_blend(tmp_path, bundles):
