@@ -230,15 +230,15 @@ def test_ties_matches_peft_add_weighted_adapter_at_different_alphas_and_ranks(tm
     targets = ["emb", "fc1", "fc2"]
     # PEFT's ties needs one r per adapter; per-module ranks and alphas may differ, and do here
     model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
-                           rank_pattern={"fc2": 2}, alpha_pattern={"fc2": 3}), adapter_name="a")  # fmt: skip
-    model.add_adapter("b", LoraConfig(r=4, lora_alpha=32, target_modules=targets, rank_pattern={"fc2": 2}))
+                           rank_pattern={"fc2": 2}, alpha_pattern={"fc2": 3}), adapter_name="one")  # fmt: skip
+    model.add_adapter("two", LoraConfig(r=4, lora_alpha=32, target_modules=targets, rank_pattern={"fc2": 2}))
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     parents = []
-    for adapter in ("a", "b"):
+    for adapter in ("one", "two"):  # not "a": PEFT warns of a name inside its "lora_" prefix
         model.save_pretrained(tmp_path / "peft", selected_adapters=[adapter])
         world = World.from_blocks({LM: Block(copy.deepcopy(base), "llm")})
         import_peft(world, LM, tmp_path / "peft" / adapter)
@@ -247,7 +247,7 @@ def test_ties_matches_peft_add_weighted_adapter_at_different_alphas_and_ranks(tm
     weights = [0.7, -0.4]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model.add_weighted_adapter(["a", "b"], weights, "mix", combination_type="ties", density=0.5)
+        model.add_weighted_adapter(["one", "two"], weights, "mix", combination_type="ties", density=0.5)
     result = blend(list(zip(parents, weights)), method="ties", density=0.5)
     for module in targets:
         slot = f"{LM}:{module}"
