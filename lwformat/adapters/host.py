@@ -50,6 +50,10 @@ class Route(NamedTuple):
     others: tuple[tuple[Adapter, torch.Tensor], ...]  # adapters computed one by one, with their selection (B,)
 
 
+def _called(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that changes nothing: its presence turns a parent's fast path off."""
+
+
 class AdapterHost(nn.Module):
     is_adapter_host = True
     base: nn.Module
@@ -64,6 +68,13 @@ class AdapterHost(nn.Module):
         # checks, which were much of a host's cost.
         self._modules.update(base=base, adapters=new_module_dict())
         self.__dict__.update(geo=geo, fused=False, route=None)
+
+    def keep_called(self) -> None:
+        """Make the parent call this host. In eval, nn.TransformerEncoderLayer's fast path reads
+        linear1/linear2's weights itself, skipping every adapter there, unless some submodule
+        has a hook: this one, which does nothing."""
+        if _called not in self._forward_pre_hooks.values():
+            self.register_forward_pre_hook(_called)
 
     def add(self, name: str, adapter: Adapter, weight: float | torch.Tensor = 1.0) -> None:
         """Put `adapter` in the bank; `weight` a number, or a 0-d tensor to use as its weight buffer."""

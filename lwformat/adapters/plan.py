@@ -223,9 +223,16 @@ def parent_index(root: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     return index
 
 
+# Layers whose eval fast path reads their children's weights instead of calling them; it is
+# off while any submodule has a hook (see `AdapterHost.keep_called`).
+READS_WEIGHTS_IN_EVAL = (nn.TransformerEncoderLayer,)
+
+
 def replace_module(index: dict[int, list[tuple[nn.Module, str]]], old: nn.Module, new: nn.Module) -> None:
     """Put `new` wherever `old` sits (every parent of a shared layer), keeping `index` current."""
     places = index.pop(id(old), [])
     for parent, attr in places:
         setattr(parent, attr, new)
+        if isinstance(parent, READS_WEIGHTS_IN_EVAL) and getattr(type(new), "is_adapter_host", False):
+            new.keep_called()
     index[id(new)] = places

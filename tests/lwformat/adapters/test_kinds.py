@@ -128,3 +128,34 @@ def test_unbatched_conv_input_is_one_sample_of_a_batch(kind, layer_name):
     y = host(x)
     assert torch.equal(y, host(x[None])[0])
     torch.testing.assert_close(y, merged_forward(layer, *adapter.delta_weight(layer), x), rtol=1e-5, atol=1e-5)
+
+
+def test_adapters_inside_a_transformer_encoder_layer_count_in_eval_too(tmp_path):
+    """In eval, nn.TransformerEncoderLayer's fast path reads linear1/linear2's weights itself:
+    the adapters there were skipped, customized or applied, and eval disagreed with train."""
+    from lwformat import LightConfig
+    from lwformat.bundle import Bundle, write_bundle
+    from lwformat.world import Block, World
+
+    def world() -> World:
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        return World.from_blocks({"a/b/c/enc": Block(nn.Sequential(layer), "llm")})
+
+    x = torch.randn(2, 5, 8)  # (batch, tokens, d_model)
+    trained = world()
+    trained.customize(LightConfig(kind="lora", rank=2))
+    with torch.no_grad():
+        for p in trained.adapter_parameters():
+            p.add_(torch.randn_like(p))
+    applied = world()
+    write_bundle(trained, tmp_path / "b", name="me/enc", version="1.0.0")
+    applied.apply(Bundle.open(tmp_path / "b"))
+    for w in (trained, applied):
+        module = w.block("a/b/c/enc").module
+        with torch.no_grad():
+            slow = module.train()(x)  # training: no fast path, every host called
+            fast = module.eval()(x)
+        torch.testing.assert_close(fast, slow)
+    with torch.no_grad():
+        assert not torch.allclose(world().block("a/b/c/enc").module.eval()(x), fast)  # the adapters do change it
