@@ -332,8 +332,10 @@ class Fetcher:
             raise HubUnavailableError("the download was stopped before its end; pull again to resume",
                                       url=self.blob_url(jobs[0].hexdigest) if jobs else "")  # fmt: skip
         for job in jobs:
-            if not self.cache.blob(job.hexdigest).exists():
-                with self.cache.writing(job.path):
+            with self.cache.writing(job.path):
+                if self.cache.blob(job.hexdigest).exists():  # another puller sharing the cache finished it first
+                    self.cache.forget_partial(job.hexdigest)  # this download's partial, made after: a spare
+                else:
                     self.cache.finish_partial(job.hexdigest)
 
     def abort(self) -> None:
