@@ -335,8 +335,10 @@ def test_an_upload_that_stalls_is_dropped_with_its_temp_file(tmp_path, keys):
         with socket.create_connection((where.hostname, where.port), timeout=20) as s:
             s.sendall(f"PUT /v1/blobs/{digest} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {hub.token}\r\n"
                       f"Content-Length: {1 << 30}\r\n\r\n".encode() + b"x" * 1000)  # fmt: skip
-            time.sleep(0.3)
-            assert os.listdir(hub.data / "tmp")  # the upload is under way
+            deadline = time.monotonic() + 10
+            while not os.listdir(hub.data / "tmp") and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert os.listdir(hub.data / "tmp")  # the upload is under way (its temp file stays for 1 s idle)
             answer = s.recv(65536)  # then nothing more is sent
         assert b" 400 " in answer.split(b"\r\n", 1)[0] and b"sent nothing for 1 s" in answer, answer[:300]
         assert os.listdir(hub.data / "tmp") == []
