@@ -220,12 +220,16 @@ def seed_cache(world: World, blocks: dict[str, str]) -> None:
 
 
 def verify_world(world: World, expected: dict[str, str] | None = None) -> None:
-    """Recompute every block digest; raise naming the first block that differs from `expected`
-    (by default the cached digests). The cache is left as it is: were the recomputed digests
-    kept, a second check would pass on the very change the first one refused."""
-    if expected is None:
-        expected = {p: hit[1] for p, hit in world._digest_cache.items()}
+    """Recompute every block digest; raise naming the first block that differs from `expected`.
+
+    By default `expected` is what `digests()` answers now: a write the version counters saw
+    is a change the world knows of, and only writes that bypass them are caught. The cache
+    is left as it is: were the recomputed digests kept, a second check would pass on the
+    very change the first one refused.
+    """
     blocks = world.blocks()
+    if expected is None:
+        expected = {path: cached_block_digest(world, path, block) for path, block in blocks.items()}
     for path, digest in expected.items():
         block = blocks.get(path)
         found = None if block is None else PREFIX + block_digest_raw(base_tensors(block.module), path).hex()

@@ -276,10 +276,11 @@ class World(nn.Module):
         return world_digests(self)["root"]
 
     def verify(self) -> None:
-        """Recompute every digest and compare with the cache; raise CheckpointError naming the block.
-
-        The cache is left as it is, so a change stays refused until ``digests(recompute=True)`` accepts it.
-        """
+        """Recompute every digest and compare with what `digests()` answers; raise CheckpointError
+        naming the first block that differs: one written behind its version counter (``.data``,
+        a NumPy view, another tensor on its storage). Such a change stays refused, whatever is
+        called meanwhile, until ``digests(recompute=True)`` accepts it; an ordinary in-place
+        write is a change `digests()` already reports, and passes."""
         from .digest import verify_world
 
         verify_world(self)

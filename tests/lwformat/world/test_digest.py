@@ -123,10 +123,26 @@ def test_verify_keeps_refusing_a_change():
     world = small_world()
     world.digests()
     world.block(path).module.fc.weight.data[0, 0] += 1.0  # .data skips _version: only verify sees it
-    for _ in range(2):
+    for call in (lambda: None, world.digests, world.root_digest):  # nor do digests() or root_digest() take it in
+        call()
         with pytest.raises(CheckpointError) as err:
             world.verify()
         assert err.value.path == path
+    before = world.digests()[path]
+    world.digests(recompute=True)
+    world.verify()
+    assert world.digests()[path] != before
+
+
+def test_verify_passes_a_write_the_version_counter_saw():
+    """An ordinary in-place write is a change digests() reports at once: verify() agrees with it."""
+    path = "author/narrate/text/critic"
+    world = small_world()
+    before = world.digests()[path]
+    with torch.no_grad():
+        world.block(path).module.fc.weight[0, 0] += 1.0
+    world.verify()
+    assert world.digests()[path] != before
 
 
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.uint16, torch.uint32])
