@@ -6,7 +6,8 @@ the function a graph runs: it takes the graph and a dict of named tensors and re
 the tensors it produces. The reference zoo registers its own on import.
 
 A name is registered once: registering a name already taken, by you or by the zoo, raises
-WorldConfigError unless ``replace=True``. Every registration imports the zoo first, so a
+WorldConfigError unless ``replace=True`` or it is the same function again (a module
+reloaded, a notebook cell run twice: the same module and qualified name). Every registration imports the zoo first, so a
 zoo name is taken whether or not a config has named one yet, and the zoo, once imported,
 never replaces a registration of yours.
 """
@@ -46,7 +47,7 @@ def register_block(name: str, type: str, *, replace: bool = False) -> Callable[[
     """
 
     def decorate(fn: BlockFactory) -> BlockFactory:
-        _register(_BLOCKS, "block implementation", name, BlockImpl(name, type, fn), replace)
+        _register(_BLOCKS, "block implementation", name, BlockImpl(name, type, fn), replace, fn)
         return fn
 
     return decorate
@@ -59,21 +60,26 @@ def register_flow(name: str, *, replace: bool = False) -> Callable[[Flow], Flow]
     """
 
     def decorate(fn: Flow) -> Flow:
-        _register(_FLOWS, "flow", name, fn, replace)
+        _register(_FLOWS, "flow", name, fn, replace, fn)
         return fn
 
     return decorate
 
 
-def _register(table: dict[str, Any], kind: str, name: str, entry: Any, replace: bool) -> None:
+def _register(table: dict[str, Any], kind: str, name: str, entry: Any, replace: bool, fn: Callable) -> None:
     # The zoo first: imported later, on a config naming one of its blocks, it would replace
     # a registration of the same name in the middle of building worlds.
     _load_builtins()
-    if name in table and not replace:
+    if name in table and not replace and _origin(table[name]) != _origin(fn):
         raise WorldConfigError(
             f"{name}: a {kind} of that name is registered already; pass replace=True to replace it", path=name
         )
     table[name] = entry
+
+
+def _origin(entry: Any) -> tuple[str, str]:
+    fn = entry.build if isinstance(entry, BlockImpl) else entry
+    return getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
 
 
 def _load_builtins() -> None:
@@ -110,10 +116,10 @@ def build_block(name: str, config: dict[str, Any], *, where: str = "") -> tuple[
     impl = block_impl(name, where=where)
     try:
         return impl.build(**config), impl.type
-    except torch.OutOfMemoryError:
-        raise  # the device's limit: callers retry elsewhere or smaller
+    except (torch.OutOfMemoryError, NotImplementedError):
+        raise  # the device's limit, or a backend without the op: not the config's fault
     except (TypeError, ValueError, RuntimeError) as exc:  # unknown keys, bad values, and what torch says of them
-        raise WorldConfigError(f"{where}: bad config for block {name!r}: {exc}", path=where) from exc
+        raise WorldConfigError(f"{where}: cannot build block {name!r} from its config: {exc}", path=where) from exc
 
 
 def sequential(graph, state: dict) -> dict:

@@ -97,3 +97,16 @@ def test_config_encoding_is_canonical(tmp_path):
     spec = config.read(write(tmp_path, SPEC))
     assert config.encode(spec) == config.encode(config.decode(config.encode(spec)))
     assert b" " not in config.encode(spec)
+
+
+def test_a_backend_without_the_op_is_not_called_a_bad_config(tmp_path):
+    """NotImplementedError is a RuntimeError, yet no config value is wrong: it passes through."""
+    from lwformat import register_block
+
+    @register_block("test_config_no_backend", "backbone", replace=True)
+    def no_backend():
+        raise NotImplementedError("the op is not implemented for this device")
+
+    spec = {"stages": {"a": {"pipelines": {"p": {"graphs": {"g": {"nodes": {"n": {"block": "test_config_no_backend"}}}}}}}}}
+    with pytest.raises(NotImplementedError, match="this device"):
+        World.from_config(write(tmp_path, spec))
