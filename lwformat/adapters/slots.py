@@ -38,12 +38,16 @@ def uncalled_layers(block_module: nn.Module) -> set[int]:
     return {id(_unhosted(m.out_proj)) for m in block_module.modules() if isinstance(m, nn.MultiheadAttention)}
 
 
+def _is_out_proj(block_module: nn.Module, module_path: str) -> bool:
+    parent, _, name = module_path.rpartition(".")
+    return name == "out_proj" and isinstance(block_module.get_submodule(parent), nn.MultiheadAttention)
+
+
 def eligible_slots(block, *, where: str | None = None) -> dict[str, tuple[nn.Module, Geometry]]:
     """``{module path: (base layer, geometry)}`` for every slot of `block`, in module order."""
     where = where or block.block_type
     if block.declared_slots is not None:
         out = {}
-        uncalled = uncalled_layers(block.module)
         for module_path in block.declared_slots:
             layer = layer_at(block.module, module_path)
             geo = geometry(layer) if layer is not None else None
@@ -52,7 +56,7 @@ def eligible_slots(block, *, where: str | None = None) -> dict[str, tuple[nn.Mod
                 raise UnsupportedLayerError(
                     f"{where}:{module_path}: declared slot holds {found}, not a supported layer", path=f"{where}:{module_path}"
                 )
-            if id(layer) in uncalled:
+            if _is_out_proj(block.module, module_path):  # its parent only: this runs on every apply
                 raise UnsupportedLayerError(f"{where}:{module_path}: declared slot: {UNCALLED}", path=f"{where}:{module_path}")
             out[module_path] = (layer, geo)
         return out

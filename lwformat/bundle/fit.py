@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..adapters.kinds import KINDS, SlotSettings
-from ..adapters.slots import eligible_slots
+from ..adapters.slots import UNCALLED, eligible_slots, layer_at, uncalled_layers
 from ..errors import TargetError
 from ..world.digest import dtype_name
 from .check import Finding, Outcome
@@ -38,7 +38,10 @@ def check_slot(world: World, paths: dict[str, str], entry: SlotEntry, seen: dict
     except TargetError as exc:
         return Finding(slot, Outcome.MISSING_SLOT, str(exc))
     if entry.module not in eligible:
-        return Finding(slot, Outcome.MISSING_SLOT, f"block {entry.block} has no adaptable layer {entry.module}")
+        module = world.block(block).module
+        layer = layer_at(module, entry.module)
+        why = f": {UNCALLED}" if layer is not None and id(layer) in uncalled_layers(module) else ""
+        return Finding(slot, Outcome.MISSING_SLOT, f"block {entry.block} has no adaptable layer {entry.module}{why}")
     layer, geo = eligible[entry.module]
     if geo.layer != entry.layer:
         return Finding(slot, Outcome.LAYER_MISMATCH, f"stored for a {entry.layer}, the world has a {geo.layer}",

@@ -109,3 +109,24 @@ def test_a_neuron_index_of_a_huge_empty_shape_is_a_shape_mismatch(tmp_path):
     with Bundle.open(tmp_path / "b") as b:
         report = check(b, tiny_world())
     assert outcomes(report)[f"{slot['block']}:{slot['module']}"] == Outcome.SHAPE_MISMATCH
+
+
+def test_a_slot_on_a_multihead_attentions_out_proj_says_why_it_is_gone(tmp_path):
+    """Bundles written before out_proj stopped being a slot: the refusal gives the reason."""
+    from lwformat import LightConfig
+    from lwformat.bundle.write import write_bundle
+
+    class Attention(nn.Module):  # holds an out_proj it calls, as nn.MultiheadAttention does not
+        def __init__(self):
+            super().__init__()
+            self.out_proj = nn.Linear(8, 8)
+
+    def world(attn: nn.Module) -> World:
+        return World.from_blocks({LLM: Block(nn.ModuleDict({"attn": attn}), "llm")})
+
+    trained = world(Attention())
+    trained.customize(LightConfig(rank=2))
+    write_bundle(trained, tmp_path / "b", name="me/attn", version="1.0.0")
+    report = check(Bundle.open(tmp_path / "b"), world(nn.MultiheadAttention(8, 2)))
+    (finding,) = [f for f in report.slots if f.path == f"{LLM}:attn.out_proj"]
+    assert finding.outcome == Outcome.MISSING_SLOT and "never calls" in finding.detail
