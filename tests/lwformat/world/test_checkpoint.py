@@ -72,6 +72,23 @@ def test_verify_refuses_what_it_cannot_check(tmp_path, tamper, where):
     assert err.value.path.endswith(where)
 
 
+def test_digests_saved_before_the_root_covered_the_order_still_verify(tmp_path):
+    """A world saved with lwdigests/1 (its root made without the order) failed verify=True as if
+    world.json had been edited; its blocks are still checked, a format to come is refused."""
+    built(tmp_path).save(tmp_path / "base")
+    record = json.loads((tmp_path / "base" / "digests.json").read_text())
+    assert record["format"] == "lwdigests/2"
+    _edit(tmp_path / "base" / "digests.json", lambda r: r.update(format="lwdigests/1", root="sha256:" + "1" * 64))
+    World.load(tmp_path / "base", verify=True)
+    _edit(tmp_path / "base" / "digests.json", lambda r: r["blocks"].update({"author/narrate/text/llm": "sha256:" + "0" * 64}))
+    with pytest.raises(CheckpointError) as err:
+        World.load(tmp_path / "base", verify=True)
+    assert err.value.path == "author/narrate/text/llm"
+    _edit(tmp_path / "base" / "digests.json", lambda r: r.update(format="lwdigests/3"))
+    with pytest.raises(CheckpointError, match="lwdigests/3"):
+        World.load(tmp_path / "base")
+
+
 @pytest.mark.parametrize("text", ["{not json", '{"root": 1, "blocks": []}', '{"root": "sha256:00", "blocks": {}}'])
 @pytest.mark.parametrize("verify", [False, True])
 def test_a_corrupt_digests_file_is_a_checkpoint_error(tmp_path, text, verify):
