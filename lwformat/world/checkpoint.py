@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from .tree import World
 
 CONFIG, WEIGHTS, DIGESTS = "world.json", "weights.safetensors", "digests.json"
+SAVED = (CONFIG, WEIGHTS, DIGESTS)  # all a saved world directory holds
 
 
 Digest = Annotated[str, msgspec.Meta(pattern="^sha256:[0-9a-f]{64}$")]
@@ -91,7 +92,7 @@ def weights_of(world: World) -> dict[str, torch.Tensor]:
 def save_world(world: World, path: str | os.PathLike) -> None:
     if world.fused_state is not None:  # its weights hold the adapters' deltas: not the base
         raise FusedError("cannot save a fused world as a base; call unfuse() first")
-    target = Path(path)
+    target = Path(os.path.abspath(path))  # "." and ".." have no name to stage beside
     spec = spec_of(world)
     extra = next(iter(world.extra_tensors()), None)
     if extra is not None:
@@ -101,9 +102,15 @@ def save_world(world: World, path: str | os.PathLike) -> None:
             path=extra,
         )
     digests = world_digests(world)
+    if target.is_symlink():  # replacing it would put a directory where the link was, not save where it points
+        raise CheckpointError(f"{target}: a symbolic link; save to the directory it names", path=str(target))
+    if target.exists() and (Path.cwd() == target or target in Path.cwd().parents):
+        raise CheckpointError(f"{target}: the current directory or one above it; the save replaces the directory "
+                              "whole, which would leave this process in a deleted one", path=str(target))  # fmt: skip
     if not _replaceable(target):
         raise CheckpointError(
-            f"{target}: exists and is not a saved world (no {CONFIG}); not replacing it", path=str(target)
+            f"{target}: exists and is neither empty nor a saved world (only {', '.join(SAVED)}); not replacing it",
+            path=str(target),
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -118,10 +125,14 @@ def save_world(world: World, path: str | os.PathLike) -> None:
 
 
 def _replaceable(target: Path) -> bool:
-    """Absent, an empty directory or a saved world: replacing anything else would delete the user's files."""
+    """Absent, an empty directory or a saved world: replacing anything else would delete the user's files
+    (a project directory may hold a hand-written world.json config beside them)."""
     if not target.exists():
         return True
-    return target.is_dir() and ((target / CONFIG).is_file() or not any(target.iterdir()))
+    if not target.is_dir():
+        return False
+    names = {entry.name for entry in target.iterdir()}
+    return not names or {CONFIG, WEIGHTS} <= names <= set(SAVED)
 
 
 def _replace_dir(new: Path, target: Path) -> None:

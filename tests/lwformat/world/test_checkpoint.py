@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -145,15 +146,35 @@ def test_save_replaces_only_an_empty_directory_or_a_saved_world(tmp_path):
     project = tmp_path / "project"
     (project / "data").mkdir(parents=True)
     (project / "notes.txt").write_text("months of work")
+    (project / "world.json").write_text("{}")  # a hand-written config of the same name
     (tmp_path / "file").write_text("not a directory")
     for target in (project, tmp_path / "file"):
-        with pytest.raises(CheckpointError, match="not a saved world") as err:
+        with pytest.raises(CheckpointError, match="neither empty nor a saved world") as err:
             world.save(target)
         assert err.value.path == str(target)
-    assert sorted(p.name for p in project.iterdir()) == ["data", "notes.txt"]
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="symbolic link"):
+        world.save(tmp_path / "link")
+    assert sorted(p.name for p in project.iterdir()) == ["data", "notes.txt", "world.json"]
     assert (project / "notes.txt").read_text() == "months of work"
     assert (tmp_path / "file").read_text() == "not a directory"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "project", "world.json"]  # no temporaries
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "empty" / "world.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "link", "project", "world.json"]  # no temporaries
+    world.save(tmp_path / "empty")  # a saved world is replaced
+
+
+def test_save_to_the_current_directory_is_a_typed_refusal(tmp_path, monkeypatch):
+    """save('.') raised a bare ValueError (no name to stage beside); replacing the current directory
+    whole would leave the process in a deleted one."""
+    world = built(tmp_path)
+    (tmp_path / "here" / "below").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "here" / "below")
+    for target in (".", "..", tmp_path / "here"):
+        with pytest.raises(CheckpointError, match="the current directory"):
+            world.save(target)
+    assert os.getcwd() == str(tmp_path / "here" / "below") and not list((tmp_path / "here" / "below").iterdir())
+    world.save("new")
+    assert World.load(tmp_path / "here" / "below" / "new").root_digest() == world.root_digest()
 
 
 def test_a_saved_world_loads_in_its_own_order(tmp_path):
