@@ -64,7 +64,7 @@ class Client:
             raise UsageError(f"{url!r} is not an http:// or https:// URL", path=url)
         if not offline and _path(self.url) == API:  # every request adds it: /v1/v1/... answers 404s
             raise UsageError(f"{url!r}: give the registry's root URL, without {API}", path=url)
-        if token:
+        if token and not offline:  # offline, it is never sent
             check_token(token)
         self.token = token
         self.offline = offline

@@ -55,6 +55,8 @@ def test_a_malformed_token_or_header_is_a_usage_error_that_never_quotes_it(hub, 
         with pytest.raises(UsageError, match="malformed") as caught:
             from_env(url=hub.url, cache_dir=tmp_path / "c")
         assert hub.token not in str(caught.value)
+    with Client(None, token="lwh_\u00e9", offline=True, cache_dir=tmp_path / "c"):  # never sent offline: no reason to refuse
+        pass
     # The caller's own httpx client may carry a header HTTP does not allow: not an unreachable registry.
     with (httpx.Client(headers={"x-note": "secret\r"}) as http, Client(hub.url, http=http, cache_dir=tmp_path / "c") as client,
           pytest.raises(UsageError, match="could not be sent") as caught):  # fmt: skip
