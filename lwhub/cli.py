@@ -236,7 +236,10 @@ def keygen(args: argparse.Namespace) -> int:
         if client:
             try:
                 client.register_key(owner, public)
-            except BaseException:  # a pair the hub does not know would block a retry under the same name
+            except HubUnavailableError as exc:  # no answer: the hub may hold the key now, so its private half stays
+                raise HubUnavailableError(f"{exc}; the pair is kept, as the hub may have registered it: once it answers, "
+                                          f"`lwhub key register {public} --owner {owner}`", url=exc.url) from exc  # fmt: skip
+            except BaseException:  # a pair the hub refused would block a retry under the same name
                 private.unlink(missing_ok=True)
                 public.unlink(missing_ok=True)
                 raise

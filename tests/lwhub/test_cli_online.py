@@ -174,8 +174,9 @@ def recording_server():
 
 
 @contextlib.contextmanager
-def registry_that_refuses_keys():
-    """Another server on loopback: it knows the token (cli-carol's scopes) but cannot store a key (507)."""
+def registry_that_refuses_keys(answer_keys: bool = True):
+    """Another server on loopback: it knows the token (cli-carol's scopes) but cannot store a key (507),
+    or, with answer_keys=False, takes the key and closes the connection without an answer."""
     import http.server
     import threading
 
@@ -193,6 +194,9 @@ def registry_that_refuses_keys():
 
         def do_POST(self):
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if not answer_keys:
+                self.close_connection = True
+                return
             self.answer(507, {"error": {"code": "storage_error", "message": "the disk is full"}})
 
         def log_message(self, *args):
@@ -218,6 +222,10 @@ def test_keygen_register_leaves_no_key_the_hub_did_not_take(hub, carol, capsys, 
         code, _, err = run(capsys, "keygen", "--out", tmp_path, "--name", "k", "--register", "--url", url)
     assert code == 6 and "the disk is full" in err and list(tmp_path.iterdir()) == []
     assert run(capsys, "keygen", "--out", tmp_path, "--name", "k")[0] == 0  # the name is still free for a retry
+    with registry_that_refuses_keys(answer_keys=False) as url:  # the key may be registered: its private half stays
+        code, _, err = run(capsys, "keygen", "--out", tmp_path, "--name", "q", "--register", "--url", url)
+    assert code == 10 and f"lwhub key register {tmp_path / 'q.pub'} --owner cli-carol" in err
+    assert (tmp_path / "q.pem").is_file() and (tmp_path / "q.pub").is_file()
 
 
 def test_the_saved_token_goes_only_to_the_registry_it_was_saved_for(hub, carol, capsys, monkeypatch):
