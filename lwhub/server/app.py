@@ -167,6 +167,9 @@ class Registry:
         return json_answer(Page([v for _, v in rows], page_token(rows[-1][0]) if len(rows) == limit else None))
 
     def _lookup(self, owner: str, name: str, ref: str) -> VersionInfo:
+        if not (is_valid(ref) or TAG.match(ref) or ref == "latest"):  # no tag starts with a digit: a bad version
+            raise BadRequestError(f"{ref[:80]!r} is neither a semantic version (MAJOR.MINOR.PATCH, numbers of at most "
+                                  "20 digits) nor a tag", code="invalid_version")  # fmt: skip
         if is_valid(ref):
             info = self.store.version(owner, name, ref)
         elif ref == "latest":  # always computed, even where an older registry let a tag of that name be set
