@@ -183,16 +183,7 @@ def load_world(path: str | os.PathLike, *, device=None, verify: bool = False) ->
 
 def _verify(world: World, recorded: Digests, digests_file: Path) -> None:
     """Every block digest recomputed, for exactly the world's blocks, and the root they make as recorded."""
-    blocks = set(world.blocks())
-    missing = sorted(blocks - set(recorded.blocks))
-    unknown = sorted(set(recorded.blocks) - blocks)
-    if missing or unknown:
-        first = (missing or unknown)[0]
-        raise CheckpointError(
-            f"{digests_file}: records other blocks than the world's: "
-            f"{len(missing)} missing, {len(unknown)} unknown (first: {first})",
-            path=first,
-        )
+    _same_keys(world.blocks(), recorded.blocks, f"{digests_file}: records other blocks than the world's")
     verify_world(world, recorded.blocks)
     seed_cache(world, recorded.blocks)  # verified: the root below need not hash the blocks again
     if recorded.format == "lwdigests/1":  # its root was made without the order: not comparable
@@ -205,18 +196,17 @@ def _verify(world: World, recorded: Digests, digests_file: Path) -> None:
         )
 
 
-@torch.no_grad()
-def _copy_into(world: World, stored: dict[str, torch.Tensor], root: Path) -> None:
-    expected = weights_of(world)
-    missing = sorted(set(expected) - set(stored))
-    unexpected = sorted(set(stored) - set(expected))
+def _same_keys(expected, found, what: str) -> None:
+    """Refuse `found` unless it has exactly the keys of `expected`, naming the first difference."""
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if missing or unexpected:
         first = (missing or unexpected)[0]
-        raise CheckpointError(
-            f"{root / WEIGHTS}: weights do not fit the config: "
-            f"{len(missing)} missing, {len(unexpected)} unexpected (first: {first})",
-            path=first,
-        )
+        raise CheckpointError(f"{what}: {len(missing)} missing, {len(unexpected)} unexpected (first: {first})", path=first)
+
+
+@torch.no_grad()
+def _copy_into(world: World, stored: dict[str, torch.Tensor], root: Path) -> None:
+    _same_keys(weights_of(world), stored, f"{root / WEIGHTS}: weights do not fit the config")
     live = _live_tensors(world)
     for key, value in stored.items():
         target = live[key]
