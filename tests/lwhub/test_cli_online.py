@@ -120,7 +120,7 @@ def test_account_token_and_login(hub, home, capsys, monkeypatch):
 def test_a_bad_token_is_refused_and_not_saved(hub, home, capsys):
     config = home / "config" / "config.json"
     before = config.read_bytes() if config.exists() else None
-    code, out, err = run(capsys, "login", "--url", hub.url, "--token", "lwh_" + "x" * 43)
+    code, _, err = run(capsys, "login", "--url", hub.url, "--token", "lwh_" + "x" * 43)
     assert code == 8 and "unknown token" in err and "lwhub login --token" in err
     assert (config.read_bytes() if config.exists() else None) == before
     code, _, err = run(capsys, "whoami", "--url", DEAD_URL)

@@ -498,7 +498,7 @@ def test_rerank_does_not_lose_a_term_its_factors_carry_unevenly(exponent, seed):
     A[:2] *= lam
     M = B @ A  # (12, 10)
     sigma = torch.linalg.svdvals(M)
-    B_k, A_k, discarded, total = rerank(B, A, 4)
+    B_k, A_k, _, total = rerank(B, A, 4)
     scale = float(sigma[0])
     assert float((M - B_k @ A_k).norm()) == pytest.approx(float(sigma[4:].square().sum().sqrt()), abs=1e-9 * scale)
     assert float(total) == pytest.approx(float(M.norm()), rel=1e-9)
