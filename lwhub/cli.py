@@ -15,7 +15,8 @@ The verbs only wrap the API (`lwhub.client`, `lwhub.server`, `lwformat`).
 
 BUNDLE is a bundle directory or a ``.lwb`` archive. Every verb takes ``--json``: one JSON
 document on stdout, an error included (``{"error": {...}}``, with the registry's ``code``
-when the hub refused). Transfers draw a progress bar on a terminal's stderr (``--quiet``: none).
+when the hub refused; arguments refused as usage errors too). ``serve --json`` prints
+``{"data": ..., "url": ...}`` once it listens (``--port 0``: a free port, named there). Transfers draw a progress bar on a terminal's stderr (``--quiet``: none).
 
 Exit codes, by error class; the first row that matches wins:
 
@@ -130,7 +131,7 @@ EXIT_CODES: list[tuple[type[BaseException], int, str]] = [  # (error class, exit
     (LWHubError, 6, "see the message above"),
     (OSError, 7, "check permissions and free disk space"),
 ]  # fmt: skip
-INTERNAL, INTERRUPTED, PIPE_CLOSED, INCOMPATIBLE = 70, 130, 141, 3
+USAGE, INTERNAL, INTERRUPTED, PIPE_CLOSED, INCOMPATIBLE = 2, 70, 130, 141, 3
 
 
 def exit_code(exc: BaseException) -> tuple[int, str]:
@@ -355,15 +356,29 @@ def check(args: argparse.Namespace) -> int:
 # -- entry point -------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Parser(argparse.ArgumentParser):
+    """argparse's, but under ``--json`` a usage error is a JSON document on stdout as well."""
+
+    json_errors = False
+
+    def error(self, message: str):  # noqa: ANN201 - never returns
+        if self.json_errors:
+            error = {"type": "UsageError", "message": message, "path": None, "exit_code": USAGE}
+            print(json.dumps({"error": error}, indent=2, sort_keys=True))
+        super().error(message)  # usage and message on stderr, exit 2
+
+
+def build_parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
     from . import cli_admin, cli_blend, cli_hub  # noqa: F401 - their verbs join the table
 
-    parser = argparse.ArgumentParser(
+    parser_class = type("Parser", (_Parser,), {"json_errors": json_errors})  # subparsers are made of this class too
+    parser = parser_class(
         prog="lwhub", description="Light custom worlds: bundles, signatures and the hub.",
         epilog="exit codes: 0 ok, 1 verification failed, 2 usage, 3 incompatible, 4 not found, 5 format, "
-        "6 hub, 7 i/o, 8 not allowed, 9 exists, 10 unreachable, 70 internal error",
+        "6 hub, 7 i/o, 8 not allowed, 9 exists, 10 unreachable, 70 internal error, 130 interrupted (Ctrl-C), "
+        "141 output closed",
     )  # fmt: skip
-    common = argparse.ArgumentParser(add_help=False)
+    common = parser_class(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON document")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     groups: dict[str, Any] = {}
@@ -393,7 +408,8 @@ def report_error(args: argparse.Namespace, exc: BaseException, code: int, hint: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # exits 2 on bad arguments
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = build_parser(json_errors="--json" in argv).parse_args(argv)  # exits 2 on bad arguments
     try:
         return args.run(args)
     except KeyboardInterrupt:

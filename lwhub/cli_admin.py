@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import json
 import os
 import sys
 import time
@@ -70,8 +71,10 @@ def _print_token(args: argparse.Namespace, token: str, note: str, data: dict) ->
 def serve(args: argparse.Namespace) -> int:
     from .server import run_server
 
-    def ready() -> None:  # once the port, the data directory and its lock are checked: not before
-        print(f"lwhub: serving {args.data} at http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr, flush=True)
+    def ready(url: str) -> None:  # once the port, the data directory and its lock are checked: not before
+        if args.json:  # the one document on stdout: where the hub listens
+            print(json.dumps({"data": str(Path(args.data).resolve()), "url": url}, sort_keys=True), flush=True)
+        print(f"lwhub: serving {args.data} at {url} (Ctrl-C stops)", file=sys.stderr, flush=True)
 
     run_server(_data_dir(args.data), host=args.host, port=args.port, workers=args.workers, upload_idle=args.upload_idle, ready=ready)
     return 0

@@ -58,15 +58,18 @@ def worker_app():
 
 
 def run_server(data_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8700, workers: int = 1, instance: str = "",
-               upload_idle: float | None = None, ready: Callable[[], None] | None = None) -> None:  # fmt: skip
+               upload_idle: float | None = None, ready: Callable[[str], None] | None = None) -> None:  # fmt: skip
     """Recover `data_dir`, then serve it until interrupted (blocking; what `lwhub serve` runs).
 
-    `ready` is called once every check has passed and the data directory is held, just before serving.
+    `ready(url)` is called once every check has passed and the data directory is held, just
+    before serving. Port 0 picks a free port, which the URL names.
     """
     from granian import Granian
 
     check_upload_idle(upload_idle)
     ensure_port_free(host, port)
+    if port == 0:  # chosen here: each of Granian's workers would bind a port of its own, and none be named
+        port = free_port(host)
     data = Path(data_dir).resolve()
     hold_data_dir(data)  # before recover, which would delete another registry's uploads in flight
     recover(data)
@@ -74,7 +77,7 @@ def run_server(data_dir: str | Path, *, host: str = "127.0.0.1", port: int = 870
     os.environ[_IDLE_ENV] = "" if upload_idle is None else repr(float(upload_idle))  # None: the app's default
     try:
         if ready is not None:
-            ready()
+            ready(f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}")
         Granian(
             "lwhub.server.run:worker_app", address=host, port=port, interface="asgi", factory=True,
             workers=workers, log_level="warning", backlog=1024,
@@ -127,7 +130,7 @@ def ensure_port_free(host: str, port: int) -> None:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 

@@ -212,6 +212,11 @@ def test_ordinary_mistakes_are_usage_errors_not_internal_ones(tmp_path, capsys, 
         with pytest.raises(SystemExit) as info:
             cli.main(list(argv))
         assert info.value.code == 2
+        assert capsys.readouterr().out == ""
+        with pytest.raises(SystemExit) as info:  # --json: one document on stdout, arguments argparse refused included
+            cli.main([*argv, "--json"])
+        error = json.loads(capsys.readouterr().out)["error"]
+        assert info.value.code == 2 and error["type"] == "UsageError" and "--limit" in error["message"], argv
     code, _, err = run(capsys, "login", "--url", "http://127.0.0.1:9", "--token", "nope")
     assert code == 2 and "starts with lwh_" in err
     config = tmp_path / "home" / "config.json"  # $LWHUB_HOME/config.json

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import io
 import json
+import re
 import shutil
 import signal
 import stat
@@ -465,9 +466,12 @@ def test_serve_runs_a_hub_until_interrupted(tmp_path, capsys, monkeypatch):
     for bad in ("70000", "-5"):
         code, out, err = run(capsys, "serve", "--data", data, "--port", bad, "--json")
         assert code == 2 and json.loads(out)["error"]["type"] == "UsageError" and "0 to 65535" in out and "serving" not in err, bad
-    server = subprocess.Popen([sys.executable, "-m", "lwhub", "serve", "--data", str(data), "--port", str(port), "--upload-idle", "30"],
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    server = subprocess.Popen([sys.executable, "-m", "lwhub", "serve", "--data", str(data), "--port", "0", "--json", "--upload-idle", "30"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     try:
+        announced = json.loads(server.stdout.readline())  # --json: where it listens, once ready; port 0 named
+        url = announced["url"]
+        assert announced["data"] == str(data.resolve()) and re.fullmatch(r"http://127\.0\.0\.1:[1-9][0-9]*", url), announced
         deadline = time.monotonic() + 60  # the child imports torch before it listens
         while (code := run(capsys, "login", "--url", url, "--token", token)[0]) == 10 and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -478,8 +482,8 @@ def test_serve_runs_a_hub_until_interrupted(tmp_path, capsys, monkeypatch):
         assert code == 2 and "another registry serves" in err and "serving" not in err
     finally:
         server.send_signal(signal.SIGINT)
-        _, err = server.communicate(timeout=30)
-    assert server.returncode == 0 and f"serving {data} at {url}" in err
+        out, err = server.communicate(timeout=30)
+    assert server.returncode == 0 and f"serving {data} at {url}" in err and out == ""  # one document, printed above
 
 
 def test_pinned_keys_live_with_the_login_not_in_the_cache(carol, capsys, tmp_path, monkeypatch):
