@@ -289,6 +289,10 @@ def sign_bundle(
             raise SigningError(why, path=empty[0])
         digests = shard_digests(path, shard_names(path, names, shard_size))
     signature = sign_statement(statement_for(digests, model_name=path.resolve().name, shard_size=shard_size), key)
+    if len(signature) > MAX_SIGNATURE_BYTES:  # readers refuse it: keep the signature there is
+        hint = "; sign with a larger shard size" if shard_size is not None else ""
+        raise SigningError(f"{path / SIGNATURE}: the signature would be {len(signature):,} bytes, above the limit of "
+                           f"{MAX_SIGNATURE_BYTES:,} (MAX_SIGNATURE_BYTES){hint}", path=SIGNATURE)  # fmt: skip
     fd, tmp = tempfile.mkstemp(prefix=f".{SIGNATURE}.", dir=path)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -223,6 +223,17 @@ def test_an_oversized_signature_is_refused_before_reading(signed, pair):
         signing.verify_signature(signed, pair[1])
 
 
+def test_a_signature_past_the_readers_limit_is_refused_and_the_old_one_kept(signed, pair):
+    (signed / "pad.bin").write_bytes(bytes(5000))  # by shards of 1 byte: 5000 resources, over 1 MiB signed
+    old = (signed / "bundle.sig").read_bytes()
+    with pytest.raises(SigningError, match="above the limit of 1,048,576 .MAX_SIGNATURE_BYTES.; sign with a larger shard size"):
+        signing.sign_bundle(signed, pair[0], shard_size=1)
+    assert (signed / "bundle.sig").read_bytes() == old
+    assert sorted(p.name for p in signed.iterdir()) == ["adapters.safetensors", "bundle.sig", "manifest.json", "pad.bin"]
+    signing.sign_bundle(signed, pair[0], shard_size=4096)
+    assert signing.verify_signature(signed, pair[1])
+
+
 def test_resigning_replaces_the_signature_and_leaves_no_temporary_file(signed, pair):
     (signed / "manifest.json").write_text('{"changed": true}')
     signing.sign_bundle(signed, pair[0])
