@@ -297,6 +297,8 @@ def _plain_numbers(m: Manifest) -> bool:
 
 
 def dumps(manifest: Manifest) -> bytes:
-    """`Manifest` -> its canonical bytes; refuses a manifest that breaks the spec."""
+    """`Manifest` -> its canonical bytes; refuses a manifest that breaks the spec, or that readers refuse as too large."""
     checked = typed(msgspec.to_builtins(manifest))  # also turns ints given for floats into floats
-    return encode(msgspec.to_builtins(checked), path=MANIFEST)
+    data = encode(msgspec.to_builtins(checked), path=MANIFEST)
+    limits.ensure(len(data), limits.MAX_MANIFEST_BYTES, "MAX_MANIFEST_BYTES", "manifest size", path=MANIFEST)
+    return data

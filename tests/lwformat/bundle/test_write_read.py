@@ -12,12 +12,14 @@ from lwformat.adapters import LightConfig, LoRA, SlotSettings
 from lwformat.adapters.checkpoint import adapter_tensors
 from lwformat.bundle.archive import pack
 from lwformat.bundle.canonical import manifest_id
+from lwformat.bundle.limits import MAX_MANIFEST_BYTES
 from lwformat.bundle.manifest import Parent
 from lwformat.bundle.read import Bundle
 from lwformat.bundle.write import write_bundle
 from lwformat.errors import (
     BundleExistsError,
     BundleFormatError,
+    BundleLimitError,
     BundleNotFoundError,
     SlotNotFoundError,
     TargetError,
@@ -92,6 +94,13 @@ def test_write_refuses_what_it_cannot_do_and_writes_nothing(tmp_path):
     with pytest.raises(BundleNotFoundError):
         write_tiny(tmp_path / "missing", "z")
     assert sorted(os.listdir(tmp_path)) == ["taken"] and not os.listdir(tmp_path / "taken")
+
+
+def test_a_manifest_readers_would_refuse_as_too_large_is_not_written(tmp_path):
+    with pytest.raises(BundleLimitError) as info:
+        write_tiny(tmp_path, description="x" * MAX_MANIFEST_BYTES)
+    assert (info.value.limit, info.value.path) == ("MAX_MANIFEST_BYTES", "manifest.json")
+    assert not os.listdir(tmp_path)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
