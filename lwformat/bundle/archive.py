@@ -21,7 +21,7 @@ from typing import BinaryIO
 import msgspec
 import zstandard
 
-from ..errors import BundleExistsError, BundleFormatError, BundleNotFoundError, UnsafePathError
+from ..errors import BundleExistsError, BundleFormatError, BundleLimitError, BundleNotFoundError, UnsafePathError
 from . import limits, tar
 from .files import fsync_dir, list_members, open_member, rename_new
 from .zstd_frames import check_frames
@@ -68,6 +68,13 @@ def pack(bundle_dir: str | os.PathLike, out_file: str | os.PathLike) -> Path:
                     z.write(bytes(tar.padding(sizes[name])))
                 z.write(tar.END)
             out.flush()
+            compressed = os.fstat(out.fileno()).st_size
+            if total > (bound := limits.ratio_bound(compressed)):  # readers refuse it (unpack's first check)
+                raise BundleLimitError(
+                    f"{target}: {total:,} bytes of tar compress to {compressed:,}, past the {bound:,} readers accept "
+                    "(MAX_RATIO): the archive would be refused as a possible decompression bomb; ship the bundle "
+                    "directory instead", path=str(target), limit="MAX_RATIO", value=total, maximum=bound,
+                )  # fmt: skip
             os.fsync(out.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it 0600
         rename_new(Path(tmp), target)

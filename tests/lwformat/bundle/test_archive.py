@@ -8,12 +8,16 @@ import shutil
 import subprocess
 import tarfile
 
+import msgspec
 import pytest
+import torch
 import zstandard
 
 from lwformat.bundle.archive import pack, unpack
+from lwformat.bundle.manifest import SlotEntry, TensorEntry
 from lwformat.bundle.read import Bundle
-from lwformat.errors import BundleExistsError, BundleFormatError, UnsafePathError
+from lwformat.bundle.write import write_tensors
+from lwformat.errors import BundleExistsError, BundleFormatError, BundleLimitError, UnsafePathError
 
 from tests.lwformat.bundle.tiny import VECTORS, tree_bytes, write_tiny
 
@@ -87,6 +91,20 @@ def test_pack_refuses_an_invalid_bundle_and_an_existing_target(tmp_path):
     with pytest.raises(BundleFormatError, match="does not list"):
         pack(folder, tmp_path / "c.lwb")
     assert not (tmp_path / "c.lwb").exists()
+
+
+def test_pack_refuses_an_archive_readers_would_take_for_a_decompression_bomb(tmp_path):
+    with Bundle.open(VECTORS / "valid-dir") as vector:
+        draft = vector.manifest
+    block, n = draft.slots[0].block, 18 << 18  # 18 MiB of zeros: past RATIO_FLOOR, and 1024 x what zstd makes of them
+    zeros = SlotEntry(block=block, module="0", kind="bias", layer="linear",
+                      tensors={"bias_delta": TensorEntry(key=f"{block}:0.bias_delta", dtype="F32", shape=[n])})  # fmt: skip
+    folder = tmp_path / "b"
+    write_tensors(msgspec.structs.replace(draft, slots=[zeros]), {f"{block}:0.bias_delta": torch.zeros(n)}, folder)
+    with pytest.raises(BundleLimitError, match="decompression bomb; ship the bundle directory") as info:
+        pack(folder, tmp_path / "b.lwb")
+    assert info.value.limit == "MAX_RATIO"
+    assert os.listdir(tmp_path) == ["b"]
 
 
 @pytest.mark.parametrize("field, start", [("mode", 100), ("uid", 108), ("mtime", 136), ("devmajor", 329)])
