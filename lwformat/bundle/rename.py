@@ -11,7 +11,8 @@ Only the two fields change: the rest of the JSON value, fields this reader does 
 included (a newer minor version's), is kept as it was, and the result is validated again.
 
 The shell never touches the source: it builds the copy in a temporary sibling of the
-target (weights hard-linked where the file system allows, else copied), without the old
+target (weights hard-linked where the file system allows, else copied; each opened without
+following links and refused unless a regular file, as readers refuse it), without the old
 ``bundle.sig``, and renames it into place, so a reader sees a whole bundle or none.
 """
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from ..errors import BundleNotFoundError
 from .canonical import encode, loads, parse, typed
-from .files import new_directory, read_member, write_synced
+from .files import list_members, new_directory, open_member, read_member, write_synced
 from .limits import MAX_MANIFEST_BYTES
 from .manifest import MANIFEST, Manifest
 
@@ -37,11 +38,24 @@ def renamed(manifest_bytes: bytes, *, name: str | None = None, version: str | No
     return encode(value, path=MANIFEST)
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)  # bundle files are never changed in place: sharing the inode is safe and free
-    except OSError:
-        shutil.copyfile(source, target)
+def _link_or_copy(root: Path, name: str, target: Path) -> None:
+    """``root/name`` as `target`: a link or a non-regular file is refused, as readers refuse it."""
+    with open_member(root, name) as f:
+        opened = os.fstat(f.fileno())
+        try:
+            # bundle files are never changed in place: sharing the inode is safe and free
+            os.link(root / name, target, follow_symlinks=False)
+        except OSError:  # another file system, or one without hard links: copy
+            pass
+        else:
+            linked = os.stat(target, follow_symlinks=False)
+            if (linked.st_dev, linked.st_ino) == (opened.st_dev, opened.st_ino):
+                return
+            target.unlink()  # the name was swapped since it was opened: copy the file that was checked
+        with open(target, "xb") as out:
+            shutil.copyfileobj(f, out)
+            out.flush()
+            os.fsync(out.fileno())
 
 
 def write_renamed(source_dir: str | os.PathLike, out_dir: str | os.PathLike, *, name: str | None = None,
@@ -50,10 +64,11 @@ def write_renamed(source_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     source, target = Path(source_dir), Path(out_dir)
     if not source.is_dir():
         raise BundleNotFoundError(f"{source}: no bundle directory here", path=str(source))
+    list_members(source)  # links, devices, FIFOs refused before any is opened (a FIFO would block the open)
     data = renamed(read_member(source, MANIFEST, MAX_MANIFEST_BYTES, "MAX_MANIFEST_BYTES"), name=name, version=version)
     manifest = loads(data)
     with new_directory(target) as tmp:
         for entry in manifest.files:
-            _link_or_copy(source / entry.path, tmp / entry.path)
+            _link_or_copy(source, entry.path, tmp / entry.path)
         write_synced(tmp / MANIFEST, data)
     return manifest

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
 
 import pytest
 
@@ -12,7 +15,7 @@ from lwformat.bundle.read import Bundle
 from lwformat.bundle.rename import renamed, write_renamed
 from lwformat.bundle.signing import sign_bundle, verify_signature
 from lwformat.bundle.verify import verify_files
-from lwformat.errors import BundleExistsError, BundleFormatError
+from lwformat.errors import BundleExistsError, BundleFormatError, UnsafePathError
 
 from .tiny import tree_bytes, write_tiny
 
@@ -67,3 +70,35 @@ def test_renamed_keeps_fields_this_reader_does_not_know(source):
     value = json.loads((source / "manifest.json").read_bytes()) | {"x_future": {"b": [1, 2.5], "a": "kept"}}
     out = json.loads(renamed(json.dumps(value).encode(), version="1.0.1"))
     assert out == value | {"version": "1.0.1"}
+
+
+@pytest.mark.parametrize("when", ["before", "after listing"])
+def test_write_renamed_refuses_a_linked_source_file_and_writes_nothing(source, tmp_path, monkeypatch, when):
+    folder = shutil.copytree(source, tmp_path / "src")
+    (tmp_path / "outside").write_bytes((folder / "adapters.safetensors").read_bytes())
+
+    def link(*_):
+        os.unlink(folder / "adapters.safetensors")
+        os.symlink(tmp_path / "outside", folder / "adapters.safetensors")
+
+    if when == "before":
+        link()
+    else:  # the link appears once the directory was listed: opening the file must refuse it too
+        monkeypatch.setattr("lwformat.bundle.rename.list_members", link, raising=False)
+    with pytest.raises(UnsafePathError, match="a link") as info:
+        write_renamed(folder, tmp_path / "copy", version="2.0.0")
+    assert info.value.path == "adapters.safetensors"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outside", "src"]
+
+
+def test_write_renamed_copies_where_it_cannot_link(source, tmp_path, monkeypatch):
+    def no_links(*args, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_links)
+    write_renamed(source, tmp_path / "copy", version="2.0.0")
+    copy = tmp_path / "copy" / "adapters.safetensors"
+    assert copy.read_bytes() == (source / "adapters.safetensors").read_bytes()
+    assert copy.stat().st_ino != (source / "adapters.safetensors").stat().st_ino
+    with Bundle.open(tmp_path / "copy") as bundle:
+        verify_files(bundle)
