@@ -41,7 +41,7 @@ def read_member(root: Path, name: str, maximum: int, limit: str) -> bytes:
 
 
 def list_members(root: Path) -> dict[str, int]:
-    """``{name: size}`` of every file in the bundle directory; links, devices, subdirectories refused."""
+    """``{name: size}`` of every file in the bundle directory; links, devices, subdirectories, too many or too large files refused."""
     out: dict[str, int] = {}
     with os.scandir(root) as entries:
         for entry in entries:
@@ -53,6 +53,8 @@ def list_members(root: Path) -> dict[str, int]:
             if not entry.is_file(follow_symlinks=False):
                 raise UnsafePathError(f"{entry.name}: not a regular file", path=entry.name)
             out[entry.name] = entry.stat(follow_symlinks=False).st_size
+    # every file counts, manifest.json and bundle.sig too, as an archive's members do
+    limits.ensure(sum(out.values()), limits.MAX_BUNDLE_BYTES, "MAX_BUNDLE_BYTES", "total file size", path=str(root))
     return out
 
 

@@ -164,6 +164,17 @@ def test_directory_form_refuses_links_and_subdirectories(tmp_path):
         Bundle.open(tmp_path / "nothing-here")
 
 
+def test_every_file_of_a_directory_counts_toward_the_total_size(tmp_path, monkeypatch):
+    from lwformat.bundle import limits
+
+    folder = write_tiny(tmp_path)
+    # the listed files alone are at the limit; manifest.json takes the directory past it, as it would an archive
+    monkeypatch.setattr(limits, "MAX_BUNDLE_BYTES", (folder / "adapters.safetensors").stat().st_size)
+    with pytest.raises(BundleLimitError) as info:
+        Bundle.open(folder)
+    assert (info.value.limit, info.value.value) == ("MAX_BUNDLE_BYTES", sum(p.stat().st_size for p in folder.iterdir()))
+
+
 def test_names_versions_and_archive_paths_are_explained(tmp_path):
     from lwformat import LightConfig
     from lwformat.zoo import reference_world
