@@ -70,9 +70,9 @@ def _text_ok(text: str) -> bool:
 
 def _valid(value: Any, depth: int = 0) -> bool:
     """The fast walk: True when `value` has a canonical form (no locations built)."""
-    if depth > limits.MAX_JSON_DEPTH:
-        return False
     kind = type(value)
+    if (kind is dict or kind is list) and depth >= limits.MAX_JSON_DEPTH:
+        return False  # an array or object at `depth` (the top value at 0) is level depth + 1, empty or not
     if kind is dict:
         return all(type(k) is str and _text_ok(k) and _valid(v, depth + 1) for k, v in value.items())
     if kind is list:
@@ -92,7 +92,7 @@ def check_value(value: Any, *, path: str | None = None, depth: int = 0, at: str 
     """Refuse what has no canonical form: see the module docstring."""
     if depth == 0 and _valid(value):
         return  # the common case; the slow walk below only runs to say where the problem is
-    if depth > limits.MAX_JSON_DEPTH:
+    if isinstance(value, (dict, list)) and depth >= limits.MAX_JSON_DEPTH:  # as in `_valid`
         raise BundleFormatError(f"{at}: nested deeper than {limits.MAX_JSON_DEPTH}", path=path, field=at)
     if isinstance(value, dict):
         for key, item in value.items():
@@ -121,14 +121,14 @@ def check_value(value: Any, *, path: str | None = None, depth: int = 0, at: str 
 
 
 def _shape_ok(value: dict | list, depth: int = 0, *, floats: bool = False) -> bool:
-    """What a canonical round trip cannot see: integers within ±(2^53 - 1), and no
-    member deeper than MAX_JSON_DEPTH (`value` sits at `depth`; the top value is at 0,
-    as `_valid` counts); with `floats`, also every float in msgspec's plain range."""
+    """What a canonical round trip cannot see: integers within ±(2^53 - 1), and no array
+    or object, empty or not, nested more than MAX_JSON_DEPTH deep (`value` sits at `depth`;
+    the top value is at 0, as `_valid` counts); with `floats`, also every float in msgspec's plain range."""
     stack = [(value, depth)]
     while stack:
         node, depth = stack.pop()
         items = node.values() if type(node) is dict else node
-        if items and depth >= limits.MAX_JSON_DEPTH:
+        if depth >= limits.MAX_JSON_DEPTH:
             return False
         for v in items:
             kind = type(v)

@@ -282,6 +282,30 @@ def test_fast_path_nesting_limit_matches(depth):
         _agree(data)
 
 
+def _nested(levels: int, innermost: list | dict) -> list | dict:
+    """`levels` arrays and objects, one in the other, the innermost being `innermost`."""
+    value = innermost
+    for i in range(levels - 1):
+        value = [value] if i % 2 else {"k": value}
+    return value
+
+
+@pytest.mark.parametrize("innermost", [[], {}, [1]], ids=["empty array", "empty object", "array"])
+def test_an_empty_array_or_object_counts_toward_the_nesting_limit_like_any_other(innermost):
+    # the manifest and provenance objects are levels 1 and 2: 32 levels in all, then 33
+    ok, deep = (small_manifest(provenance={"d": _nested(n, innermost)}) for n in (30, 31))
+    assert loads(dumps(ok)) == ok
+    with pytest.raises(BundleFormatError, match="nested deeper than 32"):
+        dumps(deep)
+    data = dumps(ok).replace(encode(ok.provenance), encode(deep.provenance))
+    for spelling in (data, json.dumps(json.loads(data), indent=1).encode()):
+        with pytest.raises(BundleFormatError, match="nested deeper than 32"):
+            loads(spelling)
+    for levels in (32, 33):
+        for spelling in _spellings(_nested(levels, innermost)):
+            _agree(spelling)
+
+
 @pytest.mark.parametrize(
     "data",
     [b'{"a":1,"a":1}', b'{"a":NaN}', b'[1e999]', b'["\\ud800"]', b"[9007199254740992]", b"[9007199254740991]",
