@@ -99,6 +99,10 @@ def write_tensors(draft: Manifest, tensors: Mapping[str, torch.Tensor], out_dir:
         raise BundleFormatError(f"{missing[0]}: the manifest lists a tensor that was not given", path=WEIGHTS, field=missing[0])
     for s in spans:
         t = tensors[s.key]
+        found = (DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape))
+        if found != (s.dtype, s.shape):  # its bytes would be read under the manifest's dtype and shape
+            raise BundleFormatError(f"{s.key}: given as {found[0]} {list(found[1])}, the manifest says {s.dtype} {list(s.shape)}",
+                                    path=WEIGHTS, field=s.key)  # fmt: skip
         if t.is_meta:
             raise BundleFormatError(f"{s.key}: on the meta device, it holds no data to write (load or initialise it first)",
                                     path=WEIGHTS, field=s.key)  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from lwformat.bundle.canonical import manifest_id
 from lwformat.bundle.limits import MAX_MANIFEST_BYTES
 from lwformat.bundle.manifest import Parent
 from lwformat.bundle.read import Bundle
-from lwformat.bundle.write import write_bundle
+from lwformat.bundle.write import write_bundle, write_tensors
 from lwformat.errors import (
     BundleExistsError,
     BundleFormatError,
@@ -26,7 +27,7 @@ from lwformat.errors import (
     UnsafePathError,
 )
 
-from tests.lwformat.bundle.tiny import BACKBONE, LLM, tiny_custom_world, tiny_world, tree_bytes, write_tiny
+from tests.lwformat.bundle.tiny import BACKBONE, LLM, VECTORS, tiny_custom_world, tiny_world, tree_bytes, write_tiny
 
 
 def test_round_trip_through_both_forms(tmp_path):
@@ -100,6 +101,21 @@ def test_a_manifest_readers_would_refuse_as_too_large_is_not_written(tmp_path):
     with pytest.raises(BundleLimitError) as info:
         write_tiny(tmp_path, description="x" * MAX_MANIFEST_BYTES)
     assert (info.value.limit, info.value.path) == ("MAX_MANIFEST_BYTES", "manifest.json")
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "given, found",
+    [(torch.full((2, 8), -1, dtype=torch.int32), "I32 [2, 8]"), (torch.zeros(8, 2), "F32 [8, 2]")],
+    ids=["dtype", "shape"],
+)
+def test_tensors_unlike_their_manifest_entry_are_refused_before_anything_is_written(tmp_path, given, found):
+    with Bundle.open(VECTORS / "valid-dir") as vector:
+        draft, tensors = vector.manifest, {k: t.clone() for k, t in vector.tensors().items()}
+    key = f"{LLM}:0.lora_A"  # F32 [2, 8] in the manifest: the same bytes, read as something else
+    with pytest.raises(BundleFormatError, match=rf"given as {re.escape(found)}, the manifest says F32 \[2, 8\]") as info:
+        write_tensors(draft, tensors | {key: given}, tmp_path / "b")
+    assert (info.value.path, info.value.field) == ("adapters.safetensors", key)
     assert not os.listdir(tmp_path)
 
 
