@@ -112,9 +112,15 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
     # O_EXCL: never overwrite a key; the mode is set at creation, so the secret is never world-readable.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
+        try:
+            view = memoryview(data)
+            while view:  # os.write may write less than asked
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+    except BaseException:
+        path.unlink(missing_ok=True)  # we created it: a partial key would refuse every retry as "already exists"
+        raise
 
 
 def generate_keypair(where: str | os.PathLike = ".", *, name: str = DEFAULT_NAME) -> tuple[Path, Path]:

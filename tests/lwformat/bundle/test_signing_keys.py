@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import stat
 
 import pytest
@@ -37,6 +39,32 @@ def test_existing_keys_are_never_overwritten(tmp_path):
     with pytest.raises(SigningKeyError, match="already exists"):
         keys.generate_keypair(tmp_path)
     assert private.read_bytes() == before
+
+
+@pytest.mark.parametrize("failing", [1, 2], ids=["private half", "public half"])
+def test_a_failed_write_leaves_no_key_file_so_a_retry_works(tmp_path, monkeypatch, failing):
+    real, calls = os.write, []
+
+    def full_disk(fd, data):
+        calls.append(fd)
+        if len(calls) == failing:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        keys.generate_keypair(tmp_path, name="k")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(os, "write", real)
+    private, public = keys.generate_keypair(tmp_path, name="k")
+    assert keys.public_pem(keys.load_private_key(private).public_key()) == public.read_bytes()
+
+
+def test_short_writes_still_write_whole_keys(tmp_path, monkeypatch):
+    real = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real(fd, bytes(data[:7])))
+    private, public = keys.generate_keypair(tmp_path)
+    assert keys.public_pem(keys.load_private_key(private).public_key()) == public.read_bytes()
 
 
 def test_key_id_is_the_sha256_of_the_der_public_key(tmp_path):
