@@ -22,6 +22,7 @@ bytes; `sign_bundle` and `verify_signature` are the I/O shell.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -293,16 +294,37 @@ def sign_bundle(
         hint = "; sign with a larger shard size" if shard_size is not None else ""
         raise SigningError(f"{path / SIGNATURE}: the signature would be {len(signature):,} bytes, above the limit of "
                            f"{MAX_SIGNATURE_BYTES:,} (MAX_SIGNATURE_BYTES){hint}", path=SIGNATURE)  # fmt: skip
-    fd, tmp = tempfile.mkstemp(prefix=f".{SIGNATURE}.", dir=path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(signature)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path / SIGNATURE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _replace_signature(path, signature)
     return path / SIGNATURE
+
+
+def _replace_signature(bundle_dir: Path, signature: bytes) -> None:
+    """Write `signature` to a temporary file beside the bundle directory, then rename it over ``bundle.sig``.
+
+    Beside, not inside: a signer killed before the rename would leave, inside, a file the
+    manifest does not list, and the bundle would no longer open. Where the parent takes no
+    new file (not writable) or is another file system (the bundle is a mount point), the
+    temporary file is made inside after all.
+    """
+    bundle = bundle_dir.resolve()
+    for where in (bundle.parent, bundle):
+        last = where == bundle
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{bundle.name}.{SIGNATURE}.", suffix=".partial", dir=where)
+        except OSError as exc:
+            if last or exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            continue
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(signature)
+            os.chmod(tmp, 0o644)  # mkstemp makes it 0600
+            os.replace(tmp, bundle / SIGNATURE)
+            return
+        except BaseException as exc:
+            Path(tmp).unlink(missing_ok=True)
+            if last or not (isinstance(exc, OSError) and exc.errno == errno.EXDEV):
+                raise
 
 
 def read_signature(bundle_dir: Path) -> bytes:

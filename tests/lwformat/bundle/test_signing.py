@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
 import random
+import signal
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+import lwformat
 from lwformat.bundle import keys, signing
 from lwformat.bundle.limits import MAX_SIGNATURE_BYTES
 from lwformat.errors import (
@@ -240,6 +246,42 @@ def test_resigning_replaces_the_signature_and_leaves_no_temporary_file(signed, p
     assert signing.verify_signature(signed, pair[1])
     assert sorted(p.name for p in signed.iterdir()) == ["adapters.safetensors", "bundle.sig", "manifest.json"]
     assert oct((signed / "bundle.sig").stat().st_mode & 0o777) == "0o644"
+
+
+def test_a_signer_killed_before_the_rename_leaves_the_bundle_as_it_was(signed, pair):
+    before = {p.name: p.read_bytes() for p in signed.iterdir()}
+    child = f"""
+import os, signal
+from lwformat.bundle import signing
+os.chmod = lambda *args: os.kill(os.getpid(), signal.SIGKILL)  # dies with the new signature written, not renamed
+signing.sign_bundle({str(signed)!r}, {str(pair[0])!r}, shard_size=64)
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(lwformat.__file__).parents[1])}
+    assert subprocess.run([sys.executable, "-c", child], env=env, check=False).returncode == -signal.SIGKILL
+    assert {p.name: p.read_bytes() for p in signed.iterdir()} == before  # no stray file: the bundle still opens
+    assert signing.verify_signature(signed, pair[1])
+
+
+@pytest.mark.parametrize("parent", ["not writable", "another file system"])
+def test_a_parent_that_takes_no_temporary_file_still_lets_the_bundle_be_signed(signed, pair, monkeypatch, parent):
+    real_mkstemp, real_replace = tempfile.mkstemp, os.replace
+
+    def mkstemp(*args, dir, **kwargs):
+        if parent == "not writable" and Path(dir) == signed.resolve().parent:
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    def replace(source, target):
+        if parent == "another file system" and Path(source).parent != Path(target).parent:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(os, "replace", replace)
+    signing.sign_bundle(signed, pair[0], shard_size=64)
+    assert sorted(p.name for p in signed.iterdir()) == ["adapters.safetensors", "bundle.sig", "manifest.json"]
+    assert sorted(p.name for p in signed.parent.iterdir()) == ["b"]
+    assert signing.verify_signature(signed, pair[1])
 
 
 def test_signing_by_shards_lists_every_shard(tmp_path, pair):
