@@ -113,7 +113,9 @@ def new_directory(target: Path) -> Iterator[Path]:
     """A private sibling of `target` to fill: renamed to `target` whole on success, removed on failure.
 
     An existing `target` or a missing parent is refused before anything is created, so a
-    reader sees a whole bundle or none, and a bundle is never overwritten.
+    reader sees a whole bundle or none, and a bundle is never overwritten. Should syncing
+    the parent directory fail once the rename is done, the complete bundle stays and an
+    OSError says so.
     """
     if target.exists() or target.is_symlink():
         raise BundleExistsError(f"{target}: already exists; bundles are never overwritten", path=str(target))
@@ -125,10 +127,16 @@ def new_directory(target: Path) -> Iterator[Path]:
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         fsync_dir(tmp)
         rename_new(tmp, target)
-        fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    try:
+        fsync_dir(target.parent)  # makes the rename itself survive a crash
+    except OSError as exc:
+        # The whole bundle is in place (a retry meets BundleExistsError), yet the storage failed:
+        # say exactly that rather than nothing, or that the write failed.
+        raise OSError(exc.errno, f"{target}: the bundle is written, but syncing its directory entry failed "
+                      f"({exc.strerror}): after a crash it may be missing", str(target.parent)) from exc  # fmt: skip
 
 
 def write_synced(path: Path, data: bytes) -> None:

@@ -1,5 +1,6 @@
 """Writing a bundle's directory or archive never replaces what another process put at the target meanwhile."""
 
+import errno
 import os
 
 import pytest
@@ -46,6 +47,22 @@ def test_a_free_target_takes_the_new_directory(tmp_path, kernel):
     target = tmp_path / "noir"
     with new_directory(target) as tmp:
         (tmp / "manifest.json").write_text("{}")
+    assert (target / "manifest.json").read_text() == "{}" and leftovers(tmp_path) == []
+
+
+def test_a_failed_sync_after_the_rename_keeps_the_bundle_and_says_it_is_written(tmp_path, monkeypatch):
+    target, real = tmp_path / "noir", files.fsync_dir
+
+    def parent_fails(path):
+        if path == tmp_path:
+            raise OSError(errno.EIO, "Input/output error")
+        real(path)
+
+    monkeypatch.setattr(files, "fsync_dir", parent_fails)
+    written = "the bundle is written, but syncing its directory entry failed"
+    with pytest.raises(OSError, match=written) as info, new_directory(target) as tmp:
+        (tmp / "manifest.json").write_text("{}")
+    assert info.value.errno == errno.EIO
     assert (target / "manifest.json").read_text() == "{}" and leftovers(tmp_path) == []
 
 
