@@ -47,6 +47,9 @@ def pack(bundle_dir: str | os.PathLike, out_file: str | os.PathLike) -> Path:
 
     root, target = Path(bundle_dir), Path(out_file)
     _new_target(target)
+    if target.parent.resolve().is_relative_to(root.resolve()):  # the bundle would then hold a file it does not list
+        raise BundleFormatError(f"{target}: inside the bundle directory {root}; write the archive elsewhere",
+                                path=str(target))  # fmt: skip
     Bundle.open(root).close()  # only a valid bundle is packed
     sizes = list_members(root)
     names = sorted(sizes)

@@ -93,6 +93,17 @@ def test_pack_refuses_an_invalid_bundle_and_an_existing_target(tmp_path):
     assert not (tmp_path / "c.lwb").exists()
 
 
+def test_pack_refuses_to_write_the_archive_into_the_bundle_it_packs(tmp_path):
+    folder = write_tiny(tmp_path)
+    before = tree_bytes(folder)
+    for target in (folder / "b.lwb", tmp_path / "." / "b" / "b.lwb"):
+        with pytest.raises(BundleFormatError, match="inside the bundle directory") as info:
+            pack(folder, target)
+        assert info.value.path == str(target)
+    assert tree_bytes(folder) == before and os.listdir(tmp_path) == ["b"]
+    Bundle.open(folder).close()
+
+
 def test_pack_refuses_an_archive_readers_would_take_for_a_decompression_bomb(tmp_path):
     with Bundle.open(VECTORS / "valid-dir") as vector:
         draft = vector.manifest
