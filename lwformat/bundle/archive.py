@@ -135,7 +135,8 @@ def _check_member(member: tar.Member, seen: dict[str, int], total: int) -> None:
 def _extract(stream: _Bounded, folder: Path, compressed: int, source: str) -> None:
     seen: dict[str, int] = {}
     declared = 0  # tar bytes the headers promise so far
-    while (member := tar.parse_header(stream.read_exact(tar.BLOCK, "a header"))) is not None:
+    while (member := tar.parse_header(stream.read_exact(tar.BLOCK, "a header"), path=source,
+                                      offset=stream.done - tar.BLOCK)) is not None:  # fmt: skip
         _check_member(member, seen, sum(seen.values()))
         declared += tar.BLOCK + member.size + tar.padding(member.size)
         limits.ensure(declared, limits.ratio_bound(compressed), "MAX_RATIO", "unpacked size", path=member.name)

@@ -76,10 +76,10 @@ def _field(block: bytes, start: int, width: int) -> bytes:
 def _number(block: bytes, start: int, width: int, what: str) -> int:
     raw = block[start : start + width]
     if raw[0] & 0x80:
-        raise BundleFormatError(f"tar header: base-256 {what} is not ustar")
+        raise ValueError(f"base-256 {what} is not ustar")
     digits = raw.replace(b"\0", b" ").strip()
     if digits and not all(48 <= c <= 55 for c in digits):
-        raise BundleFormatError(f"tar header: {what} {raw!r} is not octal")
+        raise ValueError(f"{what} {raw!r} is not octal")
     return int(digits, 8) if digits else 0
 
 
@@ -87,24 +87,39 @@ _IGNORED_NUMBERS = ((100, 8, "mode"), (108, 8, "uid"), (116, 8, "gid"), (136, 12
                     (337, 8, "devminor"))  # fmt: skip
 
 
-def parse_header(block: bytes) -> Member | None:
-    """A 512-byte header -> `Member`; None for an all-NUL block (the end of the archive)."""
+def parse_header(block: bytes, *, path: str | None = None, offset: int = 0) -> Member | None:
+    """A 512-byte header -> `Member`; None for an all-NUL block (the end of the archive).
+
+    Errors name the archive `path`, the header's `offset` in the tar stream and, once the
+    checksum holds, the member.
+    """
+    member = None
+
+    def fail(why: str) -> BundleFormatError:
+        where = f"{path}: " if path else ""
+        named = f" (member {member})" if member else ""
+        return BundleFormatError(f"{where}tar header at byte {offset:,}{named}: {why}", path=path, field=member)
+
     if len(block) != BLOCK:
-        raise BundleFormatError("tar: archive ends inside a header")
+        raise fail("archive ends inside a header")
     if block == bytes(BLOCK):
         return None
     if block[257:265] not in (USTAR, GNU):
-        raise BundleFormatError(f"tar header: magic {block[257:265]!r} is not ustar")
-    if _number(block, 148, 8, "checksum") != sum(block[:148]) + 8 * 32 + sum(block[156:]):
-        raise BundleFormatError("tar header: checksum mismatch")
-    name = _field(block, 0, 100)
-    prefix = _field(block, 345, 155) if block[257:265] == USTAR else b""
-    full = (prefix + b"/" + name) if prefix else name
-    for start, width, what in _IGNORED_NUMBERS:  # not used, but the spec wants every number octal
-        _number(block, start, width, what)
+        raise fail(f"magic {block[257:265]!r} is not ustar")
+    try:
+        if _number(block, 148, 8, "checksum") != sum(block[:148]) + 8 * 32 + sum(block[156:]):
+            raise ValueError("checksum mismatch")
+        name = _field(block, 0, 100)
+        prefix = _field(block, 345, 155) if block[257:265] == USTAR else b""
+        member = ((prefix + b"/" + name) if prefix else name).decode("utf-8", "replace")
+        for start, width, what in _IGNORED_NUMBERS:  # not used, but the spec wants every number octal
+            _number(block, start, width, what)
+        size = _number(block, 124, 12, "size")
+    except ValueError as exc:
+        raise fail(str(exc)) from None
     return Member(
-        name=full.decode("utf-8", "replace"),
-        size=_number(block, 124, 12, "size"),
+        name=member,
+        size=size,
         typeflag=block[156:157],
         linkname=_field(block, 157, 100).decode("utf-8", "replace"),
     )

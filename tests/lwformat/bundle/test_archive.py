@@ -128,3 +128,25 @@ def test_every_numeric_header_field_must_be_octal(tmp_path, field, start):
     block[148:156] = b"%06o\x00 " % (sum(block[:148]) + 8 * 32 + sum(block[156:]))
     with pytest.raises(BundleFormatError, match=f"{field} .* is not octal"):
         tar.parse_header(bytes(block))
+
+
+@pytest.mark.parametrize("damage", ["checksum", "mode"])
+def test_a_bad_tar_header_names_the_archive_its_offset_and_the_member(tmp_path, damage):
+    from lwformat.bundle import tar
+
+    folder = write_tiny(tmp_path)
+    pack(folder, tmp_path / "b.lwb")
+    stream = bytearray(zstandard.ZstdDecompressor().decompress((tmp_path / "b.lwb").read_bytes()))
+    first = (folder / "adapters.safetensors").stat().st_size
+    at = 512 + first + tar.padding(first)  # the second header: bundle.sig is absent, so manifest.json's
+    if damage == "checksum":
+        stream[at + 148] ^= 1
+    else:  # the checksum holds, so the member is known
+        stream[at + 100 : at + 103] = b"zz9"
+        stream[at + 148 : at + 156] = b"%06o\x00 " % (sum(stream[at : at + 148]) + 8 * 32 + sum(stream[at + 156 : at + 512]))
+    (tmp_path / "bad.lwb").write_bytes(zstandard.ZstdCompressor(write_checksum=True).compress(bytes(stream)))
+    with pytest.raises(BundleFormatError, match=f"^bad.lwb: tar header at byte {at:,}") as info:
+        Bundle.open(tmp_path / "bad.lwb")
+    named = damage == "mode"
+    assert (info.value.path, info.value.field) == ("bad.lwb", "manifest.json" if named else None)
+    assert ("(member manifest.json)" in str(info.value)) == named
