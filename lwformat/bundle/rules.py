@@ -55,8 +55,9 @@ def _check_tensor(slot: str, name: str, t: TensorEntry, where: str) -> None:
         _fail(f"key {t.key!r} must be '{slot}.{name}'", f"{where}.key")
     if t.dtype not in DTYPES:
         _fail(f"dtype {t.dtype!r} is not one of {', '.join(sorted(DTYPES))}", f"{where}.dtype")
-    if len(t.shape) > limits.MAX_NDIM:
-        _fail(f"{len(t.shape)} dimensions, at most {limits.MAX_NDIM}", f"{where}.shape")
+    # a limit of section 8, refused as the weights header refuses it
+    limits.ensure(len(t.shape), limits.MAX_NDIM, "MAX_NDIM", f"{where}.shape: dimension count", path=MANIFEST,
+                  field=f"{where}.shape")  # fmt: skip
 
 
 def _check_files(m: Manifest) -> None:

@@ -175,7 +175,6 @@ def test_any_valid_spelling_reads_to_the_same_manifest_and_identity(m):
         (lambda d: d.replace(b'"name":"author/noir"', b'"name":"author/noir\\n"'), "$.name"),
         (lambda d: d.replace(b'"version":"1.0.0"', b'"version":"\\u0661.0.0"'), "$.version"),
         (lambda d: d.replace(b'"rank":2', b'"rank":-1'), "$.slots[0].rank"),
-        (lambda d: d.replace(b'"shape":[2,8]', b'"shape":[2,8,1,1,1,1,1,1,1]'), "$.slots[0].tensors.lora_A.shape"),
         (lambda d: d.replace(b'"spec":"lwbundle/1.0"', b'"spec":"lwbundle/01.0"'), "$.spec"),
         (lambda d: d.replace(b'"size":10', b'"size":70000'), "$.files[0].chunks"),
         (lambda d: d.replace(b'"path":"adapters.safetensors"', b'"path":"../adapters.safetensors"'), "$.files[0].path"),
@@ -189,6 +188,21 @@ def test_loads_refuses(change, field):
     assert info.value.path == "manifest.json"
     if field is not None:
         assert info.value.field is not None and info.value.field.startswith(field)
+
+
+def test_too_many_dimensions_are_the_same_limit_error_in_the_manifest_and_the_weights_header():
+    from lwformat.bundle.layout import check_header, plan_layout
+
+    data = dumps(small_manifest())
+    with pytest.raises(BundleLimitError) as info:
+        loads(data.replace(b'"shape":[2,8]', b'"shape":[2,8,1,1,1,1,1,1,1]'))
+    assert (info.value.limit, info.value.value, info.value.path) == ("MAX_NDIM", 9, "manifest.json")
+    assert info.value.field == "$.slots[0].tensors.lora_A.shape"
+    key = plan_layout(loads(data))[0].key
+    header = json.dumps({key: {"data_offsets": [0, 4], "dtype": "F32", "shape": [1] * 9}}).encode()
+    with pytest.raises(BundleLimitError) as info:
+        check_header(header, 4, loads(data))
+    assert (info.value.limit, info.value.value, info.value.path, info.value.field) == ("MAX_NDIM", 9, "adapters.safetensors", key)
 
 
 def test_unknown_major_is_refused_before_anything_else():
