@@ -9,6 +9,8 @@ layer the kind can host wherever the block has that module.
 
 ``rank_pattern`` / ``alpha_pattern`` override rank and alpha per slot pattern, as in
 PEFT; the first matching key wins. ``alpha`` defaults to ``rank`` (scaling 1).
+``dropout`` is PEFT's ``lora_dropout``: while training, LoRA and DoRA adapters see their
+input through dropout at that rate. It is a training setting only: bundles carry none.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class LightConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_
     exclude: list[str] = []
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
+    dropout: float = 0.0
     name: str = "default"
 
     def __post_init__(self) -> None:
@@ -49,6 +52,11 @@ class LightConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_
             refuse("alpha", "a finite number or None")
         if not isinstance(self.rslora, bool):
             refuse("rslora", "True or False")
+        if not (_is_finite(self.dropout) and 0 <= self.dropout < 1):
+            refuse("dropout", "a probability in [0, 1)")
+        if self.dropout and self.kind not in DROPOUT_KINDS:
+            raise TargetError(f"LightConfig.dropout applies to {' and '.join(DROPOUT_KINDS)} adapters, not {self.kind}",
+                              path="dropout")  # fmt: skip
         if not (_is_int(self.neurons) or isinstance(self.neurons, list) and all(map(_is_int, self.neurons))):
             refuse("neurons", "an integer or a list of integers")
         for field in ("block_types", "blocks", "slots", "exclude"):
@@ -92,6 +100,7 @@ def _is_finite(value: object) -> bool:
 _AT_FIELD = re.compile(r"at `\$\.(\w+)")  # where msgspec says the error is: "... - at `$.rank_pattern[...]`"
 
 
+DROPOUT_KINDS = ("lora", "dora")
 WILDCARDS = frozenset("*?[")
 
 

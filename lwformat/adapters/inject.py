@@ -37,7 +37,9 @@ def customize(world: World, config: LightConfig) -> Plan:
                 indexes[slot.block_path] = parent_index(block.module)
             layer = block.module.get_submodule(slot.module_path)
             host = AdapterHost(layer, geometry(layer))
-            host.add(the_plan.name, KINDS[slot.kind](host.geo, slot.settings, layer))
+            adapter = KINDS[slot.kind](host.geo, slot.settings, layer)
+            adapter.dropout = config.dropout
+            host.add(the_plan.name, adapter)
             replace_module(indexes[slot.block_path], layer, host)
     except BaseException:
         _unwrap(world, the_plan.name)

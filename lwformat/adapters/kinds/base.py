@@ -44,6 +44,7 @@ class Adapter(nn.Module, abc.ABC):
     kind: ClassVar[str]
     layers: ClassVar[frozenset[str]] = frozenset({"linear", "gpt2_conv1d", "conv1d", "conv2d", "embedding"})
     uses_rank: ClassVar[bool] = False
+    dropout: float = 0.0  # set on trained LoRA/DoRA adapters by `customize`; applied bundles have none
 
     def __init__(
         self, geo: Geometry, settings: SlotSettings, base: nn.Module, tensors: dict[str, torch.Tensor] | None = None

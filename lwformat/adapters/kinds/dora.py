@@ -35,6 +35,9 @@ class DoRA(LoRA):
 
     def delta(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
         scale = self.geo.channels(self.norm_scale(base))  # broadcasts against y
+        if self.dropout and self.training:  # as PEFT: both terms on the dropped input, the layer's own output not
+            x = self.dropped(x)
+            y = base(x)
         bias = base_bias(base)
         y0 = y if bias is None else y - self.geo.channels(bias)  # W x, without the bias
         return (scale - 1) * y0 + scale * self.lora_delta(x, base)

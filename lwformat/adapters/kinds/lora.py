@@ -46,6 +46,10 @@ class LoRA(Adapter):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
 
+    def dropped(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` through dropout while training, as PEFT's ``lora_dropout`` (a fresh mask per call)."""
+        return F.dropout(x, self.dropout, training=True) if self.dropout and self.training else x
+
     def lora_delta(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
         h = self.geo.down(x, self.lora_A, base)  # (..., r) or (B, r, *S)
         return self.scaling * self.geo.up(h, self.lora_B)  # like y
@@ -55,11 +59,11 @@ class LoRA(Adapter):
         return self.scaling * (self.lora_B @ A)  # (out, fan_in)
 
     def delta(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        return self.lora_delta(x, base)
+        return self.lora_delta(self.dropped(x), base)
 
     def down(self, x: torch.Tensor) -> torch.Tensor:
         """The scaled down-projection ``w·s·(x @ Aᵀ)``, on a layer of `MATMUL_LAYERS`."""
-        return F.linear(x, self.lora_A) * (self.mix_weight * self.scaling)  # (..., r)
+        return F.linear(self.dropped(x), self.lora_A) * (self.mix_weight * self.scaling)  # (..., r)
 
     def up_add(self, out: torch.Tensor, h: torch.Tensor, *, inplace: bool) -> torch.Tensor:
         """``out + h @ Bᵀ`` for ``h = down(x)``: the up-projection fused with the sum, one pass over `out`."""

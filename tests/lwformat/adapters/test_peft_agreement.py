@@ -87,3 +87,39 @@ def test_pretrained_minilm_matches_peft(dora):
     with torch.no_grad():
         theirs = peft_model(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_dropout_while_training_matches_peft_lora_dropout(dora):
+    """The same masks (one dropout call per layer, in the same order) give PEFT's training outputs;
+    in eval, dropout changes nothing."""
+    world = reference_world("tiny", seed=0)
+    lm = world.block(LM).module
+    targets = ["qkv", "proj", "fc"]
+    peft_model = get_peft_model(copy.deepcopy(lm), LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=dora,
+                                                              lora_dropout=0.3))  # fmt: skip
+    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    kind = "dora" if dora else "lora"
+    world.customize(LightConfig(kind=kind, rank=4, alpha=8, dropout=0.3, blocks=[LM], slots=[f"*{t}" for t in targets]))
+    randomize_adapters(world)
+    copy_into_peft(world, LM, peft_model)
+    with torch.no_grad():
+        evaluated = lm.eval()(tokens)
+        torch.testing.assert_close(evaluated, peft_model.eval()(tokens), rtol=0, atol=1e-5)
+        lm.train(), peft_model.train()
+        torch.manual_seed(7)
+        ours = lm(tokens)
+        torch.manual_seed(7)
+        theirs = peft_model(tokens)
+    assert (ours - evaluated).abs().max() > 1e-3  # the masks took effect
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [{"dropout": 1.0}, {"dropout": -0.1}, {"dropout": float("nan")}, {"dropout": "0.1"},
+                                 {"dropout": 0.1, "kind": "ia3"}])  # fmt: skip
+def test_a_dropout_that_is_no_probability_or_for_another_kind_is_refused(bad):
+    from lwformat.errors import TargetError
+
+    with pytest.raises(TargetError) as err:
+        LightConfig(**bad)
+    assert err.value.path == "dropout"
