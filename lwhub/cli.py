@@ -240,6 +240,8 @@ def keygen(args: argparse.Namespace) -> int:
             except HubUnavailableError as exc:  # no answer: the hub may hold the key now, so its private half stays
                 raise HubUnavailableError(f"{exc}; the pair is kept, as the hub may have registered it: once it answers, "
                                           f"`lwhub key register {public} --owner {owner}`", url=exc.url) from exc  # fmt: skip
+            except KeyboardInterrupt:  # the same: whether the hub took it is unknown
+                raise
             except BaseException:  # a pair the hub refused would block a retry under the same name
                 private.unlink(missing_ok=True)
                 public.unlink(missing_ok=True)
@@ -361,7 +363,11 @@ class _Parser(argparse.ArgumentParser):
 
     json_errors = False
 
-    def error(self, message: str):  # noqa: ANN201 - never returns
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # "--js" would be --json to argparse, not to main's test for it
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
         if self.json_errors:
             error = {"type": "UsageError", "message": message, "path": None, "exit_code": USAGE}
             print(json.dumps({"error": error}, indent=2, sort_keys=True))
@@ -409,7 +415,8 @@ def report_error(args: argparse.Namespace, exc: BaseException, code: int, hint: 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    args = build_parser(json_errors="--json" in argv).parse_args(argv)  # exits 2 on bad arguments
+    options = argv[: argv.index("--")] if "--" in argv else argv  # after "--", "--json" is a positional
+    args = build_parser(json_errors="--json" in options).parse_args(argv)  # exits 2 on bad arguments
     try:
         return args.run(args)
     except KeyboardInterrupt:

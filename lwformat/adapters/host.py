@@ -90,6 +90,8 @@ class AdapterHost(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused or not self.adapters:
             return self.base(x)
+        if x.is_nested:  # nn.TransformerEncoder packs a padded batch so in eval: one sequence at a time
+            return torch.nested.as_nested_tensor([self.forward(t) for t in x.unbind()])  # (B, T_i, out)
         if self.geo.is_conv and x.ndim == len(self.geo.in_shape):
             # Unbatched (C, L) or (C, H, W), which nn.Conv1d/Conv2d take: the kinds' maths wants the batch first.
             return self.forward(x[None])[0]  # (1, C, *S) -> (out, *S')

@@ -38,7 +38,7 @@ def customize(world: World, config: LightConfig) -> Plan:
             layer = block.module.get_submodule(slot.module_path)
             host = AdapterHost(layer, geometry(layer))
             adapter = KINDS[slot.kind](host.geo, slot.settings, layer)
-            adapter.dropout = config.dropout
+            adapter.dropout = config.dropout if adapter.geo.layer != "embedding" else 0.0  # indices: as PEFT, none
             host.add(the_plan.name, adapter)
             replace_module(indexes[slot.block_path], layer, host)
     except BaseException:

@@ -104,7 +104,8 @@ def save_world(world: World, path: str | os.PathLike) -> None:
     digests = world_digests(world)
     if target.is_symlink():  # replacing it would put a directory where the link was, not save where it points
         raise CheckpointError(f"{target}: a symbolic link; save to the directory it names", path=str(target))
-    if target.exists() and (Path.cwd() == target or target in Path.cwd().parents):
+    real, cwd = target.resolve(), Path.cwd()  # cwd is the physical path: compare through links
+    if target.exists() and (real == cwd or real in cwd.parents):
         raise CheckpointError(f"{target}: the current directory or one above it; the save replaces the directory "
                               "whole, which would leave this process in a deleted one", path=str(target))  # fmt: skip
     if not _replaceable(target):

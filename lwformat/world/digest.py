@@ -223,9 +223,9 @@ def verify_world(world: World, expected: dict[str, str] | None = None) -> None:
     """Recompute every block digest; raise naming the first block that differs from `expected`.
 
     By default `expected` is what `digests()` answers now: a write the version counters saw
-    is a change the world knows of, and only writes that bypass them are caught. The cache
-    is left as it is: were the recomputed digests kept, a second check would pass on the
-    very change the first one refused.
+    is a change the world knows of, and only writes that bypass them are caught. The digests
+    recomputed here are not kept: were they, a second check would pass on the very change
+    the first one refused.
     """
     blocks = world.blocks()
     if expected is None:

@@ -77,9 +77,14 @@ def _register(table: dict[str, Any], kind: str, name: str, entry: Any, replace: 
     table[name] = entry
 
 
-def _origin(entry: Any) -> tuple[str, str]:
+def _origin(entry: Any) -> tuple[str, str] | object:
+    """Where a function was defined, if that names it: a lambda, a nested function or a
+    partial has no name of its own, and two of them are never taken for the same."""
     fn = entry.build if isinstance(entry, BlockImpl) else entry
-    return getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if module is None or name is None or "<" in name:  # <lambda>, <locals>
+        return object()  # equal to nothing
+    return module, name
 
 
 def _load_builtins() -> None:

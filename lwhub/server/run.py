@@ -116,8 +116,6 @@ def ensure_port_free(host: str, port: int) -> None:
     workers), so a second registry on the port would start and take half the requests."""
     if not 0 <= port <= 65535:  # bind() would raise OverflowError: a traceback, not a usage error
         raise UsageError(f"port {port}: a TCP port is 0 to 65535; check --port", path=f"{host}:{port}")
-    if port == 0:
-        return
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: a closed connection's TIME_WAIT is no owner

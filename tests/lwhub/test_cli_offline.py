@@ -217,6 +217,12 @@ def test_ordinary_mistakes_are_usage_errors_not_internal_ones(tmp_path, capsys, 
             cli.main([*argv, "--json"])
         error = json.loads(capsys.readouterr().out)["error"]
         assert info.value.code == 2 and error["type"] == "UsageError" and "--limit" in error["message"], argv
+    for argv, want in ((("verify", "--js", "x"), 2), (("verify", "--", "--json"), 4)):  # no abbreviation; a positional after "--"
+        try:
+            code = cli.main(list(argv))
+        except SystemExit as exit:
+            code = exit.code
+        assert code == want and capsys.readouterr().out == "", argv  # no JSON: --json was not given
     code, _, err = run(capsys, "login", "--url", "http://127.0.0.1:9", "--token", "nope")
     assert code == 2 and "starts with lwh_" in err
     config = tmp_path / "home" / "config.json"  # $LWHUB_HOME/config.json

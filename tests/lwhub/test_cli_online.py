@@ -466,6 +466,8 @@ def test_serve_runs_a_hub_until_interrupted(tmp_path, capsys, monkeypatch):
     for bad in ("70000", "-5"):
         code, out, err = run(capsys, "serve", "--data", data, "--port", bad, "--json")
         assert code == 2 and json.loads(out)["error"]["type"] == "UsageError" and "0 to 65535" in out and "serving" not in err, bad
+    code, out, _ = run(capsys, "serve", "--data", data, "--host", "nonexistent.invalid", "--port", "0", "--json")
+    assert code == 2 and json.loads(out)["error"]["type"] == "UsageError" and "nonexistent.invalid" in out
     server = subprocess.Popen([sys.executable, "-m", "lwhub", "serve", "--data", str(data), "--port", "0", "--json", "--upload-idle", "30"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     try:

@@ -159,3 +159,47 @@ def test_adapters_inside_a_transformer_encoder_layer_count_in_eval_too(tmp_path)
         torch.testing.assert_close(fast, slow)
     with torch.no_grad():
         assert not torch.allclose(world().block("a/b/c/enc").module.eval()(x), fast)  # the adapters do change it
+
+
+def test_adapters_in_a_transformer_encoder_take_its_padded_batches_in_eval():
+    """In eval, nn.TransformerEncoder packs a batch with a padding mask into a nested tensor,
+    which the hosts then received: a RuntimeError from the LoRA matmul."""
+    import warnings
+
+    from lwformat import LightConfig
+    from lwformat.world import Block, World
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2)
+    world = World.from_blocks({"a/b/c/enc": Block(encoder, "llm")})
+    world.customize(LightConfig(kind="lora", rank=2))
+    with torch.no_grad():
+        for p in world.adapter_parameters():
+            p.add_(torch.randn_like(p))
+    x = torch.randn(2, 5, 8)  # (batch, tokens, d_model)
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True  # the second sequence has 3 tokens
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: nested tensors are a prototype
+        packed = encoder.eval()(x, src_key_padding_mask=pad)
+        padded = encoder.train()(x, src_key_padding_mask=pad)  # training: plain tensors, every host called
+    torch.testing.assert_close(packed[0], padded[0])
+    torch.testing.assert_close(packed[1, :3], padded[1, :3])
+
+
+def test_dropout_leaves_an_embeddings_indices_alone():
+    """Dropout on token indices failed in training (a float mask on a Long tensor); PEFT applies none there."""
+    from lwformat import LightConfig
+    from lwformat.world import Block, World
+
+    world = World.from_blocks({"a/b/c/lm": Block(nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8)), "llm")})
+    world.customize(LightConfig(kind="lora", rank=2, dropout=0.5))
+    with torch.no_grad():
+        for p in world.adapter_parameters():
+            p.add_(torch.randn_like(p))  # the embedding's A starts at zero: make its delta count
+    module = world.block("a/b/c/lm").module.train()
+    tokens = torch.randint(0, 10, (2, 6))
+    embedded = module[0](tokens)  # (2, 6, 8): no mask here, so the same twice
+    torch.testing.assert_close(module[0](tokens), embedded)
+    assert module(tokens).shape == (2, 6, 8)

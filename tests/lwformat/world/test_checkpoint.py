@@ -169,7 +169,8 @@ def test_save_to_the_current_directory_is_a_typed_refusal(tmp_path, monkeypatch)
     world = built(tmp_path)
     (tmp_path / "here" / "below").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "here" / "below")
-    for target in (".", "..", tmp_path / "here"):
+    (tmp_path / "alias").symlink_to(tmp_path / "here")
+    for target in (".", "..", tmp_path / "here", tmp_path / "alias" / "below"):  # the last through a link
         with pytest.raises(CheckpointError, match="the current directory"):
             world.save(target)
     assert os.getcwd() == str(tmp_path / "here" / "below") and not list((tmp_path / "here" / "below").iterdir())

@@ -28,7 +28,13 @@ def mine(dim=4):  # the cell run again (or the module reloaded): a new function,
     return nn.Linear(dim, dim)
 
 register_block("mine", "backbone")(mine)
+import functools
+register_block("made", "backbone")(functools.partial(mine, dim=4))
+refused(lambda n: register_block(n, "backbone"), "anon")  # free: it takes the name
 out = {
+    # no name of their own (a partial; every lambda made in refused() has one qualified name): never "the same again"
+    "partial": refused(lambda n: lambda fn: register_block(n, "backbone")(functools.partial(mine, dim=8)), "made"),
+    "lambda": refused(lambda n: register_block(n, "backbone"), "anon"),
     "again": refused(lambda n: register_block(n, "backbone"), "mine"),
     "zoo_block": refused(lambda n: register_block(n, "conditioner"), "text_encoder"),
     "zoo_flow": refused(register_flow, "narrate"),
@@ -53,6 +59,8 @@ def test_a_registered_name_is_never_replaced_unasked(tmp_path):
     run = subprocess.run(code, check=False, cwd=root, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout) == {
+        "partial": "made",
+        "lambda": "anon",
         "again": "mine",
         "zoo_block": "text_encoder",
         "zoo_flow": "narrate",
