@@ -43,9 +43,20 @@ from lwformat.bundle.manifest import MANIFEST, SIGNATURE, Manifest
 from lwformat.bundle.read import Bundle
 from lwformat.bundle.signing import check_against_manifest, verify_signature
 from lwformat.bundle.verify import verify_files
-from lwformat.errors import BundleLimitError, IntegrityError, LWFormatError, SignatureError
+from lwformat.errors import (
+    BundleLimitError,
+    IntegrityError,
+    LWFormatError,
+    SignatureError,
+)
 
-from ..errors import BadRequestError, ConflictError, NotFoundError, PublishRejectedError, TooLargeError
+from ..errors import (
+    BadRequestError,
+    ConflictError,
+    NotFoundError,
+    PublishRejectedError,
+    TooLargeError,
+)
 from ..protocol import PublishRequest, VersionInfo, digest_hex
 from ..semver import is_valid
 from .auth import Principal, authorize
