@@ -23,7 +23,7 @@ import zstandard
 
 from ..errors import BundleExistsError, BundleFormatError, BundleLimitError, BundleNotFoundError, UnsafePathError
 from . import limits, tar
-from .files import fsync_dir, list_members, open_member, rename_new
+from .files import fsync_dir, list_members, open_member, rename_new, sync_entry
 from .zstd_frames import check_frames
 from .hashing import PIECE
 from .manifest import MANIFEST, SIGNATURE, MemberPath
@@ -84,6 +84,7 @@ def pack(bundle_dir: str | os.PathLike, out_file: str | os.PathLike) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    sync_entry(target)
     return target
 
 
@@ -183,4 +184,5 @@ def unpack(archive: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+    sync_entry(target)
     return target

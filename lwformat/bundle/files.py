@@ -130,13 +130,20 @@ def new_directory(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    sync_entry(target)
+
+
+def sync_entry(target: Path) -> None:
+    """Make the rename that put `target` in place survive a crash (fsync of its directory).
+
+    `target` is whole by then (a retry would meet it), so a failure here says exactly that
+    rather than nothing, or that the write failed.
+    """
     try:
-        fsync_dir(target.parent)  # makes the rename itself survive a crash
+        fsync_dir(target.parent)
     except OSError as exc:
-        # The whole bundle is in place (a retry meets BundleExistsError), yet the storage failed:
-        # say exactly that rather than nothing, or that the write failed.
-        raise OSError(exc.errno, f"{target}: the bundle is written, but syncing its directory entry failed "
-                      f"({exc.strerror}): after a crash it may be missing", str(target.parent)) from exc  # fmt: skip
+        raise OSError(exc.errno, f"{target}: written, but syncing its directory entry failed ({exc.strerror}): "
+                      "after a crash it may be missing", str(target.parent)) from exc  # fmt: skip
 
 
 def write_synced(path: Path, data: bytes) -> None:

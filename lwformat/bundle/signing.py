@@ -41,6 +41,7 @@ from ..errors import (
 )
 from . import keys as K
 from .dsse import expect, open_envelope, sign_envelope
+from .files import sync_entry
 from .limits import MAX_SIGNATURE_BYTES, ensure
 from .manifest import MANIFEST, SIGNATURE, Manifest
 
@@ -318,13 +319,17 @@ def _replace_signature(bundle_dir: Path, signature: bytes) -> None:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(signature)
+                f.flush()
+                os.fsync(f.fileno())  # the bytes before the name: a crash leaves the old signature or the new one
             os.chmod(tmp, 0o644)  # mkstemp makes it 0600
             os.replace(tmp, bundle / SIGNATURE)
-            return
         except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
             if last or not (isinstance(exc, OSError) and exc.errno == errno.EXDEV):
                 raise
+        else:
+            sync_entry(bundle / SIGNATURE)
+            return
 
 
 def read_signature(bundle_dir: Path) -> bytes:

@@ -150,3 +150,30 @@ def test_a_bad_tar_header_names_the_archive_its_offset_and_the_member(tmp_path, 
     named = damage == "mode"
     assert (info.value.path, info.value.field) == ("bad.lwb", "manifest.json" if named else None)
     assert ("(member manifest.json)" in str(info.value)) == named
+
+
+def test_pack_and_unpack_sync_the_directory_their_rename_wrote(tmp_path, monkeypatch):
+    """The rename that puts an archive or an unpacked bundle in place is synced to disk too;
+    a failure there says the file is written, and leaves it."""
+    import errno
+
+    from lwformat.bundle import files
+
+    synced, real = [], files.fsync_dir
+
+    def record(path):
+        synced.append(path)
+        real(path)
+
+    monkeypatch.setattr(files, "fsync_dir", record)
+    archive = pack(VECTORS / "valid-dir", tmp_path / "b.lwb")
+    unpack(archive, tmp_path / "out")
+    assert synced.count(tmp_path) == 2  # once after each rename
+
+    def fails(path):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(files, "fsync_dir", fails)
+    with pytest.raises(OSError, match="written, but syncing its directory entry failed"):
+        pack(VECTORS / "valid-dir", tmp_path / "c.lwb")
+    assert (tmp_path / "c.lwb").is_file()

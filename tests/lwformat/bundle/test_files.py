@@ -59,7 +59,7 @@ def test_a_failed_sync_after_the_rename_keeps_the_bundle_and_says_it_is_written(
         real(path)
 
     monkeypatch.setattr(files, "fsync_dir", parent_fails)
-    written = "the bundle is written, but syncing its directory entry failed"
+    written = "written, but syncing its directory entry failed"
     with pytest.raises(OSError, match=written) as info, new_directory(target) as tmp:
         (tmp / "manifest.json").write_text("{}")
     assert info.value.errno == errno.EIO
