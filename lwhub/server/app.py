@@ -19,18 +19,44 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from lwformat.bundle.keys import key_id, loads_public_key
-from lwformat.bundle.limits import MAX_BUNDLE_BYTES, MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES
+from lwformat.bundle.limits import (
+    MAX_BUNDLE_BYTES,
+    MAX_MANIFEST_BYTES,
+    MAX_SIGNATURE_BYTES,
+)
 from lwformat.errors import SigningKeyError
 
 from ..errors import BadRequestError, ForbiddenError, NotFoundError, TooLargeError
 from ..protocol import (
-    MAX_TTL, OWNER, TAG, BlobInfo, NewToken, Page, PublishRequest, SignedVersion, TagRequest, TokenRequest, VersionInfo, Whoami,
-    YankRequest, digest_hex,
+    MAX_TTL,
+    OWNER,
+    TAG,
+    BlobInfo,
+    NewToken,
+    Page,
+    PublishRequest,
+    SignedVersion,
+    TagRequest,
+    TokenRequest,
+    VersionInfo,
+    Whoami,
+    YankRequest,
+    digest_hex,
 )
 from ..semver import is_valid
 from . import auth, openapi
 from .blobs import BlobStore, DirBlobStore
-from .http import HANDLERS, UPLOAD_IDLE, BlobResponse, check_range, json_answer, page_args, page_token, read_body, within_idle
+from .http import (
+    HANDLERS,
+    UPLOAD_IDLE,
+    BlobResponse,
+    check_range,
+    json_answer,
+    page_args,
+    page_token,
+    read_body,
+    within_idle,
+)
 from .publish import publish
 from .run import check_upload_idle
 from .store import Store, open_store
