@@ -15,8 +15,8 @@ never replaces a registration of yours.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -129,6 +129,12 @@ def build_block(name: str, config: dict[str, Any], *, where: str = "") -> tuple[
 
 def sequential(graph, state: dict) -> dict:
     """Feed ``state["x"]`` through the graph's nodes in order."""
+    if "x" not in state:  # a bare KeyError('x') from deep inside a world's pass says nothing of the flow
+        raise WorldConfigError(
+            f"the sequential flow feeds state['x'] through the nodes {list(graph.nodes)}, and the state holds "
+            f"{sorted(state)}: pass {{'x': ...}}, or give the graph a flow that reads your keys "
+            "(`World.from_blocks(..., flows={'stage/pipeline/graph': name})`, `register_flow`)"
+        )
     x = state["x"]
     for block in graph.nodes.values():
         x = block(x)

@@ -3,7 +3,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+from torch import nn
+
 import lwformat
+from lwformat import Block, World
+from lwformat.errors import WorldConfigError
 
 # In a fresh interpreter: the zoo must not be imported yet, as in a user's program.
 SCRIPT = """
@@ -66,3 +72,11 @@ def test_a_registered_name_is_never_replaced_unasked(tmp_path):
         "zoo_flow": "narrate",
         "built": ["Linear", "DecoderLM", "Linear"],
     }
+
+
+def test_the_sequential_flow_names_the_key_it_reads():
+    """A world of blocks run with another key died with a bare KeyError('x')."""
+    world = World.from_blocks({"me/chat/text/lm": Block(nn.Sequential(nn.Linear(4, 4)), "llm")})
+    with pytest.raises(WorldConfigError, match=r"state\['x'\].*\['tokens'\]"):
+        world({"tokens": torch.zeros(1, 4)})
+    assert world({"x": torch.zeros(1, 4)})["x"].shape == (1, 4)
