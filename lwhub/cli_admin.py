@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from .cli import URL, arg, emit, existing, group, verb
-from .cli_config import hub_client, load_config, save_config
+from .cli_config import hub_client, save_config
+from .client.settings import load_config
 from .errors import UsageError
 from .protocol import MAX_TTL
 

@@ -5,7 +5,8 @@
 
 `lwhub login` writes it after the hub has accepted the token. Everything is read when
 a command runs, never at import. Each setting comes from the first of: the command's
-flag, the environment (LWHUB_URL, LWHUB_TOKEN, LWHUB_CACHE), this file, the default.
+flag, the environment (LWHUB_URL, LWHUB_TOKEN, LWHUB_CACHE), this file, the default
+(`lwhub.client.settings.resolve`, which `lwhub.from_env` follows too).
 """
 
 from __future__ import annotations
@@ -18,28 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
-
-ENVIRONMENT = {"url": "LWHUB_URL", "token": "LWHUB_TOKEN", "cache_dir": "LWHUB_CACHE"}
-
-
-def config_path() -> Path:
-    from .client.settings import config_home
-
-    return config_home() / "config.json"
-
-
-def load_config() -> dict[str, Any]:
-    path = config_path()
-    try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except ValueError as exc:
-        raise UsageError(f"{path}: not a JSON settings file ({exc}); delete it and `lwhub login` again", path=str(path)) from None
-    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise UsageError(f"{path}: not a JSON object of strings; delete it and `lwhub login` again", path=str(path))
-    return value
+from .client.settings import ENVIRONMENT, config_path, resolve
 
 
 def save_config(settings: dict[str, Any]) -> Path:
@@ -58,43 +38,12 @@ def save_config(settings: dict[str, Any]) -> Path:
     return path
 
 
-def settings(args: argparse.Namespace, **overrides: Any) -> tuple[dict[str, Any], str | None]:
-    """The client settings for this command: keyword overrides, the flag, the environment,
-    then the saved login; and the saved registry's URL when its token was withheld.
-
-    The saved token belongs to the saved registry: a command pointed at another one (by
-    ``--url`` or LWHUB_URL) goes without it, so a login never reaches a second hub.
-    """
-    saved, chosen, from_file = load_config(), {}, set()
-    for key, env in ENVIRONMENT.items():
-        flag = getattr(args, key, None)
-        if flag:
-            chosen[key] = flag
-        elif not os.environ.get(env) and saved.get(key):
-            chosen[key] = saved[key]
-            from_file.add(key)
-    given = {k: v for k, v in overrides.items() if v is not None}
-    chosen |= given
-    from_file -= given.keys()
-    if "token" in from_file and not _same_hub(chosen.get("url") or os.environ.get("LWHUB_URL"), saved.get("url")):
-        del chosen["token"]
-        return chosen, saved.get("url")
-    return chosen, None
-
-
-def _same_hub(a: str | None, b: str | None) -> bool:
-    from .client.settings import DEFAULT_URL
-
-    return (a or DEFAULT_URL).rstrip("/") == (b or DEFAULT_URL).rstrip("/")
-
-
 def hub_client(args: argparse.Namespace, **overrides: Any):
-    """A `lwhub.client.Client` for this command (use it in a ``with``); keyword settings win."""
-    from .client import from_env
+    """A `lwhub.client.Client` for this command (use it in a ``with``); keyword settings win over flags."""
+    from .client.api import Client
 
-    chosen, withheld = settings(args, **overrides)
-    if withheld and not chosen.get("offline"):  # requests will go out without the login: say why
-        target = chosen.get("url") or os.environ.get("LWHUB_URL")
-        print(f"lwhub: note: the saved login is for {withheld}, not sent to {target} "
-              f"(`lwhub login --url {target}` saves one for it)", file=sys.stderr)  # fmt: skip
-    return from_env(**chosen)
+    chosen, withheld = resolve(**{key: overrides.pop(key, None) or getattr(args, key, None) for key in ENVIRONMENT})
+    if withheld and not overrides.get("offline"):  # requests will go out without the login: say why
+        print(f"lwhub: note: the saved login is for {withheld}, not sent to {chosen['url']} "
+              f"(`lwhub login --url {chosen['url']}` saves one for it)", file=sys.stderr)  # fmt: skip
+    return Client(chosen.pop("url"), **chosen, **overrides)

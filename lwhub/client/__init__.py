@@ -2,7 +2,7 @@
 
     api.py       Client               pull.py    the pull steps (trust, rollback, cache)
     download.py  chunk-verified blobs  push.py    upload and publish
-    wire.py      answers -> errors     settings.py  LWHUB_URL / LWHUB_TOKEN / LWHUB_CACHE
+    wire.py      answers -> errors     settings.py  LWHUB_URL / LWHUB_TOKEN / LWHUB_CACHE, the saved login
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from .settings import from_env
 
 
 def pull(ref: str, *, tofu: bool = False, allow_rollback: bool = False, **settings: Any):
-    """Pull `ref` with a client from the environment (keyword settings win) and open the bundle.
+    """Pull `ref` with a `from_env` client (keywords, else the environment, else the `lwhub login`
+    one) and open the bundle.
 
     ``lwhub.pull("author/noir-style")`` -> an open `lwformat.bundle.read.Bundle`, ready for
     ``world.apply(bundle, weight=0.7)``.

@@ -1,23 +1,31 @@
-"""Client settings from the environment, read when called (never at import).
+"""Client settings, read when called (never at import): the environment, then the saved login.
 
     LWHUB_URL     the registry, e.g. http://127.0.0.1:8700
     LWHUB_TOKEN   a bearer token (only writes need one)
     LWHUB_CACHE   the cache directory (default: $XDG_CACHE_HOME/lwhub or ~/.cache/lwhub)
     LWHUB_HOME    settings: the saved login, the pinned publisher keys and the versions seen (``trust/``)
                   (default: $XDG_CONFIG_HOME/lwhub or ~/.config/lwhub)
+
+    $LWHUB_HOME/config.json    the saved login, written by `lwhub login` (mode 0600: it holds a secret)
+    {"token": "lwh_...", "url": "http://127.0.0.1:8700"}
+
+Each setting comes from the first of: the caller's keyword (the command's flag), the
+environment, the saved login, the default. `resolve` is that rule, for the `lwhub`
+command and for `from_env` (so ``lwhub.pull``) alike.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
-from pathlib import Path
-
-from ..trust import TrustStore
+from ..errors import UsageError
 from .api import Client
 
 DEFAULT_URL = "http://127.0.0.1:8700"
+ENVIRONMENT = {"url": "LWHUB_URL", "token": "LWHUB_TOKEN", "cache_dir": "LWHUB_CACHE"}
 
 
 def config_home() -> Path:
@@ -27,21 +35,68 @@ def config_home() -> Path:
     return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "lwhub"
 
 
-def from_env(**overrides: Any) -> Client:
-    """A `Client` configured from LWHUB_URL / LWHUB_TOKEN / LWHUB_CACHE; keyword arguments win.
+def trust_dir() -> Path:
+    """The trust store every client uses unless given another: pinned keys and versions seen,
+    kept with the settings, apart from the cache (clearing the cache never drops a pin nor
+    resets rollback protection)."""
+    return config_home() / "trust"
 
-    Pinned keys and seen versions live in ``<config home>/trust`` (security state, kept apart
-    from the cache so that clearing the cache never drops a pin nor resets rollback
-    protection), unless ``trust=`` is given.
+
+def config_path() -> Path:
+    return config_home() / "config.json"
+
+
+def load_config() -> dict[str, str]:
+    """The saved login (empty when there is none); `UsageError` naming the file when it is unreadable."""
+    path = config_path()
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as exc:
+        raise UsageError(f"{path}: not a JSON settings file ({exc}); delete it and `lwhub login` again", path=str(path)) from None
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise UsageError(f"{path}: not a JSON object of strings; delete it and `lwhub login` again", path=str(path))
+    return value
+
+
+def resolve(**given: str | os.PathLike | None) -> tuple[dict[str, Any], str | None]:
+    """``url``, ``token`` and ``cache_dir``, each from the first of: `given` (None or "" is not
+    given), the environment, the saved login, the default; and the saved login's URL when its
+    token was withheld.
+
+    The saved token belongs to the saved registry: pointed at another one (by a keyword or
+    LWHUB_URL), the client goes without it, so a login never reaches a second hub.
     """
-    settings: dict[str, Any] = {
-        "url": os.environ.get("LWHUB_URL") or DEFAULT_URL,
-        "token": os.environ.get("LWHUB_TOKEN") or None,
-        "cache_dir": os.environ.get("LWHUB_CACHE") or None,
-    }
-    settings.update({k: v for k, v in overrides.items() if v is not None or k not in settings})
-    url = settings.pop("url")
-    settings.setdefault("trust", None)
-    if settings["trust"] is None:
-        settings["trust"] = TrustStore(config_home() / "trust")
-    return Client(url, **settings)
+    saved, chosen, from_file = load_config(), {}, set()
+    for key, env in ENVIRONMENT.items():
+        if given.get(key):
+            chosen[key] = given[key]
+        elif os.environ.get(env):
+            chosen[key] = os.environ[env]
+        elif saved.get(key):
+            chosen[key] = saved[key]
+            from_file.add(key)
+        else:
+            chosen[key] = None
+    chosen["url"] = chosen["url"] or DEFAULT_URL
+    if "token" in from_file and not _same_hub(chosen["url"], saved.get("url")):
+        chosen["token"] = None
+        return chosen, saved.get("url") or DEFAULT_URL
+    return chosen, None
+
+
+def _same_hub(a: str | None, b: str | None) -> bool:
+    return str(a or DEFAULT_URL).rstrip("/") == str(b or DEFAULT_URL).rstrip("/")
+
+
+def from_env(**overrides: Any) -> Client:
+    """A `Client` set up as the `lwhub` command is: ``url``, ``token`` and ``cache_dir`` from
+    the keyword, else LWHUB_URL / LWHUB_TOKEN / LWHUB_CACHE, else the saved login (`lwhub
+    login`), else the default; other keywords go to `Client` as they are.
+
+    Pinned keys and seen versions live in `trust_dir` (``<config home>/trust``), as for
+    every `Client` not given ``trust=``.
+    """
+    chosen, _ = resolve(**{key: overrides.pop(key, None) for key in ENVIRONMENT})
+    return Client(chosen.pop("url"), **chosen, **overrides)
