@@ -127,7 +127,7 @@ def main() -> None:
                 TrustStore(cache / "trust").pin("bench", public)  # set-up a user does once, not part of a pull
 
             def pull() -> Path:
-                with Client(server.url, cache_dir=cache, **streams) as client:
+                with Client(server.url, cache_dir=cache, trust=cache / "trust", **streams) as client:
                     return client.pull("bench/big")
 
             cases = [

@@ -102,7 +102,8 @@ def story(work: Path) -> None:
         print(f"  lwhub search style: {[b.name for b in publisher.search('style')]}")
 
         say("lwhub pull author/noir-style   (a fresh cache; the owner's key pinned on first use)")
-        reader = Client(hub.url, cache_dir=work / "reader-cache")
+        # The demo's own trust store: its keys are new each run, and yours (~/.config/lwhub/trust) stay as they are.
+        reader = Client(hub.url, cache_dir=work / "reader-cache", trust=work / "reader-trust")
         path = reader.pull("author/noir-style", tofu=True)
         bundle = Bundle.open(path)
         plain_bundle = Bundle.open(reader.pull("author/plain-style"))

@@ -48,17 +48,22 @@ def check_token(token: str, source: str = "the token (--token, LWHUB_TOKEN or th
 class Client:
     """A registry client. ``offline=True`` serves pulls from the cache and never connects.
 
-    ``trust`` (pinned keys and seen versions) defaults to a `TrustStore` in
-    ``<cache_dir>/trust``; `settings.from_env` keeps it apart from the cache. ``streams``
+    ``trust`` (pinned keys and seen versions: a `TrustStore` or its directory) defaults to the
+    one the `lwhub` command uses, ``$LWHUB_HOME/trust`` (`settings.trust_dir`), apart from the
+    cache: clearing a cache never drops a pin nor resets rollback protection. ``streams``
     is how many connections a pull uses at most, by default one per core up to four (each
     stream's receiving thread competes with the hashing for the cores).
     """
 
     def __init__(self, url: str | None = None, *, token: str | None = None, cache_dir: str | os.PathLike | None = None,
-                 http: httpx.Client | None = None, trust: TrustStore | None = None, offline: bool = False,
+                 http: httpx.Client | None = None, trust: TrustStore | str | os.PathLike | None = None, offline: bool = False,
                  streams: int | None = None, timeout: float = 60.0) -> None:  # fmt: skip
-        if url is None and not offline:
-            raise ValueError("a registry URL is needed (or offline=True to use only the cache)")
+        # settings.py builds clients, so it is imported here, not at the top.
+        from .settings import trust_dir
+
+        if url is None and not offline:  # a login is read only when asked for: lwhub.from_env()
+            raise UsageError("a registry URL is needed: Client(url), or lwhub.from_env() for LWHUB_URL or the "
+                             "`lwhub login` one (offline=True uses only the cache)")  # fmt: skip
         self.url = (url or "").rstrip("/")
         if not offline and not self.url.lower().startswith(("http://", "https://")):  # httpx would say "unreachable"
             raise UsageError(f"{url!r} is not an http:// or https:// URL", path=url)
@@ -71,7 +76,7 @@ class Client:
         self.streams = max(1, streams if streams is not None else min(4, os.cpu_count() or 1))
         self.hashers = max(2, os.cpu_count() or 2)
         self.cache = Cache(cache_dir if cache_dir is not None else default_cache_dir())
-        self.trust = trust if trust is not None else TrustStore(self.cache.root / "trust")
+        self.trust = trust if isinstance(trust, TrustStore) else TrustStore(trust_dir() if trust is None else trust)
         self._own_http = http is None
         limits = httpx.Limits(max_connections=max(8, 2 * self.streams), max_keepalive_connections=max(8, 2 * self.streams))
         # TLS set-up waits for the first https connection (a plain-HTTP registry never pays for it).

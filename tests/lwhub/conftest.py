@@ -46,10 +46,21 @@ class Hub:
     server: object
 
     def client(self, cache: Path, *, token: str | None = "default", pin: bool = True, **kw) -> Client:
+        """A client whose trust store is `cache`/trust unless given `trust=`: each test's own."""
+        kw.setdefault("trust", cache / "trust")
         client = Client(self.url, token=self.token if token == "default" else token, cache_dir=cache, **kw)
         if pin:
             client.trust.pin("alice", self.public)
         return client
+
+
+@pytest.fixture(scope="session", autouse=True)
+def settings_home(tmp_path_factory):
+    """No test reads or writes the settings of the person running them (~/.config/lwhub): the
+    saved login and the trust store every client defaults to live here unless a test sets its own."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LWHUB_HOME", str(tmp_path_factory.mktemp("lwhub-home")))
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -331,7 +331,7 @@ def test_a_corrupt_cache_entry_is_detected_and_fetched_again(hub, published, tmp
 def test_offline_pulls_come_from_the_cache(hub, published, tmp_path):
     name, folder, _ = published
     hub.client(tmp_path / "cache").pull(name)
-    offline = Client(cache_dir=tmp_path / "cache", offline=True)  # no URL at all
+    offline = Client(cache_dir=tmp_path / "cache", trust=tmp_path / "cache" / "trust", offline=True)  # no URL at all
     for ref in (name, f"{name}@1.0.0"):
         assert (offline.pull(ref) / WEIGHTS).read_bytes() == (folder / WEIGHTS).read_bytes()
     with pytest.raises(NotCachedError):
@@ -461,7 +461,7 @@ def test_a_corrupt_cached_signature_is_not_trusted_but_fetched_again(hub, publis
     path = hub.client(tmp_path / "cache").pull(name)
     flip(path / SIGNATURE, 100)
     with pytest.raises(NotCachedError):  # offline, the damaged copy is no copy
-        Client(cache_dir=tmp_path / "cache", offline=True).pull(name)
+        Client(cache_dir=tmp_path / "cache", trust=tmp_path / "cache" / "trust", offline=True).pull(name)
     net = Recording()
     again = hub.client(tmp_path / "cache", http=httpx.Client(transport=net)).pull(name)
     assert again == path

@@ -1,0 +1,74 @@
+"""Settings as the `lwhub` command has them: the saved login and the trust store reach the Python API too."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+import lwhub
+from lwhub import cli
+from lwhub.cli_config import save_config
+from lwhub.client import Client, from_env
+from lwhub.errors import TrustError, UsageError
+
+OTHER = "http://127.0.0.1:9"  # the discard port: a client is made, never used
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A settings home of this test's own, and no settings from the environment."""
+    monkeypatch.setenv("LWHUB_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LWHUB_CACHE", str(tmp_path / "cache"))
+    for name in ("LWHUB_URL", "LWHUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path / "home"
+
+
+def test_from_env_follows_the_saved_login_after_the_environment(home, hub, monkeypatch):
+    save_config({"url": hub.url, "token": hub.token})  # what `lwhub login` writes
+    with from_env() as client:
+        assert (client.url, client.token) == (hub.url, hub.token)
+        assert client.whoami().account == "alice"
+    with from_env(url=OTHER) as client:  # another hub: the login's token stays home
+        assert (client.url, client.token) == (OTHER, None)
+    monkeypatch.setenv("LWHUB_URL", OTHER)
+    with from_env() as client:
+        assert (client.url, client.token) == (OTHER, None)
+    monkeypatch.setenv("LWHUB_TOKEN", "lwh_fromenv")  # the environment's token goes where the environment says
+    with from_env() as client:
+        assert client.token == "lwh_fromenv"
+    with from_env(url=hub.url, token="lwh_keyword") as client:  # keywords win
+        assert (client.url, client.token) == (hub.url, "lwh_keyword")
+
+
+def test_lwhub_pull_uses_the_login_and_the_keys_pinned_by_the_command(home, hub, tmp_path, capsys, make_bundle):
+    folder = make_bundle(tmp_path / "b", "alice/after-login", "1.0.0", hub.private, features=32, rank=4)
+    hub.client(tmp_path / "publisher").push(folder)
+    assert cli.main(["login", "--url", hub.url, "--token", hub.token]) == 0
+    assert cli.main(["trust", "add", "alice", str(hub.public)]) == 0
+    capsys.readouterr()
+    with lwhub.pull("alice/after-login") as bundle:  # no LWHUB_URL: the hub `lwhub login` saved
+        assert bundle.manifest.name == "alice/after-login"
+    with Client(hub.url, cache_dir=tmp_path / "own-cache") as client:  # a cache of its own, the pins of the command
+        assert client.trust.root == home / "trust"
+        assert client.pull("alice/after-login").is_dir()
+    shutil.rmtree(tmp_path / "own-cache")  # clearing a cache keeps pins and rollback protection
+    assert Client(hub.url, cache_dir=tmp_path / "own-cache").trust.highest_seen("alice/after-login") == "1.0.0"
+
+
+def test_a_trust_error_says_where_the_client_looked_and_how_to_pin_there(home, hub, tmp_path, make_bundle):
+    folder = make_bundle(tmp_path / "b", "alice/pin-where", "1.0.0", hub.private, features=32, rank=4)
+    hub.client(tmp_path / "publisher").push(folder)
+    with pytest.raises(TrustError, match="lwhub trust add alice KEY.pub") as default:
+        Client(hub.url, cache_dir=tmp_path / "c").pull("alice/pin-where")
+    assert str(home / "trust") in str(default.value)
+    elsewhere = tmp_path / "elsewhere"
+    with pytest.raises(TrustError, match=r"client\.trust\.pin\('alice', 'KEY\.pub'\)") as given:
+        Client(hub.url, cache_dir=tmp_path / "c", trust=elsewhere).pull("alice/pin-where")
+    assert "lwhub trust add" not in str(given.value) and str(elsewhere) in str(given.value)
+
+
+def test_a_client_without_a_url_points_at_from_env(home):
+    with pytest.raises(UsageError, match=r"lwhub\.from_env\(\)"):
+        Client()
