@@ -5,9 +5,12 @@ Bundles on this machine (here):
     lwhub keygen [--out DIR] [--name NAME] [--register]  a P-256 key pair: NAME.pem (0600), NAME.pub;
                                                       --register: its public half, with the owner on the hub
     lwhub sign DIR --key PRIVATE.pem                  check DIR's hashes, then write DIR/bundle.sig
-    lwhub verify BUNDLE [--key PUBLIC.pem ...]        hashes, then the signature against any given key
+    lwhub verify BUNDLE [--key PUBLIC.pem ...]        hashes, then the signature against the given keys,
+                                                      else against the keys pinned for the bundle's owner
     lwhub inspect BUNDLE                              name, version, base, blocks, slots, files, signature
-    lwhub check BUNDLE --world WORLD_DIR [--strict]   does the bundle fit a saved world, block by block?
+    lwhub check BUNDLE --world WORLD_DIR [--strict] [--verify]   does the bundle fit a saved world, block
+                                                      by block? (--verify: recompute the world's digests first)
+    lwhub --version                                   the package's version
 
 The hub: `cli_admin` (serve, account create, token create, login, whoami), `cli_hub` (key,
 trust, push, pull, search, info, yank, tag), `cli_blend` (blend); settings: `cli_config`.
@@ -66,6 +69,7 @@ from lwformat.errors import (
     BaseMismatchError,
     BlendError,
     BundleExistsError,
+    CheckpointError,
     IncompatibleError,
     IntegrityError,
     LWFormatError,
@@ -113,7 +117,7 @@ EXIT_CODES: list[tuple[type[BaseException], int, str]] = [  # (error class, exit
     (BlendError, 3, "--method is linear, svd, ties or dare, and the parents must agree on every block they share"),
     (ForbiddenError, 8, "use a token scoped to that namespace: an admin makes one on the hub's machine with `lwhub token create ACCOUNT --data HUB_DIR --scope OWNER`"),
     (AuthError, 8, "log in with a valid token: `lwhub login --token lwh_...` (`lwhub token create` makes one)"),
-    (ConflictError, 9, "names are taken once: push under a new --version (versions are immutable), or pick another account name"),
+    (ConflictError, 9, "it exists already on the hub"),
     (HubUnavailableError, 10, ("is the hub running? check --url, LWHUB_URL or `lwhub login --url`; `lwhub pull --offline` "
                                "serves what is cached")),
     (UsageError, 2, "see `lwhub <verb> --help`"),
@@ -121,21 +125,41 @@ EXIT_CODES: list[tuple[type[BaseException], int, str]] = [  # (error class, exit
     (PushError, 2, "see `lwhub push --help`"),
     (RefError, 2, "name a bundle as owner/name, owner/name@1.2.3 or owner/name@tag"),
     (MethodNotAllowedError, 2, "the registry does not take that request here: is this lwhub as new as the registry?"),
-    (BadRequestError, 2, "names are owner/name in lowercase, versions are semver (1.2.3), tags start with a letter"),
+    (BadRequestError, 2, "the hub refused the request as given: the message says what to change"),
     (NotCachedError, 4, "pull it once online (without --offline) first"),
     (NotFoundError, 4, "`lwhub search WORD` finds names; `lwhub info OWNER/NAME` lists versions and tags"),
     (FileNotFoundError, 4, "check the path"),
+    (CheckpointError, 5, "the saved world is incomplete or changed since `World.save` wrote it: save it again from a copy you trust"),
     (LWFormatError, 5, "this is not a valid bundle, world or adapter; was it written by a compatible tool?"),
     (CacheError, 7, "free space for the cache, or point LWHUB_CACHE elsewhere; a pull again keeps the chunks verified so far"),
     (StorageError, 6, "the hub could not store it (its disk is full or failing) and published nothing; try again later"),
     (LWHubError, 6, "see the message above"),
     (OSError, 7, "check permissions and free disk space"),
 ]  # fmt: skip
+# The registry's codes whose advice is finer than their class's (a conflict may be a version
+# or an account; a bad request, a name, a version or a key).
+CODE_HINTS: dict[str, str] = {
+    "version_exists": "versions are immutable: publish under a new --version",
+    "account_exists": "account names are taken once: pick another one",
+    "invalid_name": "names are owner/name and tags start with a letter (lowercase letters, digits, '_', '.', '-')",
+    "invalid_version": "versions are semver: 1.2.3, or 1.2.3-rc.1 for a pre-release",
+    "invalid_key": "give an ECDSA P-256 public key in PEM (`lwhub keygen` makes a pair)",
+    "digest_mismatch": "the bytes changed on the way to the hub: push again",
+    "bundle_not_found": "`lwhub search WORD` finds names",
+    "version_not_found": "`lwhub info OWNER/NAME` lists the versions and tags",
+    "tag_not_found": "`lwhub info OWNER/NAME` lists the versions and tags",
+    "token_expired": "ask for a new token (`lwhub token create`), then `lwhub login --token lwh_...`",
+}  # fmt: skip
 USAGE, INTERNAL, INTERRUPTED, PIPE_CLOSED, INCOMPATIBLE = 2, 70, 130, 141, 3
 
 
 def exit_code(exc: BaseException) -> tuple[int, str]:
-    return next(((code, hint) for cls, code, hint in EXIT_CODES if isinstance(exc, cls)), (INTERNAL, ""))
+    """The exit code by the error's class (the first row of `EXIT_CODES` that matches), and what
+    to do: the registry code's own hint when `CODE_HINTS` has one, else the class's."""
+    code, hint = next(((code, hint) for cls, code, hint in EXIT_CODES if isinstance(exc, cls)), (INTERNAL, ""))
+    if isinstance(exc, RegistryError):
+        hint = CODE_HINTS.get(exc.code, hint)
+    return code, hint
 
 
 # -- the verb table -----------------------------------------------------------------------------
@@ -289,23 +313,53 @@ def sign(args: argparse.Namespace) -> int:
 
 
 @verb(
-    "verify", "check a bundle's hashes, then its signature against the given public keys",
+    "verify", "check a bundle's hashes, then its signature (against --key, else the keys pinned for its owner)",
     arg("bundle", metavar="BUNDLE", help="a bundle directory or .lwb archive"),
-    arg("--key", action="append", default=[], metavar="PUBLIC.pem", help="a trusted public key (repeatable)"),
+    arg("--key", action="append", default=[], metavar="PUBLIC.pem",
+        help="a trusted public key (repeatable; default: the keys pinned for the bundle's owner, `lwhub trust list`)"),
 )  # fmt: skip
 def verify(args: argparse.Namespace) -> int:
     from lwformat.bundle.read import Bundle
     from lwformat.bundle.verify import verify as verify_bundle
+    from lwformat.bundle.verify import verify_files
 
     keys = [existing(k, "key file") for k in args.key]
     with Bundle.open(existing(args.bundle, "bundle")) as bundle:
-        kid = verify_bundle(bundle, keys or None)
-        m = bundle.manifest
-    signature = f"verified, key {kid}" if kid else "not checked (give --key PUBLIC.pem to check it)"
+        m, signed = bundle.manifest, bundle.signed
+        owner = m.name.partition("/")[0]
+        if keys:  # asked for: an unsigned bundle fails
+            kid, signature = verify_bundle(bundle, keys), None
+        else:
+            verify_files(bundle)
+            kid, signature = _verify_pinned(bundle, owner) if signed else (None, "none: the bundle is unsigned")
+    signature = signature or f"verified, key {kid}"
     text = f"ok  {m.name}@{m.version}: {len(m.files)} file(s) match the manifest\nsignature: {signature}"
-    data = {"ok": True, "name": m.name, "version": m.version, "signature_checked": kid is not None, "key_id": kid}
+    data = {"ok": True, "name": m.name, "version": m.version, "signed": signed, "signature_checked": kid is not None,
+            "key_id": kid, "checked_with": ("key" if keys else "pinned") if kid else None}  # fmt: skip
     emit(args, text, data)
     return 0
+
+
+def _verify_pinned(bundle, owner: str) -> tuple[str | None, str]:
+    """A signed bundle's signature against the keys pinned for `owner`, as `lwhub pull` would check it:
+    the signer's key id and what to print (None and why, when nothing is pinned)."""
+    from lwformat.bundle.signing import verify_signature
+    from lwformat.errors import UntrustedSignatureError
+
+    from .client.settings import trust_dir
+    from .trust import TrustStore
+
+    store = TrustStore(trust_dir())
+    pinned = store.keys(owner)
+    if not pinned:
+        return None, (f"present, not checked: no key is pinned for {owner} (give --key PUBLIC.pem, or "
+                      f"`lwhub trust add {owner} KEY.pub`)")  # fmt: skip
+    try:
+        kid = verify_signature(bundle.path, pinned)
+    except UntrustedSignatureError as exc:
+        raise UntrustedSignatureError(f"{exc} (tried the {len(pinned)} key(s) pinned for {owner} in {store.root})",
+                                      path=exc.path, key_ids=exc.key_ids) from exc  # fmt: skip
+    return kid, f"verified against the pinned key for {owner} (key {kid})"
 
 
 @verb("inspect", "show what a bundle holds", arg("bundle", metavar="BUNDLE", help="a bundle directory or .lwb archive"))
@@ -339,23 +393,37 @@ def inspect(args: argparse.Namespace) -> int:
     arg("bundle", metavar="BUNDLE", help="a bundle directory or .lwb archive"),
     arg("--world", required=True, metavar="WORLD_DIR", help="a world saved with World.save"),
     arg("--strict", action="store_true", help="also require the world's root digest to match"),
+    arg("--verify", action="store_true", help="recompute the world's digests from its weights, not trusting its digests.json"),
 )  # fmt: skip
 def check(args: argparse.Namespace) -> int:
     from lwformat.bundle.check import check as check_bundle
     from lwformat.bundle.read import Bundle
     from lwformat.world import World
 
-    world = World.load(existing(args.world, "world directory"))
+    world = World.load(existing(args.world, "world directory"), verify=args.verify)
     with Bundle.open(existing(args.bundle, "bundle")) as bundle:
         report = check_bundle(bundle, world, strict=args.strict, root=True)
     found = [f._asdict() for f in (*report.blocks, *report.slots, report.root)]
-    data = {"bundle": report.bundle, "strict": report.strict, "ok": report.ok, "findings": found,
+    data = {"bundle": report.bundle, "strict": report.strict, "world_verified": args.verify, "ok": report.ok, "findings": found,
             "problems": [f._asdict() for f in report.problems]}  # fmt: skip
     emit(args, str(report), data)
     return 0 if report.ok else INCOMPATIBLE
 
 
 # -- entry point -------------------------------------------------------------------------------
+
+
+class _Version(argparse.Action):
+    """``lwhub --version``: the package's version (a JSON document under ``--json``), then exit 0."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, help=kwargs.get("help"))
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from . import __version__
+
+        print(json.dumps({"version": __version__}) if getattr(parser, "json_errors", False) else f"lwhub {__version__}")
+        parser.exit()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -384,6 +452,7 @@ def build_parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
         "6 hub, 7 i/o, 8 not allowed, 9 exists, 10 unreachable, 70 internal error, 130 interrupted (Ctrl-C), "
         "141 output closed",
     )  # fmt: skip
+    parser.add_argument("--version", action=_Version, help="print the version (with --json: as JSON) and exit")
     common = parser_class(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON document")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
@@ -410,7 +479,7 @@ def report_error(args: argparse.Namespace, exc: BaseException, code: int, hint: 
     message = field(str(exc)) if isinstance(exc, RegistryError) else printable(str(exc))  # the registry's words
     print(f"lwhub {args.verb_name}: error: {message}", file=sys.stderr)
     if hint:
-        print(printable(f"  hint: {hint}"), file=sys.stderr)
+        print(printable(f"  hint: {hint.replace('<verb>', args.verb_name)}"), file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -238,6 +238,17 @@ def yank(args: argparse.Namespace) -> int:
 @verb("tag", "point TAG of a bundle at VERSION",
       arg("name", metavar="OWNER/NAME"), arg("tag", metavar="TAG"), arg("version", metavar="VERSION"), URL)  # fmt: skip
 def tag(args: argparse.Namespace) -> int:
+    from .protocol import TAG
+    from .semver import is_valid
+
+    if args.tag == "latest":  # the hub refuses it too, but its answer reads like a naming rule
+        raise UsageError("'latest' is not a tag to set: it always names the highest release not yanked "
+                         "(`lwhub yank` a version to move it back); tag VERSION under another name")  # fmt: skip
+    if not TAG.match(args.tag):
+        raise UsageError(f"tag {args.tag!r}: a tag starts with a letter (lowercase letters, digits, '_', '.', '-'), so "
+                         "it is never read as a version")  # fmt: skip
+    if not is_valid(args.version):
+        raise UsageError(f"{args.version!r}: VERSION is an exact version, e.g. 1.2.3 (`lwhub info {args.name}` lists them)")
     with hub_client(args) as client:
         client.set_tag(args.name, args.tag, args.version)
     emit(args, f"{args.name}@{args.tag} -> {args.version}", {"name": args.name, "tag": args.tag, "version": args.version})

@@ -17,7 +17,7 @@ PUBLIC = {
                          "set_weight", "swap", "unfuse"],
     "lwformat.world": ["Block", "Graph", "Pipeline", "Stage", "World", "WorldSpec", "block_digest", "register_block",
                        "register_flow", "tensor_digest"],
-    "lwhub": ["Client", "pull"],
+    "lwhub": ["Client", "from_env", "pull"],
     "lwformat.zoo": ["ConvCodec", "DecoderLM", "DiT", "HFBert", "TextEncoder", "byte_tokens", "hf_block", "load_text",
                      "minilm_block", "minilm_tokenize", "reference_spec", "reference_world"],
 }  # fmt: skip

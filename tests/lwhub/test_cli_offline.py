@@ -68,9 +68,35 @@ def test_sign_then_verify(bundle, made, capsys):
     assert subprocess.run(stock, capture_output=True, timeout=60).returncode == 0
 
 
-def test_verify_without_a_key_checks_hashes_only(bundle, capsys):
+def test_verify_without_a_key_checks_the_keys_pinned_for_the_owner(bundle, made, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LWHUB_HOME", str(tmp_path / "home"))
     code, out, _ = run(capsys, "verify", bundle)
-    assert code == 0 and "not checked" in out
+    assert code == 0 and "signature: none: the bundle is unsigned" in out
+    run(capsys, "sign", bundle, "--key", made / "lwhub.pem")
+    code, out, _ = run(capsys, "verify", bundle)  # signed, nothing pinned for its owner "test": hashes only, and why
+    assert code == 0 and "signature: present, not checked: no key is pinned for test" in out
+    code, out, _ = run(capsys, "trust", "add", "test", made / "lwhub.pub", "--json")
+    kid = json.loads(out)["key_id"]
+    code, out, _ = run(capsys, "verify", bundle)
+    assert code == 0 and f"signature: verified against the pinned key for test (key {kid})" in out
+    code, out, _ = run(capsys, "verify", bundle, "--json")
+    data = json.loads(out)
+    assert data["signed"] and data["signature_checked"] and data["checked_with"] == "pinned" and data["key_id"] == kid
+    run(capsys, "keygen", "--out", tmp_path, "--name", "mallory")
+    run(capsys, "trust", "remove", "test", kid)
+    run(capsys, "trust", "add", "test", tmp_path / "mallory.pub")  # the owner's only pinned key is another one
+    code, _, err = run(capsys, "verify", bundle)
+    assert code == 1 and "pinned for test" in err and str(tmp_path / "home" / "trust") in err
+
+
+def test_version_prints_the_packages_version(capsys):
+    import tomllib
+
+    version = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["version"]
+    for argv, want in ((["--version"], f"lwhub {version}\n"), (["--version", "--json"], json.dumps({"version": version}) + "\n")):
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        assert info.value.code == 0 and capsys.readouterr().out == want, argv
 
 
 def test_verify_fails_with_exit_1(bundle, made, tmp_path, capsys):
@@ -121,6 +147,24 @@ def test_check_against_the_right_and_a_wrong_world(bundle, made, capsys):
     data = json.loads(out)
     assert code == 3 and not data["ok"]
     assert data["problems"][0]["path"] == "author/narrate/text/llm" and data["problems"][0]["outcome"] == "digest mismatch"
+
+
+def test_check_verify_recomputes_the_worlds_digests(bundle, made, tmp_path, capsys):
+    world = tmp_path / "world"
+    shutil.copytree(made / "world", world)
+    weights = world / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x10  # inside the last tensor: digests.json no longer describes the weights
+    weights.write_bytes(bytes(data))
+    code, _, _ = run(capsys, "check", bundle, "--world", world)
+    assert code == 0  # by default the world's recorded digests are trusted, as World.load does
+    code, _, err = run(capsys, "check", bundle, "--world", world, "--verify")
+    assert code == 5 and "changed since `World.save` wrote it" in err
+    code, out, _ = run(capsys, "check", bundle, "--world", world, "--verify", "--json")
+    error = json.loads(out)["error"]
+    assert code == 5 and error["type"] == "CheckpointError" and "does not match the recorded" in error["message"]
+    code, out, _ = run(capsys, "check", bundle, "--world", made / "world", "--verify", "--json")
+    assert code == 0 and json.loads(out)["world_verified"] is True
 
 
 def test_not_found_usage_and_format_errors(bundle, made, tmp_path, capsys):

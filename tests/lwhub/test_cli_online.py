@@ -30,6 +30,7 @@ from lwformat.bundle.read import Bundle
 from lwformat.bundle.signing import sign_bundle, verify_signature
 from lwformat.bundle.write import write_bundle
 from lwhub import cli
+from lwhub.errors import BadRequestError
 from lwhub.server.run import free_port
 
 DEAD_URL = "http://127.0.0.1:9"  # the discard port: nothing answers
@@ -113,7 +114,7 @@ def test_account_token_and_login(hub, home, capsys, monkeypatch):
         assert code == 8 and "cli-bob" in err and "hint:" in err
 
     code, out, err = run(capsys, "account", "create", "cli-bob", "--data", hub.data)
-    assert code == 9 and "exists" in err
+    assert code == 9 and "exists" in err and "hint: account names are taken once" in err and "--version" not in err
     code, out, err = run(capsys, "token", "create", "cli-nobody", "--data", hub.data)
     assert code == 4 and "cli-nobody" in err
 
@@ -316,7 +317,7 @@ def test_push_as_another_name_and_version_writes_a_resigned_copy(hub, carol, cap
     assert code == 0 and "pushed cli-carol/unsigned@1.0.0" in out
     other = adapter_bundle(tmp_path / "other", "cli-carol/unsigned", "1.0.0", carol / "carol.pem", adapter_seed=4)
     code, out, err = run(capsys, "push", other)  # versions are immutable
-    assert code == 9 and "new --version" in err
+    assert code == 9 and "new --version" in err and "account" not in err  # the hint fits a version, not an account
 
 
 def test_search_info_yank_and_tag(hub, carol, capsys, tmp_path):
@@ -336,6 +337,11 @@ def test_search_info_yank_and_tag(hub, carol, capsys, tmp_path):
     code, out, _ = run(capsys, "info", "cli-carol/rain")
     assert "yanked: wrong colours" in out
     assert run(capsys, "tag", "cli-carol/rain", "stable", "1.0.0")[0] == 0
+    code, _, err = run(capsys, "tag", "cli-carol/rain", "latest", "1.0.0")
+    assert code == 2 and "'latest' is not a tag to set" in err and "lowercase" not in err and "lwhub tag --help" in err
+    with lwhub.from_env() as client, pytest.raises(BadRequestError) as refused:  # the hub's answer, through the API
+        client.set_tag("cli-carol/rain", "latest", "1.0.0")
+    assert "cannot be set" in str(refused.value) and "semver" not in cli.exit_code(refused.value)[1]
     assert run(capsys, "yank", "cli-carol/rain@1.1.0", "--undo")[0] == 0
     code, info = run_json(capsys, "info", "cli-carol/rain")
     assert info["bundle"]["latest"] == "1.1.0" and info["bundle"]["named_tags"] == {"stable": "1.0.0"}
@@ -437,10 +443,10 @@ def test_pull_draws_a_progress_bar_only_on_a_terminal(hub, carol, capsys, tmp_pa
 
 
 def test_public_api_is_pinned():
-    assert lwhub.__all__ == sorted(lwhub.__all__) == ["Client", "pull"]
-    from lwhub.client import Client, pull
+    assert lwhub.__all__ == sorted(lwhub.__all__) == ["Client", "from_env", "pull"]
+    from lwhub.client import Client, from_env, pull
 
-    assert (lwhub.Client, lwhub.pull) == (Client, pull)
+    assert (lwhub.Client, lwhub.from_env, lwhub.pull) == (Client, from_env, pull)
 
 
 def test_the_installed_console_script_runs():
