@@ -8,6 +8,7 @@
     │   └── CheckpointError (ValueError)    a saved world whose files disagree or changed
     ├── TargetError (ValueError)        customizing: what to inject, where, how big
     │   ├── NothingTargetedError            the selection matched no slot
+    │   ├── UnmatchedPatternError           an exclude, rank_pattern or alpha_pattern key matching no slot
     │   ├── UnknownBlockTypeError           a block type no block of the world has
     │   ├── UnsupportedLayerError           a slot whose layer the adapter kind cannot host
     │   ├── RankError                       rank 0, or larger than the layer allows
@@ -83,6 +84,17 @@ class TargetError(LWFormatError, ValueError):
 
 class NothingTargetedError(TargetError):
     """The block types, block globs and slot patterns together matched no slot."""
+
+
+class UnmatchedPatternError(TargetError):
+    """An ``exclude``, ``rank_pattern`` or ``alpha_pattern`` key that matches no selected slot.
+
+    ``path`` names the `LightConfig` field, ``pattern`` the key.
+    """
+
+    def __init__(self, message: str, *, path: str, pattern: str) -> None:
+        super().__init__(message, path=path)
+        self.pattern = pattern
 
 
 class UnknownBlockTypeError(TargetError):

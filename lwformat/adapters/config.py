@@ -4,11 +4,15 @@ Selection narrows in three steps, each optional (empty means "all"):
 ``block_types`` (``llm``, ``backbone``...), ``blocks`` (block-path globs, ``author/**``)
 and ``slots`` (module-path patterns, ``*.attn.qkv``; a pattern containing ``:`` is a
 full slot pattern ``block glob:module pattern``). ``exclude`` removes slots with the
-same pattern syntax. A slot pattern without wildcards is *explicit*: it must name a
-layer the kind can host wherever the block has that module.
+same pattern syntax. A slot pattern without wildcards is *explicit*: it matches the
+module path or a dotted suffix of it, as PEFT's ``target_modules`` do (``qkv`` matches
+``blocks.0.attn.qkv``; in the full form it names the module path whole), and it must
+name layers the kind can host wherever the block has such a module.
 
 ``rank_pattern`` / ``alpha_pattern`` override rank and alpha per slot pattern, as in
-PEFT; the first matching key wins. ``alpha`` defaults to ``rank`` (scaling 1).
+PEFT; the first matching key wins. ``alpha`` defaults to ``rank`` (scaling 1). A key of
+these, or an ``exclude`` pattern, that matches no planned slot is refused: it would
+change nothing.
 ``dropout`` is PEFT's ``lora_dropout``: while training, LoRA and DoRA adapters see their
 input through dropout at that rate. It is a training setting only: bundles carry none.
 """
@@ -24,6 +28,36 @@ from ..errors import TargetError
 
 
 class LightConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Which slots of a world get adapters, of which kind and size; `World.plan` shows the result.
+
+    ``kind``: ``"lora"`` (B·A, rank r), ``"dora"`` (LoRA plus a magnitude per output; not on
+    embeddings), ``"ia3"`` (a gain per output), ``"neuron"`` (trained rows for chosen outputs) or
+    ``"bias"`` (a shift per output).
+
+    ``rank``: the LoRA/DoRA rank r, 1 up to the layer's smaller side. ``alpha``: the scaling
+    numerator, s = alpha / r; None means alpha = the slot's rank (scaling 1). ``rslora``:
+    s = alpha / √r instead. ``dropout``: PEFT's ``lora_dropout``, LoRA and DoRA only, while
+    training only (bundles carry none). ``neurons`` (kind ``"neuron"``): how many output
+    channels, spread evenly, or the list of their indices.
+
+    Selection narrows in steps, each optional (empty means all): ``block_types`` (``"llm"``...),
+    ``blocks`` (block-path globs: ``*`` one segment, ``**`` any number: ``"author/**"``),
+    ``slots`` (module-path patterns), minus ``exclude`` (the same patterns). A pattern without
+    wildcards matches a module path or a dotted suffix of it, as PEFT's ``target_modules``:
+    ``"qkv"`` and ``"attn.qkv"`` match ``blocks.0.attn.qkv``; one with ``*``, ``?`` or ``[``
+    is an fnmatch glob over the whole module path (``*`` crosses dots: ``"*.attn.qkv"``), not a
+    regex; ``"block glob:module pattern"`` limits a pattern to some blocks and names module
+    paths whole (``"author/**:head"``). A ``slots`` entry without wildcards must name layers the
+    kind can host wherever the block has such a module (else `UnsupportedLayerError`).
+
+    ``rank_pattern`` / ``alpha_pattern``: ``{pattern: value}`` overriding rank and alpha per
+    slot, the first matching key winning (keep the order: a catch-all ``"*"`` goes last).
+    An ``exclude``, ``rank_pattern`` or ``alpha_pattern`` key matching no planned slot is an
+    `UnmatchedPatternError`, as nothing selected at all is a `NothingTargetedError`.
+
+    ``name``: the adapters' name in each slot's bank (``"default"``), beside applied bundles.
+    """
+
     kind: str = "lora"
     rank: int = 8
     alpha: float | None = None

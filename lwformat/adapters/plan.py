@@ -6,6 +6,7 @@ is raised here, naming the offending path, before any module is touched.
 
 from __future__ import annotations
 
+import difflib
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -17,6 +18,7 @@ from ..errors import (
     RankError,
     TargetError,
     UnknownBlockTypeError,
+    UnmatchedPatternError,
     UnsupportedLayerError,
 )
 from ..world.paths import match_block, match_module
@@ -89,9 +91,11 @@ class Plan(msgspec.Struct, frozen=True):
 
 
 def _matches(pattern: str, block_paths: list[str], module_path: str) -> bool:
-    if ":" in pattern:
+    if ":" in pattern:  # a full slot pattern names module paths whole: the exact form `attach` relies on
         block_glob, _, module_pattern = pattern.partition(":")
         return any(match_block(p, block_glob) for p in block_paths) and match_module(module_path, module_pattern)
+    if is_explicit(pattern):  # PEFT's target_modules rule: "qkv" and "attn.qkv" match "blocks.0.attn.qkv"
+        return module_path == pattern or module_path.endswith("." + pattern)
     return match_module(module_path, pattern)
 
 
@@ -153,6 +157,9 @@ def plan(world: World, config: LightConfig) -> Plan:
     kind = KINDS[config.kind]
     slots: list[SlotPlan] = []
     skipped: dict[str, str] = {}
+    seen: list[str] = []  # every slot of the selected blocks, for the example a NothingTargetedError shows
+    excluded: set[str] = set()  # the exclude patterns that removed a slot
+    planned: list[tuple[list[str], str]] = []  # (block paths, module path) of each slot in `slots`
     for path, block in blocks.items():
         paths = aliases[path]
         if config.block_types and block.block_type not in config.block_types:
@@ -163,38 +170,113 @@ def plan(world: World, config: LightConfig) -> Plan:
         _check_explicit(config, block, paths, path, eligible, kind)
         for module_path, (_, geo) in eligible.items():
             slot = f"{path}:{module_path}"
+            seen.append(slot)
             if config.slots and not any(_matches(p, paths, module_path) for p in config.slots):
                 continue
-            if any(_matches(p, paths, module_path) for p in config.exclude):
+            if hits := [p for p in config.exclude if _matches(p, paths, module_path)]:
+                excluded.update(hits)
                 continue
             if geo.layer not in kind.layers:
                 skipped[slot] = f"{config.kind} does not support {geo.layer} layers"
                 continue
             slots.append(_slot_plan(config, block, paths, slot, module_path, geo))
+            planned.append((paths, module_path))
     if not slots:
-        raise NothingTargetedError(
-            "nothing to adapt: no slot matched "
-            f"block_types={config.block_types or 'any'} blocks={config.blocks or 'any'} "
-            f"slots={config.slots or 'any'} exclude={config.exclude or 'none'} for kind {config.kind!r}"
-        )
+        raise _nothing_targeted(world, config, seen, skipped)
+    _check_keys(config, excluded, planned, [s.slot for s in slots])
     return Plan(config.name, slots, skipped)
 
 
-def _check_explicit(config: LightConfig, block, paths: list[str], path: str, eligible: dict, kind) -> None:
-    for pattern in config.slots:
-        block_glob, sep, module_path = pattern.rpartition(":")
-        if not is_explicit(module_path) or (sep and not any(match_block(p, block_glob) for p in paths)):
+SYNTAX = (
+    "(a name without wildcards matches a module path or a dotted suffix of it, as in PEFT's target_modules; "
+    "with wildcards it is an fnmatch glob over the whole module path, not a regex)"
+)
+
+
+def _nothing_targeted(world: World, config: LightConfig, seen: list[str], skipped: dict[str, str]) -> NothingTargetedError:
+    message = (
+        "nothing to adapt: no slot matched "
+        f"block_types={config.block_types or 'any'} blocks={config.blocks or 'any'} "
+        f"slots={config.slots or 'any'} exclude={config.exclude or 'none'} for kind {config.kind!r}"
+    )
+    if skipped:
+        slot, why = next(iter(skipped.items()))
+        message += f"; {len(skipped)} matched slot(s) skipped, the first {slot}: {why}"
+    if examples := seen or _every_slot(world):
+        example = _example(examples, config.slots[0] if config.slots else "")
+        message += f". Slot patterns match module paths: {_suggest(example)} {SYNTAX}; world.plan(LightConfig()) lists every slot"
+    return NothingTargetedError(message)
+
+
+def _check_keys(config: LightConfig, excluded: set[str], planned: list[tuple[list[str], str]], names: list[str]) -> None:
+    """Refuse an exclude, rank_pattern or alpha_pattern key that matches no planned slot.
+
+    Such a key changes nothing, silently: typically a regex (PEFT's syntax there) or a typo.
+    """
+    unmatched = [("exclude", k) for k in config.exclude if k not in excluded]
+    for field in ("rank_pattern", "alpha_pattern"):
+        keys = getattr(config, field)
+        unmatched += [(field, k) for k in keys if not any(_matches(k, paths, m) for paths, m in planned)]
+    if unmatched:
+        field, key = unmatched[0]
+        raise UnmatchedPatternError(
+            f"LightConfig.{field}: {key!r} matches no selected slot, so it would change nothing. "
+            f"Patterns match module paths: {_suggest(_example(names, key))} {SYNTAX}",
+            path=field, pattern=key,
+        )  # fmt: skip
+
+
+def _every_slot(world: World) -> list[str]:
+    out = []
+    for path, block in world.blocks().items():
+        try:
+            out += [f"{path}:{m}" for m in eligible_slots(block, where=path)]
+        except TargetError:  # a block declaring a bad slot: only an example is wanted here
             continue
-        layer = layer_at(block.module, module_path)
-        if layer is None:
-            continue  # this block has no such module; another targeted block may
-        slot = f"{path}:{module_path}"
-        if module_path not in eligible:
-            if id(layer) in uncalled_layers(block.module):
-                raise UnsupportedLayerError(f"{slot}: {UNCALLED}", path=slot)
-            raise UnsupportedLayerError(f"{slot}: {type(layer).__name__} is not a layer adapters can wrap", path=slot)
-        if eligible[module_path][1].layer not in kind.layers:
-            raise UnsupportedLayerError(f"{slot}: {config.kind} does not support {type(layer).__name__}", path=slot)
+    return out
+
+
+def _example(slots: list[str], pattern: str) -> str:
+    """The slot of `slots` whose last name is nearest the last name in `pattern` (else the first)."""
+    leaf = pattern.rpartition(":")[2].rpartition(".")[2].strip("*?[]^$\\")  # ".*qkv" -> "qkv"
+    leaves = [s.rpartition(":")[2].rpartition(".")[2] for s in slots]
+    close = difflib.get_close_matches(leaf, leaves, n=1)
+    return slots[leaves.index(close[0])] if close else slots[0]
+
+
+def _suggest(slot: str) -> str:
+    module_path = slot.partition(":")[2]
+    leaf = module_path.rpartition(".")[2]
+    forms = f"'{leaf}' or '*.{leaf}'" if "." in module_path else f"'{leaf}'"
+    return f"{forms} matches {slot}"
+
+
+def _check_explicit(config: LightConfig, block, paths: list[str], path: str, eligible: dict, kind) -> None:
+    module_paths: list[str] | None = None  # the block's, listed once and only when a short pattern needs them
+    for pattern in config.slots:
+        block_glob, sep, module_pattern = pattern.rpartition(":")
+        if not is_explicit(module_pattern) or (sep and not any(match_block(p, block_glob) for p in paths)):
+            continue
+        targets = [module_pattern]
+        if not sep:  # PEFT's suffix rule (see `_matches`)
+            module_paths = module_paths or [m for m, _ in block.module.named_modules()]
+            targets += [m for m in module_paths if m.endswith("." + module_pattern)]
+        for module_path in targets:
+            _check_target(config, block, path, eligible, kind, module_path, pattern)
+
+
+def _check_target(config: LightConfig, block, path: str, eligible: dict, kind, module_path: str, pattern: str) -> None:
+    layer = layer_at(block.module, module_path)
+    if layer is None:
+        return  # this block has no such module; another targeted block may
+    slot = f"{path}:{module_path}"
+    how = "" if module_path == pattern else f" (slots entry {pattern!r} names it: a name without wildcards matches a dotted suffix)"
+    if module_path not in eligible:
+        if id(layer) in uncalled_layers(block.module):
+            raise UnsupportedLayerError(f"{slot}: {UNCALLED}{how}", path=slot)
+        raise UnsupportedLayerError(f"{slot}: {type(layer).__name__} is not a layer adapters can wrap{how}", path=slot)
+    if eligible[module_path][1].layer not in kind.layers:
+        raise UnsupportedLayerError(f"{slot}: {config.kind} does not support {type(layer).__name__}{how}", path=slot)
 
 
 def iter_hosts(world: World):

@@ -109,9 +109,10 @@ def config_for(block_path: str, slots: dict[str, ForeignSlot], *, kind: str, rsl
         alpha=alpha,
         rslora=rslora,
         blocks=[block_path],
-        slots=list(slots),  # exact module paths: each matches itself only
-        rank_pattern={m: s.rank for m, s in slots.items() if s.rank != rank},
-        alpha_pattern={m: s.alpha for m, s in slots.items() if s.alpha != alpha},
+        # The full slot form names a module path whole ("fc" alone would match "inner.fc" too).
+        slots=[f"{block_path}:{m}" for m in slots],
+        rank_pattern={f"{block_path}:{m}": s.rank for m, s in slots.items() if s.rank != rank},
+        alpha_pattern={f"{block_path}:{m}": s.alpha for m, s in slots.items() if s.alpha != alpha},
         name=name,
     )
 

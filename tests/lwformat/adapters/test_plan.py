@@ -12,6 +12,7 @@ from lwformat.errors import (
     RankError,
     TargetError,
     UnknownBlockTypeError,
+    UnmatchedPatternError,
     UnsupportedLayerError,
 )
 
@@ -183,3 +184,75 @@ def test_targeting_multihead_attention_out_proj_says_why(how):
     assert err.value.path == "s/p/g/enc:self_attn.out_proj"
     assert "s/p/g/enc:self_attn.out_proj" in str(err.value) and "never calls" in str(err.value)
     assert_unchanged(world, snap)
+
+
+NESTED = "s/p/g/lm"
+
+
+def nested_world():
+    """blocks.{0,1}.attn.{qkv,proj} and blocks.{0,1}.fc: the module paths of a transformer's layers."""
+
+    def layer() -> nn.Module:
+        return nn.ModuleDict({"attn": nn.ModuleDict({"qkv": nn.Linear(8, 24), "proj": nn.Linear(8, 8)}), "fc": nn.Linear(8, 8)})
+
+    torch.manual_seed(0)
+    return World.from_blocks({NESTED: Block(nn.ModuleDict({"blocks": nn.ModuleList([layer(), layer()])}), "llm")})
+
+
+QKV = [f"{NESTED}:blocks.0.attn.qkv", f"{NESTED}:blocks.1.attn.qkv"]
+
+
+@pytest.mark.parametrize(
+    "patterns, expected",
+    [
+        (["qkv"], QKV),  # PEFT's target_modules=["qkv"]
+        (["attn.qkv"], QKV),  # any dotted suffix
+        (["*qkv"], QKV),  # a wildcard keeps fnmatch's meaning: "*" crosses dots
+        (["0.attn.qkv"], QKV[:1]),
+        ([f"{NESTED}:blocks.1.attn.qkv"], QKV[1:]),  # the full form names a module path whole
+    ],
+)
+def test_a_name_without_wildcards_matches_as_a_dotted_suffix_like_peft(patterns, expected):
+    assert slots(nested_world().plan(LightConfig(rank=2, slots=patterns))) == expected
+
+
+def test_suffix_names_work_in_exclude_rank_pattern_and_alpha_pattern():
+    plan = nested_world().plan(LightConfig(rank=2, exclude=["fc"], rank_pattern={"qkv": 4}, alpha_pattern={"attn.proj": 1.0}))
+    assert {s.module_path: (s.rank, s.alpha) for s in plan.slots} == {
+        "blocks.0.attn.qkv": (4, 4.0), "blocks.0.attn.proj": (2, 1.0),
+        "blocks.1.attn.qkv": (4, 4.0), "blocks.1.attn.proj": (2, 1.0),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "config, field, key",
+    [
+        (LightConfig(rank=2, rank_pattern={".*qkv": 4}), "rank_pattern", ".*qkv"),  # a regex, as PEFT takes it
+        (LightConfig(rank=2, alpha_pattern={"qkv": 1.0, "q_proj": 2.0}), "alpha_pattern", "q_proj"),
+        (LightConfig(rank=2, exclude=["zzz"]), "exclude", "zzz"),
+        (LightConfig(rank=2, exclude=["*.fc"], rank_pattern={"fc": 4}), "rank_pattern", "fc"),  # matches excluded slots only
+        (LightConfig(rank=2, slots=["n.qkv"], exclude=["tn.qkv"]), None, "n.qkv"),  # a suffix ends at a dot: nothing planned
+    ],
+)
+def test_a_pattern_that_matches_no_selected_slot_is_refused_naming_it_and_a_real_slot(config, field, key):
+    world = nested_world()
+    snap = snapshot(world)
+    with pytest.raises(UnmatchedPatternError if field else NothingTargetedError) as err:
+        world.customize(config)
+    if field:
+        assert (err.value.path, err.value.pattern) == (field, key)
+    assert repr(key) in str(err.value)
+    assert f"{NESTED}:blocks.0.attn." in str(err.value)  # a real slot, as an example
+    assert_unchanged(world, snap)
+
+
+def test_nothing_targeted_suggests_the_star_dot_form_with_a_real_slot():
+    with pytest.raises(NothingTargetedError) as err:
+        nested_world().plan(LightConfig(rank=2, slots=["q_proj"]))
+    assert f"'*.proj' matches {NESTED}:blocks.0.attn.proj" in str(err.value)  # the nearest name
+
+
+def test_a_suffix_name_that_reaches_a_container_is_refused_as_an_explicit_slot_is():
+    with pytest.raises(UnsupportedLayerError) as err:
+        nested_world().plan(LightConfig(rank=2, slots=["attn"]))
+    assert err.value.path == f"{NESTED}:blocks.0.attn" and "'attn'" in str(err.value)

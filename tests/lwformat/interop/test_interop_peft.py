@@ -144,10 +144,38 @@ def test_targets_are_exact_when_a_name_is_a_suffix_of_another(tmp_path):
     torch.manual_seed(0)
     base = Nested()
     world = World.from_blocks({PATH: Block(copy.deepcopy(base), "llm")})
-    world.customize(LightConfig(rank=2, slots=["fc"]))  # "fc" only, not "inner.fc"
+    world.customize(LightConfig(rank=2, slots=[f"{PATH}:fc"]))  # "fc" only, not "inner.fc": the full form is exact
     export_peft(world, PATH, tmp_path / "out")
     reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out")
     assert [n for n, m in reloaded.named_modules() if hasattr(m, "lora_A") and m.lora_A] == ["base_model.model.fc"]
+
+
+def test_an_import_adapts_exactly_its_modules_when_a_name_is_a_suffix_of_another(tmp_path):
+    """A slot pattern "fc" matches "inner.fc" too (PEFT's suffix rule): the config an import
+    builds must still name "fc" alone, and give "inner.down" its own rank."""
+
+    class Nested(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.inner = MLP(4)
+            self.inner.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.inner(self.inner.fc(self.fc(x)))
+
+    torch.manual_seed(0)
+    base = Nested()
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=r"fc|inner\.down|inner\.up", rank_pattern={"^fc": 1, "up": 1},
+                        init_lora_weights=False)  # fmt: skip
+    model = get_peft_model(copy.deepcopy(base), config).eval()
+    model.save_pretrained(tmp_path / "peft")
+    world = World.from_blocks({PATH: Block(copy.deepcopy(base), "llm")})
+    plan = import_peft(world, PATH, tmp_path / "peft")
+    assert {s.module_path: s.rank for s in plan.slots} == {"fc": 1, "inner.up": 1, "inner.down": 2}
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(world.block(PATH)(x), model(x), atol=1e-6, rtol=1e-6)
 
 
 def rewrite(saved, change):
