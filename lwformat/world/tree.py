@@ -8,6 +8,7 @@ and the first path that reaches it (in config order) is its canonical path.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -200,10 +201,14 @@ class World(nn.Module):
         """Write config, weights (safetensors) and cached digests to directory `path`.
 
         `path` is replaced whole, so it must be absent, empty, or a world saved before.
+        Only the base is written: adapters being trained (`customize`) and applied bundles are
+        not, and a `UserWarning` says so; `save_adapters` and `lwformat.write_bundle` save them.
         """
         from .checkpoint import save_world
 
         save_world(self, path)
+        if self.customization is not None or self.applied:  # saving the base is legitimate: warn, not refuse
+            warnings.warn(_base_only(self, path), UserWarning, stacklevel=2)
 
     # -- traversal ---------------------------------------------------------------------
 
@@ -389,6 +394,17 @@ class World(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, cycle={self.cycle}"
+
+
+def _base_only(world: World, path: Any) -> str:
+    left = []
+    if world.customization is not None:
+        config, plan = world.customization
+        left.append(f"the adapters being trained ({config.name!r}, {len(plan.slots)} slots; world.save_adapters(file) "
+                    "writes a light checkpoint, lwformat.write_bundle(world, dir, name=..., version=...) a bundle)")  # fmt: skip
+    if world.applied:
+        left.append(f"the applied bundles ({', '.join(world.applied)}; apply them again after World.load)")
+    return f"World.save wrote the base world only to {path}, not {' nor '.join(left)}"
 
 
 def _split_or_missing(path: str) -> tuple[str, str, str, str]:

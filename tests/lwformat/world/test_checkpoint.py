@@ -1,5 +1,6 @@
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -217,9 +218,33 @@ def test_a_fused_world_is_not_saved_as_a_base_and_loading_leaves_the_generator_a
         world.save(tmp_path / "fused")
     assert not (tmp_path / "fused").exists()
     world.unfuse()
-    world.save(tmp_path / "base")
+    with pytest.warns(UserWarning, match="applied bundles"):
+        world.save(tmp_path / "base")
     torch.manual_seed(5)
     World.load(tmp_path / "base")
     after = torch.rand(3)
     torch.manual_seed(5)
     assert torch.equal(torch.rand(3), after)
+
+
+def test_saving_a_customized_or_applied_world_warns_that_only_the_base_is_written(tmp_path):
+    """A PEFT user expects world.save to keep the adapters being trained: it writes the base (which
+    is legitimate, so a warning, not an error) and says how to save the adapters."""
+    from lwformat import LightConfig
+    from lwformat.zoo import reference_world
+    from tests.lwformat.runtime.conftest import make_bundle
+
+    world = reference_world("tiny", seed=0)
+    base = world.root_digest()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        world.save(tmp_path / "plain")  # a bare base: nothing to say
+    world.customize(LightConfig(rank=2, block_types=["llm"]))
+    with pytest.warns(UserWarning, match=r"save_adapters.*write_bundle") as caught:
+        world.save(tmp_path / "customized")
+    assert caught[0].filename == __file__  # it points at the caller's line
+    assert World.load(tmp_path / "customized").root_digest() == base
+    world.decustomize()
+    world.apply(make_bundle(tmp_path, 1))
+    with pytest.warns(UserWarning, match="applied bundles \\(author/noir;"):
+        world.save(tmp_path / "applied")
