@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,11 +40,21 @@ import msgspec
 import torch
 
 from ..bundle.canonical import encode, manifest_id
-from ..bundle.manifest import SPEC, BaseBinding, Manifest, Name, Parent, SemVer, SlotEntry, TensorEntry
+from ..bundle.manifest import (
+    SPEC,
+    BaseBinding,
+    Manifest,
+    Name,
+    Parent,
+    SemVer,
+    SlotEntry,
+    TensorEntry,
+)
 from ..errors import BlendError, SlotNotFoundError
 from ..world.digest import DTYPE_NAMES
 from . import finiteness
 from .blend_kinds import TENSOR_ORDER, Part, Recipe, SlotBlend, blend_slots
+from .stack import _opened
 from .storage import finite
 
 METHODS = ("linear", "svd", "ties", "dare")
@@ -117,7 +128,8 @@ def blend(parts: Sequence[tuple[Any, float]], *, method: str = "linear", rank: i
           version: str = "0.1.0", density: float = 0.5, seed: int = 0) -> Blend:  # fmt: skip
     """Blend ``[(bundle, weight), ...]`` into a new bundle; every check runs before any tensor is read.
 
-    A bundle is anything with ``.manifest`` and ``.slot_tensors(slot)`` (a `Bundle`, a `Blend`).
+    A bundle is anything with ``.manifest`` and ``.slot_tensors(slot)`` (a `Bundle`, a `Blend`), or,
+    as `apply` takes it, the path of a bundle directory or ``.lwb`` archive (opened here).
     ``rank`` re-ranks LoRA slots (svd, ties, dare; svd defaults to the largest parent rank);
     ``density`` and ``seed`` drive ties and dare; ``name`` defaults to a digest of the recipe
     under the first parent's owner. Raises `BlendError` naming the slot or block at fault, and
@@ -167,14 +179,28 @@ def blend(parts: Sequence[tuple[Any, float]], *, method: str = "linear", rank: i
 
 
 def _pairs(parts: Any) -> list[tuple[Any, Any]]:
-    try:
-        pairs = [tuple(part) for part in parts]
-    except TypeError:
-        pairs = []
-    bad = next((p for p in pairs if len(p) != 2 or not hasattr(p[0], "manifest")), None)
-    if not pairs and parts or bad is not None:
-        raise BlendError("parts is a list of (bundle, weight) pairs, e.g. [(noir, 0.7), (rain, 0.3)]")
+    """``[(bundle, weight), ...]``, each bundle given as `apply` takes it: a path is opened."""
+    if isinstance(parts, (str, bytes, os.PathLike)) or not isinstance(parts, Iterable):
+        raise BlendError(f"{_PAIRS}, not {_described(parts)}")
+    pairs = []
+    for i, part in enumerate(parts):
+        if isinstance(part, (str, bytes, os.PathLike)) or not isinstance(part, Iterable) or len(pair := tuple(part)) != 2:
+            raise BlendError(f"{_PAIRS}; part {i} is {_described(part)}, not a pair")
+        bundle, weight = pair
+        if isinstance(bundle, (str, os.PathLike)):
+            bundle = _opened(bundle)
+        elif not hasattr(bundle, "manifest"):
+            raise BlendError(f"{_PAIRS}; part {i} holds {_described(bundle)}, not a Bundle, a Blend or a bundle's path")
+        pairs.append((bundle, weight))
     return pairs
+
+
+_PAIRS = "parts is a list of (bundle, weight) pairs, e.g. [(noir, 0.7), ('rain/', 0.3)]"
+
+
+def _described(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
 
 
 def _weight(bundle: Any, weight: Any) -> float:

@@ -24,7 +24,7 @@ from torch import nn
 from lwformat import LightConfig
 from lwformat.bundle.read import Bundle
 from lwformat.bundle.write import write_bundle
-from lwformat.errors import BlendError, BundleFormatError
+from lwformat.errors import BlendError, BundleFormatError, BundleNotFoundError
 from lwformat.runtime.blend import blend
 from lwformat.runtime.blend_kinds import TENSOR_ORDER
 from lwformat.runtime.blend_merge import dare, ties
@@ -399,6 +399,32 @@ def test_bad_weights_are_refused(lora):
             blend([(lora["r2"], weight)])
     with pytest.raises(BlendError, match="at least one"):
         blend([])
+
+
+def test_parents_may_be_given_by_path_as_apply_takes_them(lora, tmp_path):
+    """apply("rain/") works, so blend([("noir-style", .7), ("rain", .3)]) must too."""
+    by_path = blend([(str(lora["r2"].path), 0.7), (lora["r3"].path, 0.3)])  # a str and a PathLike
+    by_bundle = blend([(lora["r2"], 0.7), (lora["r3"], 0.3)])
+    assert by_path.manifest == by_bundle.manifest
+    assert by_path.tensors().keys() == by_bundle.tensors().keys()
+    assert all(torch.equal(t, by_bundle.tensors()[k]) for k, t in by_path.tensors().items())
+    with pytest.raises(BundleNotFoundError):
+        blend([(tmp_path / "nowhere", 1.0)])
+
+
+@pytest.mark.parametrize(
+    "parts, said",
+    [
+        ("author/noir", "not str 'author/noir'"),
+        ([lambda: 1], "part 0 is function"),
+        ([("a", "b", "c")], "part 0 is tuple ('a', 'b', 'c'), not a pair"),
+        ([(3, 0.5)], "part 0 holds int 3, not a Bundle, a Blend or a bundle's path"),
+    ],
+)
+def test_parts_that_are_not_pairs_of_bundle_and_weight_say_what_they_got(parts, said):
+    with pytest.raises(BlendError, match="parts is a list of \\(bundle, weight\\) pairs") as info:
+        blend(parts)
+    assert said in str(info.value)
 
 
 def poisoned(bundle: Bundle, key: str, value: float, out) -> Bundle:
