@@ -14,6 +14,7 @@ here; `verify.verify_files` does that.
 from __future__ import annotations
 
 import functools
+import json
 import mmap
 import os
 import re
@@ -24,7 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
-from ..errors import BundleFormatError, BundleNotFoundError, IntegrityError, SlotNotFoundError
+from ..errors import (
+    BundleFormatError,
+    BundleNotFoundError,
+    IntegrityError,
+    SlotNotFoundError,
+)
 from . import limits
 from .canonical import loads, manifest_id
 from .files import list_members, open_member, read_member
@@ -37,6 +43,30 @@ if TYPE_CHECKING:
     import torch
 
 _SAFE_STEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}")
+LIGHT_CHECKPOINT = "lwadapters/1"  # `adapters.checkpoint.FORMAT`, named here without importing torch
+
+
+def _not_a_bundle(source: Path) -> str:
+    """What to do with a safetensors file given as a bundle: ours (`save_adapters`) or kohya's."""
+    if _safetensors_format(source) == LIGHT_CHECKPOINT:
+        return (f"{source}: a light checkpoint (World.save_adapters), not a bundle (a directory or .lwb archive); "
+                "load it into a world of its base with world.load_adapters(path), then write a bundle with "
+                "lwformat.write_bundle(world, dir, name=..., version=...)")  # fmt: skip
+    return (f"{source}: a safetensors file, not a bundle (a directory or .lwb archive); "
+            "lwformat.interop.import_kohya reads kohya LoRA files")  # fmt: skip
+
+
+def _safetensors_format(path: Path) -> str | None:
+    """The ``format`` in a safetensors file's metadata, or None when the header says none (or is no header)."""
+    try:
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= limits.MAX_HEADER_BYTES:  # only a hint is wanted: no huge read for it
+                return None
+            metadata = json.loads(f.read(size)).get("__metadata__")
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object: no format to tell
+        return None
+    return metadata.get("format") if isinstance(metadata, dict) else None
 
 
 class Bundle:
@@ -77,8 +107,7 @@ class Bundle:
         if not source.is_file():
             raise BundleNotFoundError(f"{source}: no bundle directory or archive here", path=str(source))
         if source.suffix == ".safetensors":  # a weights file alone: the manifest that binds it is missing
-            raise BundleFormatError(f"{source}: a safetensors file, not a bundle (a directory or .lwb archive); "
-                                    "lwformat.interop.import_kohya reads kohya LoRA files", path=str(source))  # fmt: skip
+            raise BundleFormatError(_not_a_bundle(source), path=str(source))
         from .archive import unpack
 
         tmp = Path(tempfile.mkdtemp(prefix="lwbundle-", dir=tmp_dir))

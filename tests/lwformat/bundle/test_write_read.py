@@ -219,6 +219,21 @@ def test_opening_a_peft_directory_or_a_safetensors_file_points_to_the_importers(
         Bundle.open(tmp_path / "lora.safetensors")
 
 
+def test_applying_a_light_checkpoint_says_how_to_make_it_a_bundle(tmp_path):
+    """A file from save_adapters is no bundle, and no kohya file either: say load_adapters, then write_bundle."""
+    from safetensors.torch import save_file
+
+    world = tiny_custom_world()
+    world.save_adapters(tmp_path / "ck.safetensors")
+    for attempt in (lambda: Bundle.open(tmp_path / "ck.safetensors"), lambda: tiny_world().apply(str(tmp_path / "ck.safetensors"))):
+        with pytest.raises(BundleFormatError, match=r"light checkpoint.*load_adapters.*write_bundle") as info:
+            attempt()
+        assert "import_kohya" not in str(info.value) and info.value.path == str(tmp_path / "ck.safetensors")
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, tmp_path / "kohya.safetensors", metadata={"ss_network_dim": "2"})
+    with pytest.raises(BundleFormatError, match="import_kohya"):  # another tool's file keeps the kohya hint
+        Bundle.open(tmp_path / "kohya.safetensors")
+
+
 def test_a_fused_world_writes_no_bundle(tmp_path):
     """Fused, the base digests are those of base + deltas: the bundle would fit no real base."""
     from lwformat.errors import FusedError
