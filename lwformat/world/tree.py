@@ -152,6 +152,8 @@ class World(nn.Module):
 
     @classmethod
     def from_spec(cls, spec: WorldSpec, *, device: torch.device | str | None = None) -> World:
+        """Build a world, with fresh weights, from a `WorldSpec` (what `from_config` reads from a file);
+        every block is built on `device` (``"meta"`` for a world of shapes only)."""
         from .build import build_world
 
         return build_world(spec, device=device)
@@ -236,6 +238,7 @@ class World(nn.Module):
         return out
 
     def block(self, path: str) -> Block:
+        """The block at `path` (``stage/pipeline/graph/node``, any path of a shared block); WorldPathError if none."""
         s, p, g, n = _split_or_missing(path)
         try:
             return self.stages[s].pipelines[p].graphs[g].nodes[n]
@@ -243,6 +246,7 @@ class World(nn.Module):
             raise WorldPathError(f"no block at {path!r}", path=path) from None
 
     def stage(self, name: str) -> Stage:
+        """The stage called `name`; WorldPathError, listing the stages, if there is none."""
         if name not in self.stages:
             raise WorldPathError(f"no stage {name!r} (stages: {list(self.stages)})", path=name)
         return self.stages[name]
@@ -276,6 +280,8 @@ class World(nn.Module):
         return cached_block_digest(self, canonical, self.block(canonical))
 
     def root_digest(self) -> str:
+        """The world's identity: a digest over its structure (cycle, block paths in run order, block types,
+        shared blocks, flows) and every block's digest. Adapters beside the base leave it as it is; fusing changes it."""
         from .digest import world_digests
 
         return world_digests(self)["root"]
@@ -332,7 +338,15 @@ class World(nn.Module):
 
     def apply(self, bundle: Any, weight: Any = 1.0, *, name: str | None = None, strict: bool = False, reserve_rank: int = 0) -> Any:
         """Check `bundle` (a Bundle, a Blend, or a bundle's path) against this world, then add its adapters with
-        `weight` (a number or {glob: w})."""
+        `weight` (a number or {glob: w}); returns the `runtime.Applied` record (its storage and slots).
+
+        Every block the bundle touches must have the digest it records; ``strict=True`` also requires
+        the world's root digest to match. ``name`` is what `remove`, `set_weight`, `swap` and `run`
+        call it: the bundle's own name by default (``author/noir-style``); give another to apply one
+        bundle twice. ``reserve_rank`` makes room for LoRA ranks up to it (capped at each layer's
+        full rank), so a later `swap` to a larger-rank bundle fits. All or nothing: a failure
+        leaves the world as it was.
+        """
         from ..runtime import apply
 
         return apply(self, bundle, weight, name=name, strict=strict, reserve_rank=reserve_rank)
