@@ -9,7 +9,7 @@ Changing a weight writes into that buffer, so it allocates nothing and changes n
 While fused, the deltas live in the base weights and the host returns ``base(x)``.
 
 In a mixed-world batch, `set_route` gives each adapter a per-sample selection (B,):
-sample b gets ``Σ_a pick_a[b] · w_a · delta_a``. LoRA adapters of one rank on linear
+sample b gets ``Σ_a pick_a[b] · w_a · delta_a`` (sequence b, in a nested batch). LoRA adapters of one rank on linear
 layers are gathered per sample and computed in one batched pass, so the cost stays
 nearly flat in the number of distinct adapters:
 
@@ -48,6 +48,12 @@ class Route(NamedTuple):
     A: tuple[torch.Tensor, ...]  # (r, in) each
     B: tuple[torch.Tensor, ...]  # (out, r) each
     others: tuple[tuple[Adapter, torch.Tensor], ...]  # adapters computed one by one, with their selection (B,)
+
+    def sample(self, i: int) -> Route:
+        """Sample i's part alone, a batch of one: for the sequences of a nested batch, run one at a time."""
+        picks = None if self.picks is None else self.picks[:, i : i + 1]  # (n, 1)
+        others = tuple((adapter, pick[i : i + 1]) for adapter, pick in self.others)  # (1,) each
+        return self._replace(batch=1, picks=picks, others=others)
 
 
 def _called(module: nn.Module, args: tuple) -> None:
@@ -91,7 +97,7 @@ class AdapterHost(nn.Module):
         if self.fused or not self.adapters:
             return self.base(x)
         if x.is_nested:  # nn.TransformerEncoder packs a padded batch so in eval: one sequence at a time
-            return torch.nested.as_nested_tensor([self.forward(t) for t in x.unbind()])  # (B, T_i, out)
+            return torch.nested.as_nested_tensor(self._unpacked(x.unbind()))  # (B, T_i, out)
         if self.geo.is_conv and x.ndim == len(self.geo.in_shape):
             # Unbatched (C, L) or (C, H, W), which nn.Conv1d/Conv2d take: the kinds' maths wants the batch first.
             return self.forward(x[None])[0]  # (1, C, *S) -> (out, *S')
@@ -139,8 +145,18 @@ class AdapterHost(nn.Module):
             tuple(a.lora_A for a in lora), tuple(a.lora_B for a in lora), tuple(others),
         )  # fmt: skip
 
-    def _routed(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _unpacked(self, sequences: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        """Each sequence of a nested batch on its own; in a mixed batch, sequence i with sample i's route."""
         route = self.route
+        if route is None or not (route.A or route.others):
+            return [self.forward(t) for t in sequences]  # (T_i, out) each
+        if len(sequences) != route.batch:
+            raise LayoutError(f"a {self.geo.layer} layer got a nested batch of {len(sequences)} sequences in a mixed batch of {route.batch}")
+        # As a batch of one, which the routed sum takes first (the sequence alone is (T_i, in)).
+        return [self._routed(t[None], self.base(t[None]), route.sample(i))[0] for i, t in enumerate(sequences)]  # (T_i, out)
+
+    def _routed(self, x: torch.Tensor, y: torch.Tensor, route: Route | None = None) -> torch.Tensor:
+        route = self.route if route is None else route
         if (route.A or route.others) and x.shape[0] != route.batch:
             raise LayoutError(f"a {self.geo.layer} layer got input {tuple(x.shape)} without the batch of {route.batch} first")
         per_sample = (-1,) + (1,) * (y.ndim - 1)

@@ -146,3 +146,70 @@ def test_inside_a_mixed_batch_fusing_and_nesting_are_refused_and_the_routes_hold
             got = world({"tokens": x})
     assert world.fused_state is None and world.routes_open == 0
     assert all(torch.equal(got[k], expected[k]) for k in KEYS)
+
+
+ENCODER = "philosopher/reflect/ideas/conditioner"
+
+
+def encoder_world(*, batch_first: bool = True, stacked: bool = True):
+    from torch import nn
+
+    from lwformat.world import Block, World
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=batch_first)
+    module = nn.TransformerEncoder(layer, 2, enable_nested_tensor=batch_first) if stacked else layer
+    return World.from_blocks({ENCODER: Block(module, "conditioner")})
+
+
+def encoder_bundles(root, **kwargs) -> dict:
+    from lwformat import LightConfig
+    from lwformat.bundle.read import Bundle
+    from lwformat.bundle.write import write_bundle
+
+    out = {}
+    for seed, name in enumerate(["author/a", "author/b"]):
+        trained = encoder_world(**kwargs)
+        torch.manual_seed(10 + seed)
+        trained.customize(LightConfig(kind="lora", rank=2, slots=["*linear1", "*linear2"]))
+        with torch.no_grad():
+            for p in trained.adapter_parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+        write_bundle(trained, root / str(seed), name=name, version="1.0.0")
+        out[name] = Bundle.open(root / str(seed))
+    return out
+
+
+def _padded(y: torch.Tensor) -> torch.Tensor:
+    return y.to_padded_tensor(0.0) if y.is_nested else y
+
+
+@pytest.mark.parametrize("lengths", [(3, 3, 3), (5, 4, 5), (2, 3, 1)])  # as many tokens as samples; more; fewer
+def test_a_padded_batch_packed_by_a_transformer_encoder_gives_each_sequence_its_own_bundle(tmp_path, lengths):
+    """In eval nn.TransformerEncoder packs a padded batch into a nested tensor; each host took the
+    sequences one at a time but applied the whole batch's selection along each one's tokens:
+    wrong outputs when a sequence had as many tokens as the batch samples, a LayoutError otherwise."""
+    import warnings
+
+    bundles = encoder_bundles(tmp_path)
+    world = encoder_world().eval()
+    for bundle in bundles.values():
+        world.apply(bundle)
+    picks = ["author/a", None, "author/b"]
+    x = torch.randn(3, max(lengths) + 1, 16, generator=torch.Generator().manual_seed(0))  # (B, T, E)
+    pad = torch.arange(x.shape[1])[None, :] >= torch.tensor(lengths)[:, None]  # (B, T) True past each length
+    encoder = world.block(ENCODER).module
+    seen = []  # whether the hosts got the packed batch, which this is about
+    encoder.layers[0].linear1.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_nested))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: nested tensors are a prototype
+        with world.routed(picks):
+            mixed = encoder(x, src_key_padding_mask=pad)  # (B, T, E), padded again on the way out
+        assert seen == [True]
+        for i, name in enumerate(picks):
+            alone = encoder_world().eval()
+            if name is not None:
+                alone.apply(bundles[name])
+            expected = _padded(alone.block(ENCODER).module(x[i : i + 1], src_key_padding_mask=pad[i : i + 1]))
+            n = lengths[i]
+            torch.testing.assert_close(mixed[i, :n], expected[0, :n], rtol=1e-5, atol=1e-5)
