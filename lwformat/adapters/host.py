@@ -158,7 +158,8 @@ class AdapterHost(nn.Module):
     def _routed(self, x: torch.Tensor, y: torch.Tensor, route: Route | None = None) -> torch.Tensor:
         route = self.route if route is None else route
         if (route.A or route.others) and x.shape[0] != route.batch:
-            raise LayoutError(f"a {self.geo.layer} layer got input {tuple(x.shape)} without the batch of {route.batch} first")
+            raise LayoutError(f"a {self.geo.layer} layer got input {tuple(x.shape)} without the batch of {route.batch} first; "
+                              "a mixed batch needs the batch first at every layer it routes (a documented limit)")  # fmt: skip
         per_sample = (-1,) + (1,) * (y.ndim - 1)
         out = y
         # A sample that did not pick an adapter gets exactly 0 from it (`where`, not a product

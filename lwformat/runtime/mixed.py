@@ -4,6 +4,11 @@ Every host gets, per applied bundle, a selection vector (B,) with 1 where a samp
 chose that bundle; the host then adds only the chosen adapter's delta to each sample
 (see `AdapterHost`), gathering LoRA factors per sample so that one batched pass serves
 any number of distinct bundles.
+
+A documented limit: the selection runs along dim 0, so every routed layer must get the
+batch first. A layer inside a sequence-first module (``batch_first=False``, as torch's
+transformer modules spell it; a transformer layer's is its ``self_attn``'s) would mix
+samples up, and the mixed batch is refused before it starts.
 """
 
 from __future__ import annotations
@@ -14,10 +19,18 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..adapters.plan import iter_hosts
-from ..errors import FusedError, NotAppliedError, RuntimeStateError, TargetError
+from ..errors import (
+    FusedError,
+    LayoutError,
+    NotAppliedError,
+    RuntimeStateError,
+    TargetError,
+)
 
 if TYPE_CHECKING:
+    from torch import nn
+
+    from ..adapters.host import AdapterHost
     from ..world.tree import World
 
 
@@ -26,6 +39,8 @@ def routed(world: World, bundles: list[str | None]) -> Iterator[None]:
     """Within the block, sample i of any forward runs with applied bundle ``bundles[i]`` only.
 
     Use it to run one block of a world per sample; `run` wraps a whole pass in it.
+    Every layer a sample's bundle adapts must get the batch first: one inside a
+    sequence-first module (``batch_first=False``) is refused with a `LayoutError`.
     """
     if world.fused_state is not None:
         raise FusedError("a mixed batch needs unfused adapters; call unfuse() first")
@@ -41,21 +56,67 @@ def routed(world: World, bundles: list[str | None]) -> Iterator[None]:
     names = sorted(set(bundles) - {None})
     keys = [world.applied[name].key for name in names]
     picks = [[float(b == name) for b in bundles] for name in names]  # (n, B)
-    hosts = [host for _, host in iter_hosts(world)]
+    hosts, sequence_first = _hosts(world)
     tables: dict[tuple, torch.Tensor] = {}  # one copy to each dtype and device, not one per host and bundle
+    routes = []
+    for host in hosts:  # every route sorted out, and refused, before any is set
+        like = host.base.weight
+        if (like.dtype, like.device) not in tables:
+            tables[like.dtype, like.device] = torch.tensor(picks, dtype=like.dtype, device=like.device).reshape(len(names), len(bundles))
+        table = tables[like.dtype, like.device]  # (n, B)
+        route = {key: table[i] for i, key in enumerate(keys) if key in host.adapters}
+        if route and id(host) in sequence_first:
+            _refuse_sequence_first(sequence_first[id(host)])
+        routes.append((host, route))
     world.routes_open += 1
     try:
-        for host in hosts:
-            like = host.base.weight
-            if (like.dtype, like.device) not in tables:
-                tables[like.dtype, like.device] = torch.tensor(picks, dtype=like.dtype, device=like.device).reshape(len(names), len(bundles))
-            table = tables[like.dtype, like.device]  # (n, B)
-            host.set_route({key: table[i] for i, key in enumerate(keys) if key in host.adapters}, len(bundles))
+        for host, route in routes:
+            host.set_route(route, len(bundles))
         yield
     finally:
         world.routes_open -= 1
         for host in hosts:
             host.set_route(None)
+
+
+def _hosts(world: World) -> tuple[list[AdapterHost], dict[int, str]]:
+    """Every host of the world, and {id(host): path of the innermost sequence-first module around it}.
+
+    One walk of each block's modules, as `iter_hosts` makes; a sequence-first module's own
+    subtree is walked again, which finds a host shared with a batch-first parent too.
+    """
+    hosts, outer = [], []
+    for path, block in world.blocks().items():
+        for module_path, module in block.module.named_modules():
+            if getattr(type(module), "is_adapter_host", False):
+                hosts.append(module)
+            elif _sequence_first(module):
+                outer.append((f"{path}:{module_path}" if module_path else path, module))
+    sequence_first = {}
+    for where, module in outer:  # in walk order, so an inner module's path wins over its parent's
+        for inner in module.modules():
+            if getattr(type(inner), "is_adapter_host", False):
+                sequence_first[id(inner)] = where
+    return hosts, sequence_first
+
+
+def _sequence_first(module: nn.Module) -> bool:
+    """Whether `module` says it takes (T, B, ...): ``batch_first=False``, as torch's transformer
+    modules spell it; nn.TransformerEncoderLayer and DecoderLayer keep theirs on ``self_attn``.
+    Read from the instance dicts: a miss through `nn.Module.__getattr__` raises, on every module."""
+    flag = module.__dict__.get("batch_first")
+    if flag is None and (attention := module._modules.get("self_attn")) is not None:
+        flag = attention.__dict__.get("batch_first")
+    return flag is False
+
+
+def _refuse_sequence_first(where: str) -> None:
+    raise LayoutError(
+        f"{where} is sequence-first (batch_first=False): a mixed batch selects each sample's bundle along dim 0, "
+        "which there holds the tokens, so the layers it adapts would mix samples up. Mixed batches need the batch "
+        "first at every layer they route (a documented limit): build it with batch_first=True, or apply one bundle "
+        "at a time", path=where,
+    )  # fmt: skip
 
 
 def not_routed(world: World, what: str) -> None:

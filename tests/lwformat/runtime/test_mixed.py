@@ -213,3 +213,52 @@ def test_a_padded_batch_packed_by_a_transformer_encoder_gives_each_sequence_its_
             expected = _padded(alone.block(ENCODER).module(x[i : i + 1], src_key_padding_mask=pad[i : i + 1]))
             n = lengths[i]
             torch.testing.assert_close(mixed[i, :n], expected[0, :n], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens_first", [3, 5])  # as many tokens as samples (it ran, routing by token); more
+def test_a_mixed_batch_through_a_sequence_first_layer_is_refused_before_it_starts(tmp_path, tokens_first):
+    """A layer inside nn.TransformerEncoderLayer(batch_first=False) gets (T, B, E): the routes, which
+    select along dim 0, selected by token position, silently when T == B. A documented limit, refused up front."""
+    from lwformat.errors import LayoutError
+
+    bundles = encoder_bundles(tmp_path, batch_first=False, stacked=False)
+    world = encoder_world(batch_first=False, stacked=False)
+    for bundle in bundles.values():
+        world.apply(bundle)
+    x = torch.randn(tokens_first, 3, 16, generator=torch.Generator().manual_seed(0))  # (T, B, E)
+    layer = world.block(ENCODER).module
+    with torch.no_grad():
+        stacked = layer(x)
+        with pytest.raises(LayoutError, match="sequence-first .*a documented limit") as caught, world.routed(["author/a", None, "author/b"]):
+            layer(x)
+        assert caught.value.path == ENCODER  # the block's root module is the layer
+        assert world.routes_open == 0 and all(host.route is None for host in (layer.linear1, layer.linear2))
+        assert torch.equal(layer(x), stacked)
+        with world.routed([None, None, None]):  # no sample routes a layer there: nothing to mix up
+            torch.testing.assert_close(layer(x), encoder_world(batch_first=False, stacked=False).block(ENCODER).module(x))
+
+
+def test_the_refusal_names_the_innermost_sequence_first_module(tmp_path):
+    """nn.Transformer(batch_first=False) says so itself, and so does each of its layers (on its self_attn)."""
+    from torch import nn
+
+    from lwformat import LightConfig
+    from lwformat.bundle.read import Bundle
+    from lwformat.bundle.write import write_bundle
+    from lwformat.errors import LayoutError
+    from lwformat.world import Block, World
+
+    def transformer_world():
+        torch.manual_seed(0)
+        model = nn.Transformer(8, 2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=16, dropout=0.0)
+        return World.from_blocks({ENCODER: Block(model, "conditioner")})
+
+    trained = transformer_world()
+    trained.customize(LightConfig(kind="lora", rank=2, slots=["encoder.layers.0.linear1"]))
+    write_bundle(trained, tmp_path / "b", name="author/a", version="1.0.0")
+    world = transformer_world()
+    world.apply(Bundle.open(tmp_path / "b"))
+    with pytest.raises(LayoutError) as caught, world.routed(["author/a", None]):
+        pass
+    assert caught.value.path == f"{ENCODER}:encoder.layers.0"
+    assert world.routes_open == 0
