@@ -8,11 +8,14 @@ written, one slot at a time, so fusing holds one layer's delta beyond the copies
 whole model's; a slot that fails undoes the slots written before it. A slot whose weight
 or bias another layer also uses (an LM head sharing its embedding, within a block or
 across blocks) stays live: fusing there would leak the delta into the other layer, and
-the other layer's own delta would be computed from an already fused base.
+the other layer's own delta would be computed from an already fused base. Uses are seen
+by Parameter identity and by memory: distinct Parameters whose bytes overlap (one made
+from the other's `.detach()` or a view of it) share a weight as much as one Parameter does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,13 +31,45 @@ if TYPE_CHECKING:
 
 
 def shared_parameters(world: World) -> set[int]:
-    """Ids of base parameters that more than one layer of the world uses, in one block or across blocks."""
+    """Ids of base parameters that more than one layer of the world uses, in one block or across
+    blocks: the same Parameter in several places, or distinct ones whose bytes overlap."""
     counts: dict[int, int] = {}
+    params: dict[int, torch.Tensor] = {}
     modules = {id(block.module): block.module for block in world.blocks().values()}
     for module in modules.values():
         for _, p in module.named_parameters(remove_duplicate=False):  # hosts show their base's parameters too
             counts[id(p)] = counts.get(id(p), 0) + 1
-    return {i for i, n in counts.items() if n > 1}
+            params[id(p)] = p
+    return {i for i, n in counts.items() if n > 1} | overlapping(params.values())
+
+
+def overlapping(tensors: Iterable[torch.Tensor]) -> set[int]:
+    """Ids of the tensors whose bytes overlap another's (same storage, intersecting byte ranges).
+
+    Sorted by start within each storage, a tensor overlaps an earlier one exactly when it
+    starts before the furthest end so far; that end's owner overlaps it too. Ranges are
+    spans, so views that interleave (every other column each) count as overlapping: kept
+    live, which is safe, where fusing might have been.
+    """
+    spans = []
+    for t in tensors:
+        if t.numel() == 0 or t.device.type == "meta":  # no bytes to share
+            continue
+        start = t.data_ptr()  # the storage's address plus the tensor's offset, in bytes
+        extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))  # elements spanned
+        spans.append((str(t.device), t.untyped_storage().data_ptr(), start, start + extent * t.element_size(), id(t)))
+    spans.sort()
+    out: set[int] = set()
+    storage, end, owner = None, 0, 0
+    for device, memory, start, stop, i in spans:
+        if (device, memory) != storage:
+            storage, end, owner = (device, memory), stop, i
+            continue
+        if start < end:
+            out.update((i, owner))
+        if stop > end:
+            end, owner = stop, i
+    return out
 
 
 def _delta(slot: str, host: AdapterHost) -> tuple[torch.Tensor, torch.Tensor | None]:

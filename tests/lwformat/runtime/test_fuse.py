@@ -137,3 +137,43 @@ def test_a_float64_world_fuses_in_float64(tmp_path):
     expected = fc.base.weight + 0.3 * fc.adapters["author/f64"].delta_weight(fc.base)[0]  # all float64
     world.fuse()
     assert fc.base.weight.dtype == torch.float64 and torch.equal(fc.base.weight, expected)
+
+
+def storage_tied_world(tie: str) -> World:
+    """Layer 2's weight a distinct Parameter on layer 0's memory (all of it, or some rows), or on rows
+    of one buffer that layer 0's weight does not use (disjoint: nothing shared)."""
+    torch.manual_seed(0)
+    text = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4 if tie != "copy" else 8))
+    if tie == "copy":
+        text[2].weight = nn.Parameter(text[0].weight.detach())  # (8, 8) the same bytes
+    elif tie == "rows":
+        text[2].weight = nn.Parameter(text[0].weight.detach()[2:6])  # (4, 8) a view of rows 2..5
+    else:
+        flat = torch.randn(12, 8)
+        text[0].weight, text[2].weight = nn.Parameter(flat[:8]), nn.Parameter(flat[8:])  # (8, 8), (4, 8) one storage
+    return World.from_blocks({LM: Block(text, "llm")})
+
+
+@pytest.mark.parametrize("tie", ["copy", "rows", "disjoint"])
+def test_layers_sharing_a_weights_memory_through_distinct_parameters_stay_live(tmp_path, tie):
+    """Sharing was seen by Parameter identity only: a Parameter made from another's detached
+    weight (or a view of it) was fused, and its delta leaked into the other layer."""
+    trained = storage_tied_world(tie)
+    trained.customize(LightConfig(kind="lora", rank=2, slots=["0"]))  # layer 0 only
+    for p in trained.adapter_parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    write_bundle(trained, tmp_path / "b", name="author/tied", version="1.0.0")
+    world = storage_tied_world(tie)
+    weights = {k: v.clone() for k, v in world.state_dict().items()}
+    world.apply(Bundle.open(tmp_path / "b"))
+    x = torch.randn(3, 8)
+    block = world.block(LM).module
+    with torch.no_grad():
+        unfused = block(x)
+        live = world.fuse()
+        fused = block(x)
+    assert live == ([] if tie == "disjoint" else [f"{LM}:0"])
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-6)
+    world.unfuse()
+    world.remove("author/tied")
+    assert all(torch.equal(world.state_dict()[k], v) for k, v in weights.items())
