@@ -9,10 +9,16 @@ element-wise check. A weights file that passed is remembered by its identity (it
 sha256 in the manifest, and the file's device, inode, size, mtime and ctime), so applying
 the same file again costs a `stat`: bundle files are never written in place, and one that
 is gets new times (`os.utime` can set the mtime back, not the ctime).
+
+That memory vouches for the file's values only. Stored in a narrower dtype than the
+file's (a float32 bundle on a float16 base), a finite value may overflow to inf: each
+converted tensor's extremes are converted first (`check_fits`), every time, before
+anything is written. A tensor stored in its own dtype costs nothing there.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
@@ -20,7 +26,7 @@ from typing import Any
 import torch
 
 from ..bundle.read import Bundle
-from ..errors import BundleFormatError
+from ..errors import BundleFormatError, LayoutError
 
 _PASSED: OrderedDict[tuple, None] = OrderedDict()  # identities of weights files whose values passed
 _REMEMBERED = 4096
@@ -84,10 +90,39 @@ def check_storage(bundle: Any, identity: tuple | None, buffers: dict, by_slot: d
     """Refuse what an apply just read into its storage (while the bytes are in the cache).
 
     `identity` is the file's, taken before the read. Packed buffers are exactly the file's
-    runs; otherwise (padded, or a `Blend`) each slot's tensors are checked.
+    runs; otherwise (padded, converted, or a `Blend`) each slot's tensors are checked. A
+    file that passed vouches for its own values only: what a conversion would have made
+    inf was refused by `check_fits` before the copy.
     """
     if passed(identity):
         return
     if not packed or nonfinite((str(k), b) for k, b in buffers.items()) is not None:
         refuse(bundle, nonfinite((f"{slot}:{n}", t) for slot, ts in by_slot.items() for n, t in ts.items()))
     remember(identity)
+
+
+@functools.cache
+def _widens(source: torch.dtype, target: torch.dtype) -> bool:
+    """Whether every finite `source` value is finite in `target` (float16 into bfloat16 or float32...)."""
+    return torch.finfo(target).max >= torch.finfo(source).max
+
+
+def check_fits(bundle: Any, named: Iterable[tuple[str, torch.Tensor, torch.dtype]]) -> None:
+    """Refuse a finite value that its storage's dtype cannot hold: converted, it would be inf.
+
+    `named` gives (``slot:tensor``, the bundle's tensor, the storage's dtype). Conversion is
+    monotonic, so a tensor fits when its finite extremes do: one pass over it, and only over
+    tensors whose dtype narrows. NaN or inf in the bundle itself is left to `check_storage`
+    and `check_bundle`, which name it as such.
+    """
+    for where, t, dtype in named:
+        if t.dtype == dtype or not (dtype.is_floating_point and t.is_floating_point()) or not t.numel():
+            continue
+        if _widens(t.dtype, dtype):
+            continue
+        lo, hi = torch.aminmax(t if t.element_size() > 1 else t.float())  # () each; float8 is not reduced
+        for extreme in (hi, lo):
+            if extreme.isfinite() and not extreme.to(dtype).isfinite():
+                m, name = bundle.manifest, str(dtype).removeprefix("torch.")
+                raise LayoutError(f"{m.name}@{m.version}: value {extreme.item():g} at {where} overflows {name}, the dtype "
+                                  "this world stores that slot's adapters in (its base layer's); the world is unchanged", path=where)  # fmt: skip

@@ -125,6 +125,16 @@ def _attached(applied: Applied) -> None:
             )  # fmt: skip
 
 
+def _fill_slots(bundle: Any, slots: list[ResolvedSlot], targets: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Copy each slot's tensors into `targets` ({slot: {tensor name: view into the storage}}),
+    converting to the storage's dtype, which must hold every value: checked before the first copy."""
+    sources = {rs.slot: bundle.slot_tensors(rs.entry.slot) for rs in slots}
+    finiteness.check_fits(bundle, ((f"{slot}:{n}", sources[slot][n], t.dtype) for slot, ts in targets.items() for n, t in ts.items()))
+    for slot, ts in targets.items():
+        for tensor_name, target in ts.items():
+            fill(target, sources[slot][tensor_name], tensor_name)
+
+
 def _layout(bundle: Any) -> bytes:
     return bundle.slot_layout if isinstance(bundle, Bundle) else slot_layout(bundle.manifest)
 
@@ -251,10 +261,7 @@ def apply(world: World, bundle: Any, weight: Weight = 1.0, *, name: str | None =
         by_slot = slot_views(buffers, places)
         applied.packed = copy_packed(places, buffers, bundle)
         if not applied.packed:
-            for rs in slots:
-                source = bundle.slot_tensors(rs.entry.slot)
-                for tensor_name, target in by_slot[rs.slot].items():
-                    fill(target, source[tensor_name], tensor_name)
+            _fill_slots(bundle, slots, by_slot)
         finiteness.check_storage(bundle, identity, buffers, by_slot, applied.packed)
         for rs, (mix_weight, scaling) in zip(slots, scalars(slots, values, places)):
             host = _host(parents, rs)
@@ -362,10 +369,8 @@ def swap(world: World, name: str, bundle: Any, *, strict: bool = False, check_ba
     # writing has begun (reading a file straight into the storage could stop halfway).
     packed = copy_packed(applied.places, applied.buffers, bundle, read=False)
     if not packed:
-        sources = {rs.slot: bundle.slot_tensors(rs.entry.slot) for rs in slots}
-        for rs in slots:
-            for tensor_name in rs.shapes():
-                fill(view(applied.buffers, places[(rs.slot, tensor_name)]), sources[rs.slot][tensor_name], tensor_name)
+        targets = {rs.slot: {n: view(applied.buffers, places[(rs.slot, n)]) for n in rs.shapes()} for rs in slots}
+        _fill_slots(bundle, slots, targets)
     for rs in slots:
         adapter = applied.adapters[rs.slot]
         adapter.settings = rs.settings

@@ -434,3 +434,28 @@ def test_a_weights_file_rewritten_with_nan_after_it_passed_is_checked_again(tmp_
     with pytest.raises(BundleFormatError, match="NaN or inf"):
         world.apply(Bundle.open(bundle.path))
     assert world.applied == {}
+
+
+@pytest.mark.parametrize("value", [65519.0, 65520.0, -1e5, 1e30])  # float16 rounds the first to 65504, the rest to inf
+def test_a_value_beyond_the_storage_dtype_is_refused_by_name_and_changes_nothing(tmp_path, value):
+    """A float32 bundle on a float16 base is stored converted; a finite value that float16 cannot
+    hold was refused as 'NaN or inf (a diverged training run?)'."""
+    import re
+
+    from tests.lwformat.runtime.conftest import half_base_bundle
+
+    bundle = half_base_bundle(tmp_path, 1, value)
+    slot = bundle.manifest.slots[0]
+    where = f"{slot.block}:{slot.module}:{next(iter(slot.tensors))}"
+    world = reference_world("tiny", seed=0).to(torch.float16)
+    x = tokens()
+    before, modules = lm_out(world, x), [type(m) for m in world.modules()]
+    if value == 65519.0:
+        world.apply(bundle)
+        assert lm_out(world, x).isfinite().all()
+        return
+    with pytest.raises(LayoutError, match=re.escape(f"author/noir@1.0.0: value {value:g} at {where} overflows float16")) as caught:
+        world.apply(bundle)
+    assert caught.value.path == where
+    assert world.applied == {} and [type(m) for m in world.modules()] == modules
+    assert torch.equal(lm_out(world, x), before)

@@ -374,3 +374,32 @@ def test_a_rewrite_whose_mtime_was_set_back_is_still_checked_again(tmp_path, wor
     with pytest.raises((BundleFormatError, IntegrityError)):
         world.swap("author/noir", b)
     assert world.applied["author/noir"].bundle is bundles["noir"] and _unchanged(world, before, x, out)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_swap_to_a_value_beyond_the_storage_dtype_is_refused_before_any_write(tmp_path, strict):
+    """A float32 bundle on a float16 base: the swap checked the file only, then stored 1e5 as inf; and
+    the file having passed, a fresh apply of it took the inf too."""
+    import re
+
+    from tests.lwformat.runtime.conftest import half_base_bundle
+
+    ok, other, big = (half_base_bundle(tmp_path, seed, value) for seed, value in ((1, None), (2, None), (3, 1e5)))
+    slot = big.manifest.slots[0]
+    where = f"{slot.block}:{slot.module}:{next(iter(slot.tensors))}"
+    message = re.escape(f"author/noir@1.0.0: value 100000 at {where} overflows float16")
+    world = reference_world("tiny", seed=0).to(torch.float16)
+    world.apply(ok)
+    x, before = tokens(), _state(world)
+    out = lm_out(world, x)
+    with pytest.raises(LayoutError, match=message) as caught:
+        world.swap("author/noir", big, strict=strict)
+    assert caught.value.path == where
+    assert world.applied["author/noir"].bundle is ok and _unchanged(world, before, x, out)
+    fresh = reference_world("tiny", seed=0).to(torch.float16)
+    with pytest.raises(LayoutError, match=message):
+        fresh.apply(big)
+    assert fresh.applied == {}
+    world.swap("author/noir", other, strict=strict)  # converted values that fit go in as an apply puts them
+    fresh.apply(other, name="author/noir")
+    assert torch.equal(lm_out(world, x), lm_out(fresh, x))
