@@ -28,8 +28,6 @@ from ..errors import (
 )
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from ..adapters.host import AdapterHost
     from ..world.tree import World
 
@@ -82,15 +80,23 @@ def routed(world: World, bundles: list[str | None]) -> Iterator[None]:
 def _hosts(world: World) -> tuple[list[AdapterHost], dict[int, str]]:
     """Every host of the world, and {id(host): path of the innermost sequence-first module around it}.
 
-    One walk of each block's modules, as `iter_hosts` makes; a sequence-first module's own
-    subtree is walked again, which finds a host shared with a batch-first parent too.
+    Sequence-first: ``batch_first=False``, as torch's transformer modules spell it
+    (nn.TransformerEncoderLayer and DecoderLayer keep theirs on ``self_attn``), read from the
+    instance dicts: a miss through `nn.Module.__getattr__` raises, on every module. One walk
+    of each block's modules, as `iter_hosts` makes; a sequence-first module's own subtree is
+    walked again, which finds a host shared with a batch-first parent too.
     """
     hosts, outer = [], []
     for path, block in world.blocks().items():
         for module_path, module in block.module.named_modules():
             if getattr(type(module), "is_adapter_host", False):
                 hosts.append(module)
-            elif _sequence_first(module):
+                continue
+            # Inline, not a call: this runs for every module on every mixed batch.
+            flag = module.__dict__.get("batch_first")
+            if flag is None and (attention := module._modules.get("self_attn")) is not None:
+                flag = attention.__dict__.get("batch_first")
+            if flag is False:
                 outer.append((f"{path}:{module_path}" if module_path else path, module))
     sequence_first = {}
     for where, module in outer:  # in walk order, so an inner module's path wins over its parent's
@@ -98,16 +104,6 @@ def _hosts(world: World) -> tuple[list[AdapterHost], dict[int, str]]:
             if getattr(type(inner), "is_adapter_host", False):
                 sequence_first[id(inner)] = where
     return hosts, sequence_first
-
-
-def _sequence_first(module: nn.Module) -> bool:
-    """Whether `module` says it takes (T, B, ...): ``batch_first=False``, as torch's transformer
-    modules spell it; nn.TransformerEncoderLayer and DecoderLayer keep theirs on ``self_attn``.
-    Read from the instance dicts: a miss through `nn.Module.__getattr__` raises, on every module."""
-    flag = module.__dict__.get("batch_first")
-    if flag is None and (attention := module._modules.get("self_attn")) is not None:
-        flag = attention.__dict__.get("batch_first")
-    return flag is False
 
 
 def _refuse_sequence_first(where: str) -> None:
