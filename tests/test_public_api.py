@@ -13,7 +13,7 @@ PUBLIC = {
                         "load_public_key", "pack", "sign_bundle", "unpack", "verify", "verify_files",
                         "verify_signature", "write_bundle"],
     "lwformat.interop": ["export_peft", "import_kohya", "import_peft", "prefix_rule"],
-    "lwformat.runtime": ["Applied", "Blend", "BlendReport", "SlotReport", "apply", "blend", "fuse", "remove", "routed", "run",
+    "lwformat.runtime": ["Applied", "Blend", "BlendReport", "SlotReport", "apply", "blend", "disabled", "fuse", "remove", "routed", "run",
                          "set_weight", "swap", "unfuse"],
     "lwformat.world": ["Block", "Graph", "Pipeline", "Stage", "World", "WorldSpec", "block_digest", "register_block",
                        "register_flow", "tensor_digest"],

@@ -66,14 +66,15 @@ class AdapterHost(nn.Module):
     adapters: nn.ModuleDict
     geo: Geometry
     fused: bool
+    disabled: bool  # inside `World.disabled()`: the base alone
     route: Route | None
 
-    def __init__(self, base: nn.Module, geo: Geometry) -> None:
+    def __init__(self, base: nn.Module, geo: Geometry, *, disabled: bool = False) -> None:
         init_module_state(self)  # nn.Module.__init__, faster: an apply builds a host per slot
         # Straight into the Module's dicts, as `Module.__setattr__` would put them after its
         # checks, which were much of a host's cost.
         self._modules.update(base=base, adapters=new_module_dict())
-        self.__dict__.update(geo=geo, fused=False, route=None)
+        self.__dict__.update(geo=geo, fused=False, route=None, disabled=disabled)
 
     def keep_called(self) -> None:
         """Make the parent call this host. In eval, nn.TransformerEncoderLayer's fast path reads
@@ -94,7 +95,7 @@ class AdapterHost(nn.Module):
         self.adapters._modules[name] = adapter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused or not self.adapters:
+        if self.fused or self.disabled or not self.adapters:
             return self.base(x)
         if x.is_nested:  # nn.TransformerEncoder packs a padded batch so in eval: one sequence at a time
             return torch.nested.as_nested_tensor(self._unpacked(x.unbind()))  # (B, T_i, out)

@@ -36,7 +36,7 @@ def customize(world: World, config: LightConfig) -> Plan:
             if slot.block_path not in indexes:
                 indexes[slot.block_path] = parent_index(block.module)
             layer = block.module.get_submodule(slot.module_path)
-            host = AdapterHost(layer, geometry(layer))
+            host = AdapterHost(layer, geometry(layer), disabled=world.adapters_disabled > 0)
             adapter = KINDS[slot.kind](host.geo, slot.settings, layer)
             adapter.dropout = config.dropout if adapter.geo.layer != "embedding" else 0.0  # indices: as PEFT, none
             host.add(the_plan.name, adapter)

@@ -96,6 +96,8 @@ def fuse(world: World) -> list[str]:
     if world.fused_state is not None:
         raise FusedError("the world is fused already")
     not_routed(world, "fuse")
+    if world.adapters_disabled:  # the fused base would carry the adapters the block leaves out
+        raise FusedError("cannot fuse inside world.disabled(): leave the block first")
     shared = shared_parameters(world)
     hosts, saved, live = {}, {}, []
     for slot, host in iter_hosts(world):

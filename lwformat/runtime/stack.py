@@ -201,7 +201,7 @@ def _host(parents: _Parents, rs: ResolvedSlot) -> AdapterHost:
     places = index.get(id(rs.layer), [])
     if len(places) == 1 and getattr(type(places[0][0]), "is_adapter_host", False):
         return places[0][0]  # the layer sits in a host already
-    host = AdapterHost(rs.layer, rs.geo)
+    host = AdapterHost(rs.layer, rs.geo, disabled=parents.world.adapters_disabled > 0)
     replace_module(index, rs.layer, host)
     return host
 

@@ -140,6 +140,7 @@ class World(nn.Module):
         self.fused_state: dict[str, Any] | None = None  # slot -> saved base tensors while fused
         self.spare_storage: Any = None  # runtime.Spare: adapter storage released by remove, for the next apply
         self.routes_open = 0  # `runtime.routed` blocks entered and not yet left
+        self.adapters_disabled = 0  # `runtime.disabled` blocks entered and not yet left
 
     def forward(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One pass of the cycle: each stage in cycle order adds its outputs to the state."""
@@ -387,6 +388,13 @@ class World(nn.Module):
         from ..runtime import unfuse
 
         unfuse(self)
+
+    def disabled(self) -> Any:
+        """Context manager: inside it the world computes as its base alone, as PEFT's
+        ``disable_adapter()`` (training adapters and applied bundles left out, untouched)."""
+        from ..runtime import disabled
+
+        return disabled(self)
 
     def run(self, state: dict[str, torch.Tensor], bundles: list[str | None]) -> dict[str, torch.Tensor]:
         """One pass where sample i runs with applied bundle ``bundles[i]`` (None: the base)."""
