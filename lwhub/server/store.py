@@ -178,8 +178,10 @@ class SQLiteStore:
         try:
             with self._tx() as db:  # BEGIN IMMEDIATE: the look for a twin and the insert are one step
                 twin = db.execute(
-                    "SELECT version FROM versions WHERE owner = ? AND name = ? AND version != ? AND (version = ? OR version LIKE ?)",
-                    (owner, name, info.version, core, core + "+%"),  # semver has no '%' or '_' to escape
+                    # Compared byte for byte: LIKE ignores ASCII case, and 1.0.0-RC.1 is not 1.0.0-rc.1.
+                    "SELECT version FROM versions WHERE owner = ? AND name = ? AND version != ? "
+                    "AND (version = ? OR substr(version, 1, ?) = ?)",
+                    (owner, name, info.version, core, len(core) + 1, core + "+"),
                 ).fetchone()  # fmt: skip
                 if twin is not None:
                     raise ConflictError(

@@ -31,6 +31,16 @@ def test_versions_are_immutable(store):
     assert store.version("alice", "x", "1.0.0").description == ""
 
 
+def test_only_build_metadata_makes_a_twin_and_case_tells_versions_apart(store):
+    """1.0.0-RC.1 and 1.0.0-rc.1 differ in precedence (ASCII order), so neither is the other's twin."""
+    store.add_version(info("alice/x", "1.0.0-rc.1+b1"), [])
+    store.add_version(info("alice/x", "1.0.0-RC.1"), [])
+    store.add_version(info("alice/x", "1.0.0-rc.10"), [])  # a longer version sharing the prefix: not a twin
+    for twin in ("1.0.0-rc.1", "1.0.0-rc.1+b2", "1.0.0-RC.1+b1"):
+        with pytest.raises(ConflictError, match="only in build metadata"):
+            store.add_version(info("alice/x", twin), [])
+    assert {v.version for _, v in store.versions("alice", "x", after=None, limit=10)} == {"1.0.0-rc.1+b1", "1.0.0-RC.1", "1.0.0-rc.10"}
+
 def test_listing_is_newest_first_by_precedence_and_pages_cover_everything_once(store):
     published = ["1.10.0", "1.2.0", "1.0.0-rc.1", "2.0.0-alpha", "1.0.0", "1.9.9"]
     for v in published:
