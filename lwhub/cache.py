@@ -38,8 +38,9 @@ class Cache:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
         self.tmp = self.root / "tmp"
-        for sub in ("blobs/sha256", "partial", "bundles", "refs", "tmp"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        with self.writing("its directories"):  # a root under a file, read-only, or a sub-directory that is a file
+            for sub in ("blobs/sha256", "partial", "bundles", "refs", "tmp"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     # -- atomic building blocks -----------------------------------------------------------
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from lwhub.cache import Cache
+from lwhub.client import Client
+from lwhub.errors import CacheError
 
 
 def test_a_torn_done_record_is_ignored(tmp_path):
@@ -44,3 +48,18 @@ def test_a_drop_takes_only_the_directory_found_broken(tmp_path):
         cache.drop_bundle("ab" * 32, held=held)
     with cache.holding_bundle_dir("ab" * 32) as absent:
         assert not folder.exists() and not list(cache.tmp.iterdir()) and absent is None
+
+
+@pytest.mark.parametrize("where", ["root under a file", "partial is a file"])
+def test_a_cache_that_cannot_be_made_is_a_cache_error_naming_it(tmp_path, where):
+    """Ways root cannot bypass either: a path through a regular file, a sub-directory that is a file."""
+    if where == "root under a file":
+        (tmp_path / "afile").write_text("x")
+        root = tmp_path / "afile" / "cache"
+    else:
+        root = tmp_path / "cache"
+        (root / "partial").parent.mkdir()
+        (root / "partial").write_text("not a directory")
+    with pytest.raises(CacheError, match=f"cache at {root}") as caught:
+        Client(cache_dir=root, offline=True)
+    assert caught.value.path == str(root)
