@@ -30,6 +30,7 @@ from .tls import LazyTLS
 from .wire import decode, fetch, raise_for, reaching
 
 T = TypeVar("T")
+MAX_PAGES = 10_000  # pages one listing may take (500,000 items at the default page size)
 
 
 def default_cache_dir() -> Path:
@@ -113,7 +114,8 @@ class Client:
                              headers=self._headers() | {"content-type": "application/json"})  # fmt: skip
             return decode(response, kind)
 
-    def pages(self, path: str, kind: type[T], params: dict | None = None, page_size: int = 50) -> Iterator[T]:
+    def pages(self, path: str, kind: type[T], params: dict | None = None, page_size: int = 50,
+              max_pages: int = MAX_PAGES) -> Iterator[T]:  # fmt: skip
         params, seen = dict(params or {}, limit=page_size), set()
         while True:
             page = self.get(path, Page[kind], params)
@@ -125,6 +127,8 @@ class Client:
                 raise ProtocolError(f"{path}: an empty page names a next one")
             if page.next in seen:
                 raise ProtocolError(f"{path}: the registry names page {page.next!r} a second time")
+            if len(seen) + 1 >= max_pages:  # fresh tokens for ever would never end either
+                raise ProtocolError(f"{path}: the registry names a next page after {max_pages} pages; a listing this long is refused")
             seen.add(page.next)
             params["page"] = page.next
 

@@ -303,6 +303,23 @@ def test_a_registry_paging_forever_is_refused(tmp_path):
     assert asked == [None, "again"]
 
 
+def test_a_registry_handing_out_fresh_pages_forever_is_refused(tmp_path):
+    """A new token and a new item on every page: the listing stops at `MAX_PAGES`, naming itself."""
+    from lwhub.client.api import MAX_PAGES
+    from lwhub.errors import ProtocolError
+
+    asked = []
+
+    def fresh_page(request):
+        asked.append(request.url.params.get("page"))
+        return httpx.Response(200, json={"items": [{"key_id": f"k{len(asked)}", "pem": "x", "created": 0.0}], "next": f"p{len(asked)}"})
+
+    client = Client("http://registry.invalid", cache_dir=tmp_path, http=httpx.Client(transport=httpx.MockTransport(fresh_page)))
+    with pytest.raises(ProtocolError, match=f"/v1/owners/alice/keys: .* after {MAX_PAGES} pages"):
+        client.keys("alice")
+    assert len(asked) == MAX_PAGES
+
+
 def test_an_interrupted_pull_resumes_where_it_stopped(hub, published, tmp_path):
     name, folder, _ = published
     hexdigest, size = weights_hex(folder), (folder / WEIGHTS).stat().st_size
