@@ -21,7 +21,20 @@ from lwformat.bundle.keys import PublicKey, loads_public_key, public_pem
 
 from ..cache import Cache
 from ..errors import NotCachedError, ProtocolError, RefError, TooLargeError, UsageError
-from ..protocol import API, TOKEN, BlobInfo, BundleInfo, KeyInfo, NewToken, Page, TagRequest, TokenRequest, VersionInfo, Whoami, YankRequest
+from ..protocol import (
+    API,
+    TOKEN,
+    BlobInfo,
+    BundleInfo,
+    KeyInfo,
+    NewToken,
+    Page,
+    TagRequest,
+    TokenRequest,
+    VersionInfo,
+    Whoami,
+    YankRequest,
+)
 from ..semver import is_valid
 from ..trust import TrustStore
 from . import pull as _pull

@@ -16,7 +16,15 @@ from lwformat.bundle.signing import sign_bundle
 from lwformat.bundle.verify import verify
 from lwhub.client import Client
 from lwhub.client.pull import _materials, _small
-from lwhub.errors import HubUnavailableError, IntegrityError, NotCachedError, NotFoundError, RollbackError, TooLargeError, TrustError
+from lwhub.errors import (
+    HubUnavailableError,
+    IntegrityError,
+    NotCachedError,
+    NotFoundError,
+    RollbackError,
+    TooLargeError,
+    TrustError,
+)
 from lwhub.trust import TrustStore
 
 CHUNK = 1 << 16
@@ -491,7 +499,13 @@ def test_a_corrupt_cached_signature_is_not_trusted_but_fetched_again(hub, publis
 
 def _signed_by_lying_shards(folder, private, shard: int) -> bytes:
     """A valid signature by shards of `shard` bytes: the manifest's right, one shard of the weights wrong."""
-    from lwformat.bundle.signing import list_files, shard_digests, shard_names, sign_statement, statement_for
+    from lwformat.bundle.signing import (
+        list_files,
+        shard_digests,
+        shard_names,
+        sign_statement,
+        statement_for,
+    )
 
     digests = shard_digests(folder, shard_names(folder, list_files(folder), shard))
     lie = [n for n in digests if n.startswith(f"{WEIGHTS}:")][2]
