@@ -44,6 +44,7 @@ from .wire import decode, fetch, raise_for, reaching
 
 T = TypeVar("T")
 MAX_PAGES = 10_000  # pages one listing may take (500,000 items at the default page size)
+MAX_KEY_PAGES = 100  # an owner's keys are a handful: 5,000 at the default page size is already absurd
 
 
 def default_cache_dir() -> Path:
@@ -187,7 +188,7 @@ class Client:
         return self.post(f"{API}/tokens", TokenRequest(scopes, ttl), NewToken)
 
     def keys(self, owner: str) -> list[KeyInfo]:
-        return list(self.pages(f"{API}/owners/{owner}/keys", KeyInfo))
+        return list(self.pages(f"{API}/owners/{owner}/keys", KeyInfo, max_pages=MAX_KEY_PAGES))
 
     def register_key(self, owner: str, key: PublicKey | bytes | str | os.PathLike) -> KeyInfo:
         """Register a publisher public key (key object, PEM bytes or PEM path) for `owner`."""

@@ -311,21 +311,24 @@ def test_a_registry_paging_forever_is_refused(tmp_path):
     assert asked == [None, "again"]
 
 
-def test_a_registry_handing_out_fresh_pages_forever_is_refused(tmp_path):
-    """A new token and a new item on every page: the listing stops at `MAX_PAGES`, naming itself."""
-    from lwhub.client.api import MAX_PAGES
+@pytest.mark.parametrize("listing", ["keys", "search"])
+def test_a_registry_handing_out_fresh_pages_forever_is_refused(tmp_path, listing):
+    """A new token and a new item on every page: the listing stops at its bound, naming itself."""
+    from lwhub.client.api import MAX_KEY_PAGES, MAX_PAGES
     from lwhub.errors import ProtocolError
 
     asked = []
 
     def fresh_page(request):
         asked.append(request.url.params.get("page"))
-        return httpx.Response(200, json={"items": [{"key_id": f"k{len(asked)}", "pem": "x", "created": 0.0}], "next": f"p{len(asked)}"})
+        item = {"key_id": f"k{len(asked)}", "pem": "x", "created": 0.0} if listing == "keys" else {"name": f"a/b{len(asked)}"}
+        return httpx.Response(200, json={"items": [item], "next": f"p{len(asked)}"})
 
     client = Client("http://registry.invalid", cache_dir=tmp_path, http=httpx.Client(transport=httpx.MockTransport(fresh_page)))
-    with pytest.raises(ProtocolError, match=f"/v1/owners/alice/keys: .* after {MAX_PAGES} pages"):
-        client.keys("alice")
-    assert len(asked) == MAX_PAGES
+    path, bound = ("/v1/owners/alice/keys", MAX_KEY_PAGES) if listing == "keys" else ("/v1/bundles", MAX_PAGES)
+    with pytest.raises(ProtocolError, match=f"{path}: .* after {bound} pages"):
+        list(client.keys("alice") if listing == "keys" else client.search())
+    assert len(asked) == bound
 
 
 def test_an_interrupted_pull_resumes_where_it_stopped(hub, published, tmp_path):
