@@ -40,7 +40,7 @@ from ..trust import TrustStore
 from . import pull as _pull
 from . import push as _push
 from .tls import LazyTLS
-from .wire import decode, fetch, raise_for, reaching
+from .wire import MAX_ERROR, decode, fetch, raise_for, reaching, read_capped
 
 T = TypeVar("T")
 MAX_PAGES = 10_000  # pages one listing may take (500,000 items at the default page size)
@@ -161,17 +161,16 @@ class Client:
     def put_blob(self, hexdigest: str, content: Iterator[bytes] | bytes, size: int) -> BlobInfo:
         self._online()
         with reaching(self.url):
-            response = self.http.put(self.blob_url(hexdigest), content=content,
-                                     headers=self._headers() | {"content-length": str(size), "content-type": "application/octet-stream"})  # fmt: skip
+            response = fetch(self.http, "PUT", self.blob_url(hexdigest), content=content,
+                             headers=self._headers() | {"content-length": str(size), "content-type": "application/octet-stream"})  # fmt: skip
             return decode(response, BlobInfo)
 
     def blob_bytes(self, digest: str, limit: int) -> bytes:
         """A small blob (manifest, signature), refused past `limit` bytes."""
         self._online()
         with reaching(self.url), self.http.stream("GET", f"{self.url}{API}/blobs/{digest}") as response:
-            if not response.is_success:
-                response.read()
-                raise_for(response)
+            if not response.is_success:  # an error answer is small: only its start is read
+                raise_for(read_capped(response, MAX_ERROR, truncate=True))
             data = bytearray()
             for piece in response.iter_bytes():
                 data += piece

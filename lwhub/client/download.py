@@ -40,7 +40,7 @@ import httpx
 
 from ..cache import Cache
 from ..errors import HubUnavailableError, IntegrityError, ProtocolError
-from .wire import raise_for, read_capped
+from .wire import MAX_ERROR, raise_for, read_capped
 
 Progress = Callable[[int], None]  # called with a number of newly verified bytes
 
@@ -150,7 +150,10 @@ class _HttpxBody:
         return n
 
     def answer(self) -> httpx.Response:
-        return read_capped(self.response, 1 << 20, truncate=True)  # an error answer: JSON, small
+        try:
+            return read_capped(self.response, MAX_ERROR, truncate=True)  # an error answer: JSON, small
+        except httpx.TransportError as exc:
+            raise _BrokeOff(str(exc) or type(exc).__name__) from exc
 
 
 class _Cut:
@@ -195,7 +198,10 @@ class _DirectBody:
             raise _BrokeOff(str(exc) or type(exc).__name__) from exc
 
     def answer(self) -> httpx.Response:
-        content = self.response.read(1 << 20)  # an error answer: JSON, small
+        try:
+            content = self.response.read(MAX_ERROR)  # an error answer: JSON, small
+        except (OSError, HTTPException) as exc:
+            raise _BrokeOff(str(exc) or type(exc).__name__) from exc
         return httpx.Response(self.status, headers=self.response.getheaders(), content=content, request=self.request)
 
 

@@ -1,6 +1,7 @@
 """The one place where HTTP answers and transport failures become `lwhub` errors.
 
     {"error": {"code", "message", "detail"}}  ->  lwhub.errors.error_for(code, ...)
+    a redirect (3xx)                          ->  ProtocolError naming where to
     any other non-2xx answer                  ->  ServerError ("internal_error") or BadRequestError
     httpx.LocalProtocolError (a bad header)   ->  UsageError, never quoting the header
     httpx.TransportError (refused, reset...)  ->  HubUnavailableError
@@ -31,6 +32,10 @@ def raise_for(response: httpx.Response) -> None:
     """Raise the error a non-2xx answer carries (the body must have been read)."""
     if response.is_success:
         return
+    if response.is_redirect or 300 <= response.status_code < 400:  # httpx follows none: say so, not "bad request"
+        where = response.headers.get("location", "")[:200] or "no location given"
+        raise ProtocolError(f"{response.request.method} {response.url}: the registry redirected (HTTP {response.status_code}) "
+                            f"to {where}; lwhub follows no redirects: if the registry moved, give its new URL")  # fmt: skip
     try:
         answer = msgspec.json.decode(response.content, type=_Envelope).error
     except (msgspec.DecodeError, msgspec.ValidationError):
@@ -41,6 +46,7 @@ def raise_for(response: httpx.Response) -> None:
 
 
 MAX_ANSWER = 16 << 20  # a registry's JSON answers are small: a larger one is refused, not buffered
+MAX_ERROR = 1 << 20  # of an error answer (JSON, small) only this much is read
 
 
 def read_capped(streamed: httpx.Response, limit: int, *, truncate: bool = False) -> httpx.Response | None:
