@@ -40,7 +40,17 @@ from ..trust import TrustStore
 from . import pull as _pull
 from . import push as _push
 from .tls import LazyTLS
-from .wire import MAX_ERROR, decode, fetch, raise_for, reaching, read_capped
+from .wire import (
+    MAX_ERROR,
+    MIN_SPEED,
+    SPEED_TIME,
+    decode,
+    fetch,
+    paced,
+    raise_for,
+    reaching,
+    read_capped,
+)
 
 T = TypeVar("T")
 MAX_PAGES = 10_000  # pages one listing may take (500,000 items at the default page size)
@@ -68,11 +78,18 @@ class Client:
     cache: clearing a cache never drops a pin nor resets rollback protection. ``streams``
     is how many connections a pull uses at most, by default one per core up to four (each
     stream's receiving thread competes with the hashing for the cores).
+
+    Every answer is bounded in time: a registry that sends nothing for ``timeout`` seconds,
+    or, once an answer began, under ``min_speed`` bytes a second for ``speed_time`` seconds,
+    is left (`HubUnavailableError`; a blob download retries first). The floor holds on the
+    client's own connections and on direct blob downloads; a caller's ``http`` keeps its own
+    transport, so there only blob bodies are held to it.
     """
 
     def __init__(self, url: str | None = None, *, token: str | None = None, cache_dir: str | os.PathLike | None = None,
                  http: httpx.Client | None = None, trust: TrustStore | str | os.PathLike | None = None, offline: bool = False,
-                 streams: int | None = None, timeout: float = 60.0) -> None:  # fmt: skip
+                 streams: int | None = None, timeout: float = 60.0, min_speed: float = MIN_SPEED,
+                 speed_time: float = SPEED_TIME) -> None:  # fmt: skip
         # settings.py builds clients, so it is imported here, not at the top.
         from .settings import trust_dir
 
@@ -90,12 +107,13 @@ class Client:
         self.offline = offline
         self.streams = max(1, streams if streams is not None else min(4, os.cpu_count() or 1))
         self.hashers = max(2, os.cpu_count() or 2)
+        self.min_speed, self.speed_time = min_speed, speed_time
         self.cache = Cache(cache_dir if cache_dir is not None else default_cache_dir())
         self.trust = trust if isinstance(trust, TrustStore) else TrustStore(trust_dir() if trust is None else trust)
         self._own_http = http is None
         limits = httpx.Limits(max_connections=max(8, 2 * self.streams), max_keepalive_connections=max(8, 2 * self.streams))
         # TLS set-up waits for the first https connection (a plain-HTTP registry never pays for it).
-        self.http = http if http is not None else httpx.Client(timeout=timeout, limits=limits, verify=LazyTLS())
+        self.http = http if http is not None else paced(httpx.Client(timeout=timeout, limits=limits, verify=LazyTLS()), min_speed, speed_time)
 
     def close(self) -> None:
         if self._own_http:

@@ -13,7 +13,8 @@ signed manifest gives its sha256, ``chunks[i]``. A download:
        chunk k+1 while another hashes chunk k), compares it with the manifest, and only
        then writes it at its offset (`os.pwrite` of the buffer: no copy) and records it;
     4. retries a segment that breaks off, or that receives less than `min_speed` bytes a
-       second over `speed_time` seconds, from its first chunk not yet handed over;
+       second over `speed_time` seconds (its headers too, once they began), from its first
+       chunk not yet handed over;
     5. renames the partial file to the blob once every chunk is verified.
 
 Wrong bytes are never written: a mismatch raises `IntegrityError` naming the file and
@@ -22,7 +23,9 @@ the chunk, and the chunks verified so far stay for the next attempt.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
 import mmap
 import os
 import socket
@@ -40,7 +43,15 @@ import httpx
 
 from ..cache import Cache
 from ..errors import HubUnavailableError, IntegrityError, ProtocolError
-from .wire import MAX_ERROR, raise_for, read_capped
+from .wire import (
+    MAX_ERROR,
+    MIN_SPEED,
+    SPEED_TIME,
+    Pace,
+    PacedReads,
+    raise_for,
+    read_capped,
+)
 
 Progress = Callable[[int], None]  # called with a number of newly verified bytes
 
@@ -214,10 +225,45 @@ def _httpx_answer(http: httpx.Client, url: str, headers: dict) -> Iterator[_Http
         raise _BrokeOff(str(exc) or type(exc).__name__) from exc
 
 
+class _PacedRaw(io.RawIOBase):
+    """A socket's reads, each weighed by `reads` (`wire.PacedReads`)."""
+
+    def __init__(self, raw: io.RawIOBase, reads: PacedReads) -> None:
+        self.raw, self.reads = raw, reads
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, view) -> int | None:
+        return self.reads.read(self.raw.readinto, view)
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.raw.close()
+        super().close()
+
+
+class _PacedResponse(HTTPResponse):
+    """An answer whose status line and headers must keep the speed floor once they began:
+    `http.client` reads them with only the per-read timeout, so a registry sending a byte
+    a second would hold the receiver (and, its thread not being a daemon, the process) for
+    ever. A failure is a `TimeoutError`, an OSError like any other broken connection."""
+
+    def __init__(self, sock: socket.socket, *args, reads: PacedReads, **kwargs) -> None:
+        super().__init__(sock, *args, **kwargs)
+        self.fp = io.BufferedReader(_PacedRaw(self.fp.detach(), reads))
+
+
 @contextmanager
-def _direct_answer(url: httpx.URL, headers: dict, timeout: float | None, watch) -> Iterator[_DirectBody]:
+def _direct_answer(url: httpx.URL, headers: dict, timeout: float | None, watch, min_speed: float,
+                   speed_time: float) -> Iterator[_DirectBody]:  # fmt: skip
     """`watch(_Cut(socket))` registers the connection with its Fetcher before anything is sent."""
     connection, response = HTTPConnection(url.host, url.port, timeout=timeout), None
+    reads = PacedReads(min_speed, speed_time, TimeoutError)
+    connection.response_class = functools.partial(_PacedResponse, reads=reads)
     try:
         try:
             connection.connect()
@@ -229,6 +275,8 @@ def _direct_answer(url: httpx.URL, headers: dict, timeout: float | None, watch) 
                 response = connection.getresponse()
             except (OSError, HTTPException) as exc:
                 raise _BrokeOff(str(exc) or type(exc).__name__) from exc
+            if response.status in (200, 206):  # a body `_fill` weighs (leaving out the waits for a free buffer); an error stays watched
+                reads.stop()
             yield _DirectBody(response, httpx.Request("GET", url, headers=headers))
     finally:
         if response is not None:  # an answer that closes the connection holds the socket, not the connection
@@ -242,27 +290,7 @@ def _proxied(url: httpx.URL) -> bool:
     return bool(proxies.get(url.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass_environment(url.host, proxies)
 
 
-class _Pace:
-    """Breaks a transfer off when it gets under `floor` bytes a second over `window` seconds
-    of waiting on the socket (time spent waiting for a free buffer does not count).
-
-    The read timeout only catches silence: a registry that sends one byte per timeout
-    would hold a pull for ever (curl's --speed-limit/--speed-time are the same idea).
-    """
-
-    def __init__(self, floor: float, window: float) -> None:
-        self.floor, self.window = floor, window
-        self.waited, self.got = 0.0, 0
-
-    def add(self, n: int, waited: float) -> None:
-        self.got, self.waited = self.got + n, self.waited + waited
-        if self.waited >= self.window:
-            if self.got < self.floor * self.waited:
-                raise _BrokeOff(f"under {self.floor:g} bytes/s for {self.waited:.0f} s: {self.got} bytes came")
-            self.waited, self.got = 0.0, 0
-
-
-def _fill(body: _HttpxBody | _DirectBody, view: memoryview, pace: _Pace, stop: threading.Event) -> None:
+def _fill(body: _HttpxBody | _DirectBody, view: memoryview, pace: Pace, stop: threading.Event) -> None:
     got = 0
     while got < len(view):
         if stop.is_set():  # aborted, or another receiver failed: no need to finish the chunk
@@ -276,7 +304,6 @@ def _fill(body: _HttpxBody | _DirectBody, view: memoryview, pace: _Pace, stop: t
 
 
 BUFFER_BUDGET = 64 << 20  # bytes of chunk buffers one pull may hold at once (at least one chunk)
-MIN_SPEED, SPEED_TIME = 1024.0, 60.0  # a stream under 1 KiB/s for a minute breaks off (and is retried)
 
 
 class Fetcher:
@@ -290,7 +317,9 @@ class Fetcher:
     when `http` is an ordinary client (no custom transport): proxies from the environment
     are honoured, everything else about `http` except its read timeout is not.
     A stream that receives under `min_speed` bytes a second over `speed_time` seconds
-    breaks off like a cut connection (0 turns that off).
+    breaks off like a cut connection (0 turns that off); so does, on the direct path, one
+    whose headers come that slowly (httpx's own connections are held to the floor by
+    `wire.paced` where the `Client` made them).
     """
 
     def __init__(self, http: httpx.Client, cache: Cache, blob_url: Callable[[str], str], verify: ThreadPoolExecutor,
@@ -395,7 +424,7 @@ class Fetcher:
         url = self.blob_url(hexdigest)
         parsed = httpx.URL(url)
         if self.direct and parsed.scheme == "http" and not _proxied(parsed):
-            with _direct_answer(parsed, headers, self.http.timeout.read, self._watching) as body:
+            with _direct_answer(parsed, headers, self.http.timeout.read, self._watching, self.min_speed, self.speed_time) as body:
                 yield body
         else:  # httpx's socket is out of reach: the receiver looks at the stop event before each read
             with _httpx_answer(self.http, url, headers) as body, self._watching(None):
@@ -412,7 +441,7 @@ class Fetcher:
                 if body.status != (200 if whole else 206):
                     raise_for(body.answer())
                     raise ProtocolError(f"{job.path}: status {body.status} to a request for bytes {start}-{end - 1}")
-                pace = _Pace(self.min_speed, self.speed_time)
+                pace = Pace(self.min_speed, self.speed_time, _BrokeOff)
                 for i in range(first, last):
                     buffer = self._take(job.chunk_size)
                     view = memoryview(buffer)[: job.span(i)[1] - job.span(i)[0]]

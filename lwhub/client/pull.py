@@ -217,7 +217,8 @@ def _install(client: Client, info: VersionInfo, mhex: str, materials: tuple[byte
                 cache.blob(job.hexdigest).unlink(missing_ok=True)
         missing = [job for job in jobs if not cache.blob(job.hexdigest).exists()]
         direct = client._own_http  # a caller's own httpx client (a custom transport, say) is used as given
-        Fetcher(client.http, cache, client.blob_url, pool, streams=client.streams, direct=direct, progress=progress).fetch(missing)
+        Fetcher(client.http, cache, client.blob_url, pool, streams=client.streams, direct=direct, progress=progress,
+                min_speed=client.min_speed, speed_time=client.speed_time).fetch(missing)  # fmt: skip
     files = {MANIFEST: materials[0], SIGNATURE: materials[1]} | {j.path: cache.blob(j.hexdigest) for j in jobs}
     with cache.writing(f"{info.name}@{info.version}"):
         return cache.install_bundle(mhex, files)

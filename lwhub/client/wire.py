@@ -5,13 +5,21 @@
     any other non-2xx answer                  ->  ServerError ("internal_error") or BadRequestError
     httpx.LocalProtocolError (a bad header)   ->  UsageError, never quoting the header
     httpx.TransportError (refused, reset...)  ->  HubUnavailableError
+
+Every answer is bounded: JSON answers by size (`MAX_ANSWER`, error answers `MAX_ERROR`),
+and on the connections `paced` watches, in time: a registry that sends nothing for the
+read timeout, or under `MIN_SPEED` bytes a second for `SPEED_TIME` seconds once its
+answer began (status line and headers included), is left.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import ssl
+import time
+from collections.abc import Callable, Iterator
 
+import httpcore
 import httpx
 import msgspec
 
@@ -90,7 +98,124 @@ def reaching(url: str) -> Iterator[None]:
         yield
     except httpx.LocalProtocolError:  # its message quotes the header, which may hold the token
         raise UsageError(f"a request to {url} could not be sent: a header holds characters HTTP does not allow", path=url) from None
+    except httpx.ReadTimeout as exc:  # silent for the read timeout, or under the speed floor (`paced`)
+        raise HubUnavailableError(f"the registry at {url} answered too slowly ({exc or 'timed out'}); try again", url=url) from exc
     except httpx.TransportError as exc:
         raise HubUnavailableError(f"cannot reach the registry at {url}: {exc or type(exc).__name__}", url=url) from exc
     except httpx.InvalidURL as exc:
         raise UsageError(f"{url!r} is not a URL a registry can be reached at ({exc})", path=url) from None
+
+
+# -- the speed floor ---------------------------------------------------------------------------
+
+MIN_SPEED, SPEED_TIME = 1024.0, 60.0  # an answer under 1 KiB/s for a minute is left
+
+
+class Pace:
+    """Raises `fail` when reads get under `floor` bytes a second over `window` seconds of
+    waiting on the socket (time not spent reading, waiting for a free buffer say, does not
+    count). A floor of 0 turns it off.
+
+    The read timeout only catches silence: a registry that sends one byte per timeout
+    would hold a request for ever (curl's --speed-limit/--speed-time are the same idea).
+    """
+
+    def __init__(self, floor: float, window: float, fail: type[Exception]) -> None:
+        self.floor, self.window, self.fail = floor, window, fail
+        self.waited, self.got = 0.0, 0
+
+    def add(self, n: int, waited: float) -> None:
+        self.got, self.waited = self.got + n, self.waited + waited
+        if self.waited >= self.window:
+            if self.got < self.floor * self.waited:
+                raise self.fail(f"under {self.floor:g} bytes/s for {self.waited:.0f} s: {self.got} bytes came")
+            self.waited, self.got = 0.0, 0
+
+
+class PacedReads:
+    """The reads of one connection, each answer held to `Pace` from its first byte on.
+
+    The wait for that first byte is the server's (it may be working out the answer) and is
+    bounded by the read timeout alone; what comes after, status line and headers included,
+    must keep the floor. A request sent (`sent`) starts the next answer; after `stop` the
+    reads go on unwatched (their caller paces them itself).
+    """
+
+    def __init__(self, floor: float, window: float, fail: type[Exception]) -> None:
+        self.floor, self.window, self.fail = floor, window, fail
+        self.pace: Pace | None = None  # None until the answer's first byte
+        self.watching = True
+
+    def sent(self) -> None:
+        self.pace = None
+
+    def stop(self) -> None:
+        self.watching = False
+
+    def read(self, read: Callable, *args):
+        """`read(*args)`, timed; returns what it returns (bytes, or a count of bytes)."""
+        began = time.monotonic()
+        got = read(*args)
+        if not self.watching:
+            return got
+        n = len(got) if isinstance(got, bytes) else got or 0
+        if self.pace is not None:
+            self.pace.add(n, time.monotonic() - began)
+        elif n:
+            self.pace = Pace(self.floor, self.window, self.fail)
+        return got
+
+
+class _PacedStream(httpcore.NetworkStream):
+    def __init__(self, inner: httpcore.NetworkStream, reads: PacedReads) -> None:
+        self.inner, self.reads = inner, reads
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self.reads.read(self.inner.read, max_bytes, timeout)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self.reads.sent()
+        self.inner.write(buffer, timeout)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:  # fmt: skip
+        return _PacedStream(self.inner.start_tls(ssl_context, server_hostname, timeout), self.reads)
+
+    def get_extra_info(self, info: str):
+        return self.inner.get_extra_info(info)
+
+
+class _PacedBackend(httpcore.NetworkBackend):
+    def __init__(self, inner: httpcore.NetworkBackend, floor: float, window: float) -> None:
+        self.inner, self.floor, self.window = inner, floor, window
+
+    def _paced(self, stream: httpcore.NetworkStream) -> httpcore.NetworkStream:
+        return _PacedStream(stream, PacedReads(self.floor, self.window, httpcore.ReadTimeout))
+
+    def connect_tcp(self, *args, **kwargs) -> httpcore.NetworkStream:
+        return self._paced(self.inner.connect_tcp(*args, **kwargs))
+
+    def connect_unix_socket(self, *args, **kwargs) -> httpcore.NetworkStream:
+        return self._paced(self.inner.connect_unix_socket(*args, **kwargs))
+
+    def sleep(self, seconds: float) -> None:
+        self.inner.sleep(seconds)
+
+
+def paced(http: httpx.Client, floor: float = MIN_SPEED, window: float = SPEED_TIME) -> httpx.Client:
+    """`http`, every connection it opens held to the floor (`PacedReads`; httpx reads with a
+    per-read timeout only, so a registry dribbling its headers or body would hold a request
+    for ever). A slow answer raises `httpx.ReadTimeout`, which `reaching` reports.
+
+    httpx takes no network backend, so this sets one on the connection pools of the client's
+    transports (proxies from the environment included): the one place lwhub reaches into
+    httpx's and httpcore's private attributes. A transport of another kind is left as it is.
+    """
+    for transport in (http._transport, *http._mounts.values()):
+        pool = getattr(transport, "_pool", None)  # a ConnectionPool, HTTPProxy or SOCKSProxy
+        if isinstance(backend := getattr(pool, "_network_backend", None), httpcore.NetworkBackend):
+            pool._network_backend = _PacedBackend(backend, floor, window)
+    return http

@@ -46,12 +46,29 @@ class Blob(BaseHTTPRequestHandler):
             self.close_connection = True
             self._wait_for_the_client()
             return
+        if (slow := self.faults.get("dribble_headers")) is not None:  # the status line, then a header a byte at a time
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nx-pad: ")
+            try:
+                for _ in range(400):
+                    self.wfile.write(b"a")
+                    self.wfile.flush()
+                    time.sleep(slow)
+                self.wfile.write(f"\r\ncontent-length: {len(DATA)}\r\n\r\n".encode() + DATA)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up, as it should
+                pass
+            return
         if self.faults.get("missing"):
             body = b'{"error": {"code": "blob_not_found", "message": "no such blob", "detail": {}}}'
             self.send_response(404)
             self.send_header("content-length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            try:
+                for i in range(0, len(body), 1 if "dribble" in self.faults else len(body)):
+                    self.wfile.write(body[i : i + 1] if "dribble" in self.faults else body)
+                    self.wfile.flush()
+                    time.sleep(self.faults.get("dribble", 0))
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up, as it should
+                pass
             return
         data = self.faults.get("data", DATA)
         a, b = 0, len(data)
@@ -179,6 +196,30 @@ def test_a_registry_that_dribbles_is_left_once_it_stays_under_the_floor(server, 
             fetcher.fetch([JOB])
     assert int(re.search(r"(\d+) bytes came", str(caught.value))[1]) < 200  # of the 400 sent: left long before the end
     assert len(Blob.ranges) == 2 and not cache.blob(HEX).exists() and cache.done_chunks(HEX) == set()
+
+
+def test_a_registry_that_dribbles_its_headers_is_left_once_it_stays_under_the_floor(server, tmp_path):
+    """http.client reads headers with only the per-read timeout: a header a byte every 20 ms (for 8 s
+    here, for ever from a hostile registry) must trip the floor like a dribbled body."""
+    Blob.faults.update(dribble_headers=0.02)
+    with ThreadPoolExecutor(2) as pool, httpx.Client(timeout=30) as http:
+        fetcher = Fetcher(http, Cache(tmp_path), lambda h: server + h, pool, direct=True, retries=1, min_speed=1000, speed_time=0.5)
+        with pytest.raises(HubUnavailableError, match=r"under 1000 bytes/s for \d+ s: \d+ bytes came.*pull again to resume"):
+            fetcher.fetch([JOB])
+    assert len(Blob.ranges) == 2  # tried again once, then gave up
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_registry_that_dribbles_an_error_answer_is_left_too(server, tmp_path, direct):
+    """An error answer is read to its end (at most `MAX_ERROR` bytes) to say what went wrong: it
+    keeps the floor too, on the direct path and on a client `paced` as `Client` makes its own."""
+    from lwhub.client.wire import paced
+
+    Blob.faults.update(missing=True, dribble=0.02)
+    with ThreadPoolExecutor(2) as pool, paced(httpx.Client(timeout=30), 1000, 0.5) as http:
+        fetcher = Fetcher(http, Cache(tmp_path), lambda h: server + h, pool, direct=direct, retries=0, min_speed=1000, speed_time=0.5)
+        with pytest.raises(HubUnavailableError, match=r"under 1000 bytes/s for \d+ s: \d+ bytes came"):
+            fetcher.fetch([JOB])
 
 
 def test_a_fast_registry_never_trips_the_speed_floor(server, tmp_path):

@@ -1,18 +1,24 @@
-"""Every answer is bounded in size (endless bodies, gzip included), and a redirect is said to be one.
+"""Every answer is bounded: in size (endless bodies, gzip included), in time (a registry that
+dribbles its headers or body), and a redirect is said to be one.
 
-Size limits are checked with httpx's MockTransport (what was sent is counted).
+Size limits are checked with httpx's MockTransport (what was sent is counted); time limits
+with a small real HTTP server on 127.0.0.1 that dribbles for real on the socket.
 """
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 
 from lwhub.client import Client
 from lwhub.client.wire import MAX_ANSWER, MAX_ERROR
-from lwhub.errors import ProtocolError, ServerError
+from lwhub.errors import HubUnavailableError, ProtocolError, ServerError
 
 DIGEST = "sha256:" + "ab" * 32
 MIB = 1 << 20
@@ -63,3 +69,59 @@ def test_a_redirect_is_a_protocol_error_naming_where_to(tmp_path):
         client.info("alice/x")
     with pytest.raises(ProtocolError, match=r"redirected \(HTTP 301\)"):
         client.blob_bytes(DIGEST, 1 << 16)
+
+
+# -- a registry that dribbles ------------------------------------------------------------
+
+INFO = json.dumps({"name": "alice/x"}).encode().ljust(400)  # a valid answer, once it has all come
+
+
+class Dribbler(BaseHTTPRequestHandler):
+    """Answers every GET with a valid BundleInfo, dribbling `what` (headers or body) a byte per `pause`."""
+
+    protocol_version = "HTTP/1.1"
+    what, pause = "body", 0.02
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        head = f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(INFO)}\r\n".encode()
+        slow, fast = (b"x-pad: " + b"a" * 400, b"\r\n\r\n" + INFO) if self.what == "headers" else (b"\r\n" + INFO, b"")
+        try:
+            self.wfile.write(head)
+            for i in range(len(slow)):
+                self.wfile.write(slow[i : i + 1])
+                self.wfile.flush()
+                time.sleep(self.pause)
+            self.wfile.write(fast)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up, as it should
+            pass
+
+
+@pytest.fixture
+def dribbler():
+    Dribbler.what, Dribbler.pause = "body", 0.02
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Dribbler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_port}"
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.mark.parametrize("what", ["headers", "body"])
+def test_a_registry_dribbling_an_answer_is_left_once_it_stays_under_the_floor(dribbler, tmp_path, what):
+    """A byte every 20 ms never trips the read timeout (30 s); the client's floor ends it after
+    0.5 s of it. Without the floor the answer would take its 8 s, and from a hostile registry,
+    for ever."""
+    Dribbler.what = what
+    client = Client(dribbler, cache_dir=tmp_path, timeout=30, min_speed=1000, speed_time=0.5)
+    with client, pytest.raises(HubUnavailableError, match=r"answered too slowly \(under 1000 bytes/s for \d+ s: \d+ bytes came\)"):
+        client.info("alice/x")
+
+
+def test_a_registry_answering_slowly_but_above_the_floor_is_not_left(dribbler, tmp_path):
+    Dribbler.pause = 0.005  # at most 200 bytes/s, ten times the floor
+    with Client(dribbler, cache_dir=tmp_path, timeout=30, min_speed=20, speed_time=0.5) as client:
+        assert client.info("alice/x").name == "alice/x"
