@@ -139,6 +139,11 @@ def _fingerprint(seats: list[Seat]) -> tuple:
     return tuple([(t.data_ptr(), t._version, t.dtype, t.shape) for _, _, _, t in seats])
 
 
+def block_fingerprint(module: nn.Module) -> tuple:
+    """`_fingerprint` of a block's base tensors: a walk, no hash."""
+    return _fingerprint(_walk_base(module))
+
+
 def _weakly(seats: list[Seat]) -> tuple:
     owners: dict[int, weakref.ref] = {}
     return tuple([(owners.setdefault(id(m), weakref.ref(m)), p, n, weakref.ref(t)) for m, p, n, t in seats])
@@ -183,7 +188,13 @@ def untouched_digest(world: World, path: str) -> str | None:
     is seen; modules added, removed or moved since are not, and the next full check
     (`cached_block_digest`) sees them. None when unknown or changed.
     """
-    hit = world._digest_cache.get(path)
+    return untouched(world._digest_cache, world, path)
+
+
+def untouched(records: dict[str, Any], world: World, path: str) -> str | None:
+    """The digest `records` holds for `path` (a ``(fingerprint, digest, seats)`` entry) while the
+    block's tensors are as fingerprinted: `untouched_digest` for any such record."""
+    hit = records.get(path)
     if hit is None:
         return None
     key, digest, seats = hit
@@ -191,7 +202,7 @@ def untouched_digest(world: World, path: str) -> str | None:
         walked = _walk_base(world.block(path).module)
         if _fingerprint(walked) != key:
             return None
-        world._digest_cache[path] = (key, digest, _weakly(walked))
+        records[path] = (key, digest, _weakly(walked))
         return digest
     for (owner_ref, is_param, name, tensor_ref), (ptr, version, dtype, shape) in zip(seats, key):
         owner, t = owner_ref(), tensor_ref()
@@ -205,11 +216,16 @@ def untouched_digest(world: World, path: str) -> str | None:
 def world_digests(world: World, *, recompute: bool = False) -> dict[str, Any]:
     """``{"root": digest, "blocks": {canonical path: digest}}``, reusing cached block digests."""
     blocks = {path: cached_block_digest(world, path, block, recompute=recompute) for path, block in world.blocks().items()}
+    return {"root": root_of(world, blocks), "blocks": blocks}
+
+
+def root_of(world: World, blocks: dict[str, str]) -> str:
+    """The root of `world`'s structure over the block digests given (its own, or those it was cast from)."""
     h = hashlib.sha256(b"lwworld/1\0")
     h.update(hashlib.sha256(msgspec.json.encode(structure(world), order="sorted")).digest())
     for path in sorted(blocks, key=lambda p: p.encode()):
         h.update(path.encode() + b"\0" + bytes.fromhex(blocks[path].removeprefix(PREFIX)))
-    return {"root": PREFIX + h.hexdigest(), "blocks": blocks}
+    return PREFIX + h.hexdigest()
 
 
 def seed_cache(world: World, blocks: dict[str, str]) -> None:
@@ -217,6 +233,14 @@ def seed_cache(world: World, blocks: dict[str, str]) -> None:
     for path, block in world.blocks().items():
         if path in blocks:
             world._digest_cache[path] = (_fingerprint(_walk_base(block.module)), blocks[path], None)
+
+
+def follow_move(records: dict[str, Any], world: World) -> None:
+    """Fingerprint `records` (``path -> (fingerprint, digest, seats)``) again after the caller moved
+    every block to another device: same content, other storage. Only right after such a move."""
+    blocks = world.blocks()
+    for path, (_, digest, _) in list(records.items()):
+        records[path] = (_fingerprint(_walk_base(blocks[path].module)), digest, None)
 
 
 def verify_world(world: World, expected: dict[str, str] | None = None) -> None:
