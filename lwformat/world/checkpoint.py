@@ -9,6 +9,11 @@ once; the rebuilt block re-ties it. A world holding tensors above the block leve
 saved: world.json cannot rebuild them, so it would not load. Writes go to a temporary
 sibling directory that replaces the target only when complete, and only where the target
 is absent, an empty directory or a saved world (it holds world.json).
+
+A world cast with `World.cast` is saved as it is: its cast weights and their own digests.
+What it was cast from is not saved, so the saved world binds bundles to its cast digests;
+loading it builds each floating-point tensor in the dtype stored. ``load(dtype=...)``
+casts after loading, with the stored digests as what the blocks were cast from.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, FusedError, WorldConfigError
 from . import config as cfg
-from .digest import base_tensors, seed_cache, verify_world, world_digests
+from .cast import cast_world, check_dtype, converted, replace_tensors
+from .digest import base_tensors, follow_move, seed_cache, verify_world, world_digests
 
 if TYPE_CHECKING:
     from .tree import World
@@ -147,9 +153,11 @@ def _replace_dir(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_world(path: str | os.PathLike, *, device=None, verify: bool = False) -> World:
+def load_world(path: str | os.PathLike, *, device=None, verify: bool = False, dtype: torch.dtype | None = None) -> World:
     from .tree import World
 
+    if dtype is not None:
+        check_dtype(dtype)  # before the work of loading
     root = Path(path)
     for name in (CONFIG, WEIGHTS):
         if not (root / name).is_file():
@@ -161,13 +169,28 @@ def load_world(path: str | os.PathLike, *, device=None, verify: bool = False) ->
     except SafetensorError as exc:
         raise CheckpointError(f"{root / WEIGHTS}: unreadable safetensors file: {exc}", path=str(root)) from exc
     _copy_into(world, stored, root)
+    del stored  # before the cast makes its copies
+    recorded = _recorded(root / DIGESTS, verify)
+    if recorded is not None and verify:
+        _verify(world, recorded, root / DIGESTS)
+    elif recorded is not None:
+        seed_cache(world, recorded.blocks)
+    if dtype is not None:  # on the CPU, before the move: the device need not hold the wider copy
+        cast_world(world, dtype)
     if device is not None:
         world.to(device)
-    digests_file = root / DIGESTS
+        follow_move(world._digest_cache, world)  # the same content, moved: the digests hold
+        if world.cast_record is not None:
+            follow_move(world.cast_record.blocks, world)
+    return world
+
+
+def _recorded(digests_file: Path, verify: bool) -> Digests | None:
+    """The checkpoint's digests; None when the file is missing and `verify` does not need it."""
     if not digests_file.is_file():
         if verify:
             raise CheckpointError(f"{digests_file}: missing; nothing to verify the world against", path=str(digests_file))
-        return world
+        return None
     try:
         recorded = msgspec.json.decode(digests_file.read_bytes(), type=Digests)
     except msgspec.DecodeError as exc:  # ValidationError too
@@ -175,11 +198,7 @@ def load_world(path: str | os.PathLike, *, device=None, verify: bool = False) ->
     if recorded.format not in DIGEST_FORMATS:
         raise CheckpointError(f"{digests_file}: format {recorded.format!r}, this version reads {', '.join(DIGEST_FORMATS)}",
                               path=str(digests_file))  # fmt: skip
-    if verify:
-        _verify(world, recorded, digests_file)
-    else:
-        seed_cache(world, recorded.blocks)
-    return world
+    return recorded
 
 
 def _verify(world: World, recorded: Digests, digests_file: Path) -> None:
@@ -208,6 +227,11 @@ def _same_keys(expected, found, what: str) -> None:
 @torch.no_grad()
 def _copy_into(world: World, stored: dict[str, torch.Tensor], root: Path) -> None:
     _same_keys(weights_of(world), stored, f"{root / WEIGHTS}: weights do not fit the config")
+    live = _live_tensors(world)
+    # A world saved after a cast holds its weights in that dtype; world.json builds the default one
+    adopt = {id(t): stored[key].dtype for key, t in live.items()
+             if key in stored and t.is_floating_point() and stored[key].is_floating_point()}  # fmt: skip
+    replace_tensors(world, converted(world.blocks().values(), lambda t: adopt.get(id(t), t.dtype)))
     live = _live_tensors(world)
     for key, value in stored.items():
         target = live[key]

@@ -141,6 +141,7 @@ class World(nn.Module):
         self.spare_storage: Any = None  # runtime.Spare: adapter storage released by remove, for the next apply
         self.routes_open = 0  # `runtime.routed` blocks entered and not yet left
         self.adapters_disabled = 0  # `runtime.disabled` blocks entered and not yet left
+        self.cast_record: Any = None  # cast.CastRecord: what `cast` converted the blocks from
 
     def forward(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One pass of the cycle: each stage in cycle order adds its outputs to the state."""
@@ -193,12 +194,19 @@ class World(nn.Module):
         return cls(stages, name=name)
 
     @classmethod
-    def load(cls, path: Any, *, device: torch.device | str | None = None, verify: bool = False) -> World:
+    def load(
+        cls, path: Any, *, device: torch.device | str | None = None, verify: bool = False, dtype: torch.dtype | None = None
+    ) -> World:
         """Load a world saved with `save`; ``verify=True`` recomputes every digest and refuses a checkpoint
-        whose digests.json is missing or records other blocks or another root."""
+        whose digests.json is missing or records other blocks or another root.
+
+        ``dtype`` (a floating-point dtype) casts the world as `cast` does, on the CPU before it moves to
+        `device`, with the checkpoint's digests (verified, with ``verify=True``) as the sources: bundles
+        bound to the saved world apply to the cast one.
+        """
         from .checkpoint import load_world
 
-        return load_world(path, device=device, verify=verify)
+        return load_world(path, device=device, verify=verify, dtype=dtype)
 
     def save(self, path: Any) -> None:
         """Write config, weights (safetensors) and cached digests to directory `path`.
@@ -296,6 +304,25 @@ class World(nn.Module):
         from .digest import verify_world
 
         verify_world(self)
+
+    def cast(self, dtype: torch.dtype) -> None:
+        """Convert every floating-point tensor of every block to `dtype` (float16, bfloat16, float32,
+        float64), in place of the old ones, keeping what each block was cast from.
+
+        Digests cover dtypes, so the cast blocks have digests of their own (`digests` answers
+        them), yet a bundle bound to the blocks as they were still applies, and swaps, while each
+        block is untouched since the cast; a block written, replaced or moved since is judged by
+        its own digest: move the world to its device first (or ``World.load(dir, dtype=...,
+        device=...)``), and know that `unfuse` writes the weights back, after which the world
+        takes bundles bound to its cast digests only. Refused, with nothing changed, while the
+        world is customized, carries applied bundles or is fused. The digests it was cast from
+        come from the digest cache (`load` fills it) or are computed once. `save` writes the
+        cast weights and their own digests, not where they came from: a saved cast world binds
+        to its cast digests.
+        """
+        from .cast import cast_world
+
+        cast_world(self, dtype)
 
     # -- light custom world ----------------------------------------------------------------
 
