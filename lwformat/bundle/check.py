@@ -1,6 +1,8 @@
 """Does a bundle fit a world? A dry run, block by block and slot by slot; nothing is changed.
 
-    block  ok | missing block | digest mismatch        (the world's block digest vs the bound one)
+    block  ok | missing block | digest mismatch        (the world's block digest vs the bound one;
+                                                        a `World.cast` block untouched since: the
+                                                        digest it was cast from)
     slot   ok | missing block | missing slot | layer mismatch | unknown kind | shape mismatch
            | dtype conversion needed                   (a note, not a problem: the runtime converts)
     root   compared always, a problem only in strict mode
@@ -94,7 +96,8 @@ def check(bundle: Bundle | Manifest, world: World, *, strict: bool = False, root
           scans: dict | None = None) -> CompatReport:  # fmt: skip
     """Compare the bundle's (or a manifest's) base binding and slots with `world`.
 
-    Only the bound blocks are hashed (or read from the digest cache). The root is compared
+    Only the bound blocks are hashed (or read from the digest cache); a block that is an
+    untouched cast of the bound one (`World.cast`) fits without being hashed. The root is compared
     when ``root`` is true, by default only in strict mode, where it counts. ``scans`` may
     carry a dict that keeps each block's slot scan for the caller to reuse.
     """
@@ -107,16 +110,9 @@ def check(bundle: Bundle | Manifest, world: World, *, strict: bool = False, root
         if path not in paths:
             blocks.append(Finding(path, Outcome.MISSING_BLOCK, "the world has no block here", expected=expected))
             continue
-        found = world.digest(paths[path])
-        outcome = Outcome.OK if found == expected else Outcome.DIGEST_MISMATCH
-        detail = "" if found == expected else f"expected {expected}, found {found}" + _cast_hint(world.block(paths[path]).module)
-        blocks.append(Finding(path, outcome, detail, expected=expected, found=found))
+        blocks.append(_block_finding(world, path, paths[path], expected))
     if root if root is not None else strict:
-        found_root = world.root_digest()
-        same = found_root == m.base.root
-        detail = "" if same else f"expected {m.base.root}, found {found_root}"
-        outcome = Outcome.OK if same else Outcome.ROOT_MISMATCH
-        root_finding = Finding(ROOT, outcome, detail, expected=m.base.root, found=found_root)
+        root_finding = _root_finding(world, m.base.root)
     else:
         root_finding = Finding(ROOT, Outcome.NOT_COMPARED, "not strict", expected=m.base.root)
     seen = scans if scans is not None else {}
@@ -124,12 +120,48 @@ def check(bundle: Bundle | Manifest, world: World, *, strict: bool = False, root
     return CompatReport(f"{m.name}@{m.version}", strict, root_finding, tuple(blocks), slots)
 
 
-def _cast_hint(module) -> str:
-    """Digests cover dtypes: a base cast after loading (fp16, bf16) no longer has the digests bundles name."""
+def _block_finding(world: World, path: str, canonical: str, expected: str) -> Finding:
+    """An untouched cast of the bound block is OK without hashing it (a walk); else its own digest counts."""
+    from ..world.cast import cast_source
+
+    if cast_source(world, canonical) == expected:
+        return Finding(path, Outcome.OK, f"a {world.cast_record.dtype_name} cast of the bound block", expected=expected)
+    found = world.digest(canonical)
+    if found == expected:
+        return Finding(path, Outcome.OK, expected=expected, found=found)
+    detail = f"expected {expected}, found {found}" + _cast_hint(world, canonical)
+    return Finding(path, Outcome.DIGEST_MISMATCH, detail, expected=expected, found=found)
+
+
+def _root_finding(world: World, expected: str) -> Finding:
+    """The root before the cast while every block is an untouched cast; else the world's own."""
+    from ..world.cast import cast_root
+
+    if cast_root(world) == expected:
+        return Finding(ROOT, Outcome.OK, f"a {world.cast_record.dtype_name} cast of the bound world", expected=expected)
+    found = world.root_digest()
+    if found == expected:
+        return Finding(ROOT, Outcome.OK, expected=expected, found=found)
+    return Finding(ROOT, Outcome.ROOT_MISMATCH, f"expected {expected}, found {found}", expected=expected, found=found)
+
+
+def _cast_hint(world: World, path: str) -> str:
+    """Digests cover dtypes: say how to cast so that bundles bound to the uncast blocks still fit."""
     import torch
 
+    from ..world.cast import cast_source
+
+    record = world.cast_record
+    if record is not None and path in record.blocks:
+        source = cast_source(world, path)
+        if source is not None:  # untouched: the bundle was made for another base
+            return f"; the block is a {record.dtype_name} cast of {source}, another block than the bound one"
+        return (f"; the block was written, replaced or moved since world.cast({record.dtype_name}) (unfuse writes "
+                "back too), so its own digest counts (move a world before casting it, or World.load(dir, dtype=..., "
+                "device=...))")  # fmt: skip
+    module = world.block(path).module
     cast = sorted({str(p.dtype).removeprefix("torch.") for p in module.parameters() if p.is_floating_point() and p.dtype != torch.float32})
     if not cast:
         return ""
-    return (f"; the block holds {', '.join(cast)} weights: if the world was cast after loading, apply the bundle "
-            "before casting (weights, mixed batches, fuse and remove work on a cast world)")
+    return (f"; the block holds {', '.join(cast)} weights: if the world was cast after loading (.to, .half), cast it "
+            "with world.cast(dtype) or load it with World.load(dir, dtype=...) instead, which keep what it was cast from")

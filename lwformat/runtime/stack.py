@@ -27,6 +27,7 @@ from ..bundle.manifest import slot_layout
 from ..bundle.read import Bundle
 from ..errors import (AlreadyAppliedError, FusedError, LayoutError, NotAppliedError, RankError, TargetError,
                       WeightError)
+from ..world.cast import untouched_source
 from ..world.digest import untouched_digest
 from ..world.paths import match_block
 from . import finiteness
@@ -69,10 +70,10 @@ def _same_layout_swap(world: World, applied: Applied, bundle: Any, *, check_base
     """The fast swap: same binding and layout as the applied bundle, one copy per buffer.
 
     The full check already passed for the applied bundle's identical binding, so it is
-    enough that the bound blocks' tensors are unwritten since (`untouched_digest`; a
-    module replaced since is seen by the full check of the next apply, or after
-    ``world.digests()``, which walks the modules again); `check_base=False` trusts that
-    too. Returns False, having changed nothing, when it does not apply.
+    enough that the bound blocks' tensors are unwritten since (`untouched_digest`, or
+    `untouched_source` on a cast world; a module replaced since is seen by the full check
+    of the next apply, or after ``world.digests()``, which walks the modules again);
+    `check_base=False` trusts that too. Returns False, having changed nothing, when it does not apply.
     """
     old = applied.bundle.manifest
     if not (applied.packed and isinstance(bundle, Bundle)):  # a Blend holds no file runs to copy
@@ -83,8 +84,8 @@ def _same_layout_swap(world: World, applied: Applied, bundle: Any, *, check_base
         if not applied.bound:  # kept for later swaps: their bindings are equal
             canonical = world.block_paths()
             applied.bound = tuple((canonical.get(path), expected) for path, expected in old.base.blocks.items())
-        for path, expected in applied.bound:
-            if path is None or untouched_digest(world, path) != expected:
+        for path, expected in applied.bound:  # an untouched cast of the bound block (`World.cast`) first: no hash either way
+            if path is None or expected not in (untouched_source(world, path), untouched_digest(world, path)):
                 return False  # the full check will say what changed
     if applied.indexed and _INDICES_CHECKED.get(bundle) != (identity := bundle.weights_identity()):  # once per file
         _check_indices(applied.indexed, lambda rs: bundle.slot_tensors(rs.entry.slot))

@@ -223,10 +223,10 @@ def test_decustomize_leaves_applied_bundles_and_refuses_while_fused(world, bundl
     assert torch.equal(lm_out(world, x), base)
 
 
-def test_a_world_cast_after_loading_says_so_and_takes_bundles_applied_before(bundles):
+def test_a_world_cast_by_module_to_points_to_world_cast_and_takes_bundles_applied_before(bundles):
     x = tokens()
     cast = reference_world("tiny", seed=0).to(torch.bfloat16)
-    with pytest.raises(IncompatibleError, match="bfloat16 weights: if the world was cast after loading, apply the bundle before"):
+    with pytest.raises(IncompatibleError, match=r"bfloat16 weights: .* cast it with world.cast\(dtype\) or load it with World.load\(dir, dtype=...\)"):
         cast.apply(bundles["noir"])
     world = reference_world("tiny", seed=0)
     world.apply(bundles["noir"], weight=0.7)
