@@ -185,36 +185,55 @@ def copy_packed(places: list[Place], buffers: dict, bundle, *, read: bool = True
     """One copy per buffer from the bundle's memory-mapped dtype runs, when the layouts agree.
 
     They agree when nothing is padded and, for every buffer, the bundle's run of that
-    dtype lists the same tensors in the same order (the spec's canonical order). Returns
-    False, having copied nothing, otherwise. `read` as in `copy_runs`.
+    dtype (`_run_names`: or the one floating run, converted, on a base cast since) lists the
+    same tensors in the same order (the spec's canonical order). Returns False, having
+    copied nothing, otherwise. `read` as in `copy_runs`.
     """
     spans = getattr(bundle, "spans", None)
     if spans is None or len({p.device for p in places}) != 1:
         return False
+    names = _run_names(buffers, {s.dtype for s in spans})
+    if names is None:
+        return False
     by_name = {(s.slot, s.name): s for s in spans}
-    runs: dict[torch.dtype, list[tuple[str, str]]] = {}
+    runs: dict[str, list[tuple[str, str]]] = {}
     for p in places:
         span = by_name.get((p.slot, p.name))
-        if span is None or tuple(span.shape) != p.shape or TORCH_DTYPES.get(span.dtype) != p.dtype:
+        if span is None or tuple(span.shape) != p.shape or span.dtype != names[(p.dtype, p.device)]:
             return False
-        runs.setdefault(p.dtype, []).append((p.slot, p.name))
+        runs.setdefault(span.dtype, []).append((p.slot, p.name))
     stored = {}
     for s in spans:
-        stored.setdefault(TORCH_DTYPES[s.dtype], []).append((s.slot, s.name))
+        stored.setdefault(s.dtype, []).append((s.slot, s.name))
     if stored != runs:
         return False
     copy_runs(buffers, bundle, read=read)
     return True
 
 
-def copy_runs(buffers: dict, bundle, *, read: bool = False) -> None:
-    """Copy each of the bundle's dtype runs into the buffer of that dtype (layouts known to agree).
+def _run_names(buffers, names) -> dict | None:
+    """Each buffer's dtype run in the bundle: the run of its dtype or, on a base cast since the
+    bundle was written (float32 adapters, bfloat16 storage), the one floating run no buffer has
+    the dtype of, converted as it is copied. None when a buffer has no such run."""
+    out = {key: DTYPE_NAMES[key[0]] for key in buffers if DTYPE_NAMES[key[0]] in names}
+    left = [key for key in buffers if key not in out]
+    if not left:
+        return out
+    spare = [n for n in names if n not in out.values() and TORCH_DTYPES[n].is_floating_point]
+    if len(left) != 1 or len(spare) != 1 or not left[0][0].is_floating_point:
+        return None
+    return {**out, left[0]: spare[0]}
 
-    With `read`, a bundle not mapped yet is read straight into CPU buffers (a one-off copy,
-    as on apply); otherwise the copy comes from the bundle's mapping, which stays warm for
-    the next swap from the same bundle.
+
+def copy_runs(buffers: dict, bundle, *, read: bool = False) -> None:
+    """Copy each of the bundle's dtype runs into its buffer (layouts known to agree), converting
+    where the buffer's dtype is not the run's.
+
+    With `read`, a bundle not mapped yet is read straight into CPU buffers of the runs' own
+    dtypes (a one-off copy, as on apply); otherwise the copy comes from the bundle's mapping,
+    which stays warm for the next swap from the same bundle.
     """
-    if read and not bundle.mapped and all(device.type == "cpu" for _, device in buffers):
+    if read and not bundle.mapped and all(device.type == "cpu" for _, device in buffers) and _same_dtypes(buffers, bundle):
         bundle.read_runs({DTYPE_NAMES[dtype]: buffer for (dtype, _), buffer in buffers.items()})
         # The read wrote behind autograd's back: storage reused from a removed bundle may still
         # be saved for a backward pass, which must then fail as it does after `copy_`, not
@@ -222,5 +241,10 @@ def copy_runs(buffers: dict, bundle, *, read: bool = False) -> None:
         torch.autograd.graph.increment_version(list(buffers.values()))
         return
     runs = bundle.packed()
-    for (dtype, _), buffer in buffers.items():
-        buffer.copy_(runs[DTYPE_NAMES[dtype]])
+    names = _run_names(buffers, runs.keys())  # a few dtypes: a swap's clock hardly sees it
+    for key, buffer in buffers.items():
+        buffer.copy_(runs[names[key]])  # (n,) from (n,), converted when the dtypes differ
+
+
+def _same_dtypes(buffers: dict, bundle) -> bool:
+    return all(name == DTYPE_NAMES[dtype] for (dtype, _), name in _run_names(buffers, {s.dtype for s in bundle.spans}).items())

@@ -60,6 +60,17 @@ def test_a_float32_bundle_applies_to_a_cast_world_without_hashing_it(bundles, sa
     assert not torch.equal(got, lm_out(World.load(saved, dtype=dtype), x))  # the adapter is in the output
 
 
+def test_swap_on_a_cast_world_takes_the_fast_path(bundles, cast_world):
+    x = tokens()
+    applied = cast_world.apply(bundles["noir"], weight=0.5)
+    cast_world.swap("author/noir", bundles["noir2"])
+    assert applied.bound and applied.bundle is bundles["noir2"]  # the fast swap keeps the binding; the full one clears it
+    again = reference_world("tiny", seed=0)
+    again.cast(cast_world.cast_record.dtype)
+    again.apply(bundles["noir2"], weight=0.5)
+    assert torch.equal(lm_out(cast_world, x), lm_out(again, x))
+
+
 @pytest.mark.parametrize("change", ["write", "replace", "move"])
 def test_a_block_changed_after_the_cast_is_judged_by_its_own_digest(bundles, cast_world, change):
     lm = cast_world.block(LM).module
