@@ -237,6 +237,10 @@ class Bundle:
         buf, dtypes = self._mapping(), _torch_dtypes()
         return [(s, self._view(buf, dtypes[s.dtype], s.begin, s.end).view(s.shape)) for s in spans]
 
+    def span_tensors(self) -> list[tuple[TensorSpan, torch.Tensor]]:
+        """Every tensor with its span (slot, name, dtype...), in canonical order."""
+        return self._views(self.spans)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor by key (``<slot>.<name>``), in canonical order."""
         return {s.key: t for s, t in self._views(self.spans)}

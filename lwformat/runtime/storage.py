@@ -21,6 +21,7 @@ import torch
 from ..adapters.kinds import KINDS
 from ..errors import WeightError
 from ..world.digest import DTYPE_NAMES
+from . import finiteness
 from .resolve import ResolvedSlot
 from .spare import Spare
 
@@ -242,6 +243,15 @@ def copy_runs(buffers: dict, bundle, *, read: bool = False) -> None:
         return
     runs = bundle.packed()
     names = _run_names(buffers, runs.keys())  # a few dtypes: a swap's clock hardly sees it
+    narrowed = {name for (dtype, _), name in names.items() if name != DTYPE_NAMES[dtype]}
+    if narrowed:  # before the first write: a float32 value past float16's range would be stored as inf
+        targets = {name: dtype for (dtype, _), name in names.items()}
+        # Once per file and target dtypes, as the NaN/inf check is: each swap back to it skips the pass.
+        identity = (bundle.weights_identity(), tuple(sorted((n, str(targets[n])) for n in narrowed)))
+        if not finiteness.passed(identity):
+            finiteness.check_fits(bundle, ((f"{s.slot}:{s.name}", t, targets[s.dtype]) for s, t in bundle.span_tensors()
+                                           if s.dtype in narrowed))  # fmt: skip
+            finiteness.remember(identity)
     for key, buffer in buffers.items():
         buffer.copy_(runs[names[key]])  # (n,) from (n,), converted when the dtypes differ
 

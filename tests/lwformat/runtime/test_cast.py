@@ -5,9 +5,15 @@ import torch
 
 from lwformat import World
 from lwformat.bundle.check import Outcome, check
-from lwformat.errors import FusedError, IncompatibleError, RuntimeStateError, WorldError
+from lwformat.errors import (
+    FusedError,
+    IncompatibleError,
+    LayoutError,
+    RuntimeStateError,
+    WorldError,
+)
 from lwformat.zoo import reference_world
-from tests.lwformat.runtime.conftest import LM, tokens
+from tests.lwformat.runtime.conftest import LM, poisoned, tokens
 
 TOLERANCE = {torch.bfloat16: 0.05, torch.float16: 5e-3}  # half-precision matmuls against float32
 
@@ -69,6 +75,20 @@ def test_swap_on_a_cast_world_takes_the_fast_path(bundles, cast_world):
     again.cast(cast_world.cast_record.dtype)
     again.apply(bundles["noir2"], weight=0.5)
     assert torch.equal(lm_out(cast_world, x), lm_out(again, x))
+
+
+def test_a_fast_swap_that_converts_refuses_a_value_past_the_cast_dtype_before_writing(bundles, saved, tmp_path):
+    """The converting copy of a cast world's fast swap stored 1e5 as inf in float16 storage."""
+    world = World.load(saved, dtype=torch.float16)
+    applied = world.apply(bundles["noir"], weight=0.5)
+    x = tokens()
+    before = lm_out(world, x)
+    big, key = poisoned(tmp_path, 3, [1e5], name="author/noir")  # noir's layout: the fast path
+    with pytest.raises(LayoutError, match=r"value 100000 at .* overflows float16"):
+        world.swap("author/noir", big)
+    assert applied.bundle is bundles["noir"] and torch.equal(lm_out(world, x), before)
+    world.swap("author/noir", bundles["noir2"])  # one that fits still swaps, on the fast path
+    assert applied.bound and applied.bundle is bundles["noir2"]
 
 
 @pytest.mark.parametrize("change", ["write", "replace", "move"])
