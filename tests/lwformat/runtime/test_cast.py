@@ -83,7 +83,7 @@ def test_a_fast_swap_that_converts_refuses_a_value_past_the_cast_dtype_before_wr
     applied = world.apply(bundles["noir"], weight=0.5)
     x = tokens()
     before = lm_out(world, x)
-    big, key = poisoned(tmp_path, 3, [1e5], name="author/noir")  # noir's layout: the fast path
+    big, _ = poisoned(tmp_path, 3, [1e5], name="author/noir")  # noir's layout: the fast path
     with pytest.raises(LayoutError, match=r"value 100000 at .* overflows float16"):
         world.swap("author/noir", big)
     assert applied.bundle is bundles["noir"] and torch.equal(lm_out(world, x), before)
