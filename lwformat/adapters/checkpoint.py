@@ -1,7 +1,7 @@
 """The light checkpoint: a world's adapters and their config in one safetensors file.
 
 Tensors are named ``<slot>.<tensor>``, e.g. ``author/narrate/text/llm:blocks.0.attn.qkv.lora_A``.
-The safetensors metadata holds ``format`` (``lwadapters/1``), ``config`` (the
+The safetensors metadata holds ``format`` (``lwadapters/2``; ``/1`` still loads), ``config`` (the
 `LightConfig` as JSON), ``plan`` (the resolved slots) and ``base`` (the digest of
 every touched block), so loading refuses adapters made for another base.
 """
@@ -19,14 +19,31 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import BaseMismatchError, CheckpointError, FusedError, TargetError
-from .config import LightConfig
+from .config import LightConfig, is_explicit
 from .inject import customize, decustomize, grad_flags, restore_grad_flags
 from .plan import Plan, iter_hosts
 
 if TYPE_CHECKING:
     from ..world.tree import World
 
-FORMAT = "lwadapters/1"
+FORMAT = "lwadapters/2"
+# Written before patterns without wildcards matched dotted suffixes (PEFT's rule) and before keys
+# matching nothing were refused: such a file's config is read with its old, exact meaning.
+EXACT_NAMES = "lwadapters/1"
+
+
+def exact_names(config: LightConfig) -> LightConfig:
+    """`config` with each pattern without wildcards in the exact full form (``**:name``), the
+    meaning it had when lwadapters/1 files were written."""
+
+    def exact(pattern: str) -> str:
+        return pattern if ":" in pattern or not is_explicit(pattern) else f"**:{pattern}"
+
+    return msgspec.structs.replace(
+        config, slots=[exact(p) for p in config.slots], exclude=[exact(p) for p in config.exclude],
+        rank_pattern={exact(k): v for k, v in config.rank_pattern.items()},
+        alpha_pattern={exact(k): v for k, v in config.alpha_pattern.items()},
+    )  # fmt: skip
 
 
 def adapter_tensors(world: World) -> dict[str, torch.Tensor]:
@@ -77,10 +94,13 @@ def load_adapters(world: World, path: str | os.PathLike) -> Plan:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: unreadable adapter file: {exc}", path=str(path)) from exc
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in (FORMAT, EXACT_NAMES):
         raise CheckpointError(f"{path}: not a light checkpoint (format {meta.get('format')!r})", path=str(path))
+    legacy = meta["format"] == EXACT_NAMES
     try:
         config = LightConfig.from_json(meta["config"])
+        if legacy:
+            config = exact_names(config)
         base = msgspec.json.decode(meta["base"], type=dict[str, str])
     except (KeyError, TargetError, msgspec.DecodeError) as exc:  # TargetError: a config LightConfig refuses
         raise CheckpointError(f"{path}: bad metadata: {exc}", path=str(path)) from exc
@@ -92,7 +112,10 @@ def load_adapters(world: World, path: str | os.PathLike) -> Plan:
                 path=block, expected=expected, found=digests.get(block),
             )  # fmt: skip
     grads = grad_flags(world)
-    plan = customize(world, config)
+    try:
+        plan = customize(world, config, check_keys=not legacy)
+    except TargetError as exc:  # a config the file carries that does not plan on this world
+        raise CheckpointError(f"{path}: its config does not fit this world: {exc}", path=str(path)) from exc
     try:
         # The digests checked above are the file's choice: every block the plan adapts must be among them.
         if missing := [b for b in plan.blocks() if b not in base]:

@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 __all__ = ["adapter_parameters", "customize", "decustomize", "plan"]
 
 
-def customize(world: World, config: LightConfig) -> Plan:
-    the_plan = plan(world, config)
+def customize(world: World, config: LightConfig, *, check_keys: bool = True) -> Plan:
+    the_plan = plan(world, config, check_keys=check_keys)
     grads = grad_flags(world)
     try:
         world.requires_grad_(False)

@@ -134,7 +134,12 @@ def _slot_plan(config: LightConfig, block, paths: list[str], slot: str, module_p
     return SlotPlan(slot, block.block_type, geo.layer, config.kind, rank if kind.uses_rank else 0, alpha, config.rslora, shapes, neurons)
 
 
-def plan(world: World, config: LightConfig) -> Plan:
+def plan(world: World, config: LightConfig, *, check_keys: bool = True) -> Plan:
+    """Every slot `config` selects in `world`, with its kind, rank and alpha; the world is not changed.
+
+    ``check_keys=False`` lets pattern keys that match nothing pass: light checkpoints written
+    before such keys were refused (format lwadapters/1) load as they were saved.
+    """
     if config.kind not in KINDS:
         raise TargetError(f"unknown adapter kind {config.kind!r} (known: {', '.join(sorted(KINDS))})")
     if (host := next(iter_hosts(world), None)) is not None:
@@ -159,6 +164,7 @@ def plan(world: World, config: LightConfig) -> Plan:
     skipped: dict[str, str] = {}
     seen: list[str] = []  # every slot of the selected blocks, for the example a NothingTargetedError shows
     excluded: set[str] = set()  # the exclude patterns that removed a slot
+    chosen: set[str] = set()  # the slots entries that matched a slot (planned, excluded or skipped for the kind)
     planned: list[tuple[list[str], str]] = []  # (block paths, module path) of each slot in `slots`
     for path, block in blocks.items():
         paths = aliases[path]
@@ -171,8 +177,11 @@ def plan(world: World, config: LightConfig) -> Plan:
         for module_path, (_, geo) in eligible.items():
             slot = f"{path}:{module_path}"
             seen.append(slot)
-            if config.slots and not any(_matches(p, paths, module_path) for p in config.slots):
-                continue
+            if config.slots:
+                hits = [p for p in config.slots if _matches(p, paths, module_path)]
+                if not hits:
+                    continue
+                chosen.update(hits)
             if hits := [p for p in config.exclude if _matches(p, paths, module_path)]:
                 excluded.update(hits)
                 continue
@@ -183,7 +192,8 @@ def plan(world: World, config: LightConfig) -> Plan:
             planned.append((paths, module_path))
     if not slots:
         raise _nothing_targeted(world, config, seen, skipped)
-    _check_keys(config, excluded, planned, [s.slot for s in slots])
+    if check_keys:
+        _check_keys(config, excluded, chosen, planned, [s.slot for s in slots])
     return Plan(config.name, slots, skipped)
 
 
@@ -208,12 +218,15 @@ def _nothing_targeted(world: World, config: LightConfig, seen: list[str], skippe
     return NothingTargetedError(message)
 
 
-def _check_keys(config: LightConfig, excluded: set[str], planned: list[tuple[list[str], str]], names: list[str]) -> None:
-    """Refuse an exclude, rank_pattern or alpha_pattern key that matches no planned slot.
+def _check_keys(config: LightConfig, excluded: set[str], chosen: set[str], planned: list[tuple[list[str], str]],
+                names: list[str]) -> None:  # fmt: skip
+    """Refuse a slots, exclude, rank_pattern or alpha_pattern key that matches no selected slot.
 
-    Such a key changes nothing, silently: typically a regex (PEFT's syntax there) or a typo.
+    Such a key changes nothing, silently: typically a regex (PEFT's syntax there), a typo, or a
+    name that reaches only a module no adapter wraps (a container).
     """
-    unmatched = [("exclude", k) for k in config.exclude if k not in excluded]
+    unmatched = [("slots", k) for k in config.slots if k not in chosen]
+    unmatched += [("exclude", k) for k in config.exclude if k not in excluded]
     for field in ("rank_pattern", "alpha_pattern"):
         keys = getattr(config, field)
         unmatched += [(field, k) for k in keys if not any(_matches(k, paths, m) for paths, m in planned)]
@@ -252,31 +265,23 @@ def _suggest(slot: str) -> str:
 
 
 def _check_explicit(config: LightConfig, block, paths: list[str], path: str, eligible: dict, kind) -> None:
-    module_paths: list[str] | None = None  # the block's, listed once and only when a short pattern needs them
+    """Refuse a slots entry that names (exactly, no wildcards) a module of this block no adapter of
+    `kind` wraps. A module reached by PEFT's suffix rule that is no slot (a container, a layer the
+    block does not declare) just is not selected; an entry selecting nothing is `_check_keys`'s."""
     for pattern in config.slots:
-        block_glob, sep, module_pattern = pattern.rpartition(":")
-        if not is_explicit(module_pattern) or (sep and not any(match_block(p, block_glob) for p in paths)):
+        block_glob, sep, module_path = pattern.rpartition(":")
+        if not is_explicit(module_path) or (sep and not any(match_block(p, block_glob) for p in paths)):
             continue
-        targets = [module_pattern]
-        if not sep:  # PEFT's suffix rule (see `_matches`)
-            module_paths = module_paths or [m for m, _ in block.module.named_modules()]
-            targets += [m for m in module_paths if m.endswith("." + module_pattern)]
-        for module_path in targets:
-            _check_target(config, block, path, eligible, kind, module_path, pattern)
-
-
-def _check_target(config: LightConfig, block, path: str, eligible: dict, kind, module_path: str, pattern: str) -> None:
-    layer = layer_at(block.module, module_path)
-    if layer is None:
-        return  # this block has no such module; another targeted block may
-    slot = f"{path}:{module_path}"
-    how = "" if module_path == pattern else f" (slots entry {pattern!r} names it: a name without wildcards matches a dotted suffix)"
-    if module_path not in eligible:
-        if id(layer) in uncalled_layers(block.module):
-            raise UnsupportedLayerError(f"{slot}: {UNCALLED}{how}", path=slot)
-        raise UnsupportedLayerError(f"{slot}: {type(layer).__name__} is not a layer adapters can wrap{how}", path=slot)
-    if eligible[module_path][1].layer not in kind.layers:
-        raise UnsupportedLayerError(f"{slot}: {config.kind} does not support {type(layer).__name__}{how}", path=slot)
+        layer = layer_at(block.module, module_path)
+        if layer is None:
+            continue  # this block has no such module; another targeted block may
+        slot = f"{path}:{module_path}"
+        if module_path not in eligible:
+            if id(layer) in uncalled_layers(block.module):
+                raise UnsupportedLayerError(f"{slot}: {UNCALLED}", path=slot)
+            raise UnsupportedLayerError(f"{slot}: {type(layer).__name__} is not a layer adapters can wrap", path=slot)
+        if eligible[module_path][1].layer not in kind.layers:
+            raise UnsupportedLayerError(f"{slot}: {config.kind} does not support {type(layer).__name__}", path=slot)
 
 
 def iter_hosts(world: World):

@@ -43,12 +43,12 @@ if TYPE_CHECKING:
     import torch
 
 _SAFE_STEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}")
-LIGHT_CHECKPOINT = "lwadapters/1"  # `adapters.checkpoint.FORMAT`, named here without importing torch
+LIGHT_CHECKPOINTS = ("lwadapters/1", "lwadapters/2")  # `adapters.checkpoint`'s formats, named here without importing torch
 
 
 def _not_a_bundle(source: Path) -> str:
     """What to do with a safetensors file given as a bundle: ours (`save_adapters`) or kohya's."""
-    if _safetensors_format(source) == LIGHT_CHECKPOINT:
+    if _safetensors_format(source) in LIGHT_CHECKPOINTS:
         return (f"{source}: a light checkpoint (World.save_adapters), not a bundle (a directory or .lwb archive); "
                 "load it into a world of its base with world.load_adapters(path), then write a bundle with "
                 "lwformat.write_bundle(world, dir, name=..., version=...)")  # fmt: skip

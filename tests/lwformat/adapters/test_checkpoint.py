@@ -48,7 +48,7 @@ def test_file_holds_only_adapters_and_their_config(tmp_path):
     with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
     assert keys and all(k.endswith((".lora_A", ".lora_B")) for k in keys)
-    assert meta["format"] == "lwadapters/1" and LightConfig.from_json(meta["config"]).rank == 2
+    assert meta["format"] == "lwadapters/2" and LightConfig.from_json(meta["config"]).rank == 2
     assert sum(f.stat().st_size for f in tmp_path.iterdir()) < 20_000
 
 
@@ -137,3 +137,26 @@ def test_a_file_must_bind_every_block_it_adapts(tmp_path, bound):
     assert err.value.path in world.customization[1].blocks() and err.value.path not in bound
     assert err.value.path in str(err.value)
     assert repr(other) == before and other.customization is None
+
+
+def test_a_checkpoint_written_before_suffix_names_loads_with_the_meaning_it_had(tmp_path):
+    """lwadapters/1 configs were read with exact names: there rank_pattern "fc" meant a block's
+    top-level fc only (the critic's), where it now also matches every mlp.fc; and an exclude
+    matching nothing was harmless, where it is now refused."""
+    world = small_world()
+    world.customize(LightConfig(kind="lora", rank=2, blocks=["author/**"], rank_pattern={"**:fc": 1}))  # the old plan
+    with torch.no_grad():
+        for p in world.adapter_parameters():
+            p.add_(torch.randn_like(p))
+    world.save_adapters(tmp_path / "a.safetensors")
+    old_config = json.loads(LightConfig(kind="lora", rank=2, blocks=["author/**"]).to_json())
+    old_config |= {"rank_pattern": {"fc": 1}, "exclude": ["nothing_here"]}
+    path = rewritten(tmp_path, format="lwadapters/1", config=json.dumps(old_config))
+    fresh = small_world()
+    fresh.load_adapters(path)
+    ours, theirs = adapter_tensors(world), adapter_tensors(fresh)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert theirs["author/narrate/text/critic:fc.lora_A"].shape[0] == 1
+    current = rewritten(tmp_path, format="lwadapters/2", config=json.dumps(old_config))
+    with pytest.raises(CheckpointError, match="does not fit"):  # today's meaning: another plan, said as such
+        small_world().load_adapters(current)

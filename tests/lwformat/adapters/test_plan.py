@@ -252,7 +252,28 @@ def test_nothing_targeted_suggests_the_star_dot_form_with_a_real_slot():
     assert f"'*.proj' matches {NESTED}:blocks.0.attn.proj" in str(err.value)  # the nearest name
 
 
-def test_a_suffix_name_that_reaches_a_container_is_refused_as_an_explicit_slot_is():
-    with pytest.raises(UnsupportedLayerError) as err:
-        nested_world().plan(LightConfig(rank=2, slots=["attn"]))
-    assert err.value.path == f"{NESTED}:blocks.0.attn" and "'attn'" in str(err.value)
+def test_a_suffix_name_reaching_a_container_selects_nothing_and_an_entry_selecting_nothing_is_refused():
+    with pytest.raises(NothingTargetedError):
+        nested_world().plan(LightConfig(rank=2, slots=["attn"]))  # blocks.*.attn: containers, no slots
+    with pytest.raises(UnmatchedPatternError) as err:
+        nested_world().plan(LightConfig(rank=2, slots=["qkv", "attn"]))  # a typo among good entries changed nothing
+    assert (err.value.path, err.value.pattern) == ("slots", "attn")
+
+
+def test_a_suffix_name_skips_modules_that_are_no_slot_where_the_exact_name_plans():
+    """slots=['proj'] also reached a container at mlp.proj, or a Linear the block does not
+    declare, and refused the plan (which exclude could not rescue)."""
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+            self.mlp = nn.ModuleDict({"proj": nn.Sequential(nn.Linear(8, 8), nn.GELU())})  # a container named proj
+            self.cross = nn.ModuleDict({"qkv": nn.Linear(8, 24)})  # not a declared slot
+            self.attn = nn.ModuleDict({"qkv": nn.Linear(8, 24)})
+
+    world = World.from_blocks({NESTED: Block(Layer(), "llm", slots=["proj", "attn.qkv", "mlp.proj.0"])})
+    assert slots(world.plan(LightConfig(rank=2, slots=["proj"]))) == [f"{NESTED}:proj"]
+    assert slots(world.plan(LightConfig(rank=2, slots=["qkv"]))) == [f"{NESTED}:attn.qkv"]
+    with pytest.raises(UnsupportedLayerError):  # named exactly, a module that is no slot is still refused by name
+        world.plan(LightConfig(rank=2, slots=["mlp.proj"]))
