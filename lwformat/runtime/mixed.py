@@ -6,9 +6,12 @@ chose that bundle; the host then adds only the chosen adapter's delta to each sa
 any number of distinct bundles.
 
 A documented limit: the selection runs along dim 0, so every routed layer must get the
-batch first. A layer inside a sequence-first module (``batch_first=False``, as torch's
-transformer modules spell it; a transformer layer's is its ``self_attn``'s) would mix
-samples up, and the mixed batch is refused before it starts.
+batch first. A layer inside a sequence-first module would mix samples up, and the mixed
+batch is refused before it starts. Sequence-first is what torch's transformer modules
+say: a module whose own ``batch_first`` attribute is False (nn.Transformer), or an
+nn.TransformerEncoderLayer / nn.TransformerDecoderLayer whose ``self_attn`` has
+``batch_first=False``. Other layouts are not detected: a custom layer that transposes
+around a default nn.MultiheadAttention is fine when its routed layers get the batch first.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from ..errors import (
     FusedError,
@@ -37,8 +41,8 @@ def routed(world: World, bundles: list[str | None]) -> Iterator[None]:
     """Within the block, sample i of any forward runs with applied bundle ``bundles[i]`` only.
 
     Use it to run one block of a world per sample; `run` wraps a whole pass in it.
-    Every layer a sample's bundle adapts must get the batch first: one inside a
-    sequence-first module (``batch_first=False``) is refused with a `LayoutError`.
+    Every layer a sample's bundle adapts must get the batch first: one inside a module
+    torch marks sequence-first (see the module docstring) is refused with a `LayoutError`.
     """
     if world.fused_state is not None:
         raise FusedError("a mixed batch needs unfused adapters; call unfuse() first")
@@ -77,11 +81,16 @@ def routed(world: World, bundles: list[str | None]) -> Iterator[None]:
             host.set_route(None)
 
 
+_SELF_ATTN_LAYOUT = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)  # torch keeps their layout on self_attn
+
+
 def _hosts(world: World) -> tuple[list[AdapterHost], dict[int, str]]:
     """Every host of the world, and {id(host): path of the innermost sequence-first module around it}.
 
-    Sequence-first: ``batch_first=False``, as torch's transformer modules spell it
-    (nn.TransformerEncoderLayer and DecoderLayer keep theirs on ``self_attn``), read from the
+    Sequence-first: a module's own ``batch_first`` is False (nn.Transformer), or it is an
+    nn.TransformerEncoderLayer / DecoderLayer, which keeps the flag on its ``self_attn``. Only
+    those layers: any other module's ``self_attn`` (a default nn.MultiheadAttention that a custom
+    layer transposes around) says nothing of the layout its sibling layers get. Read from the
     instance dicts: a miss through `nn.Module.__getattr__` raises, on every module. One walk
     of each block's modules, as `iter_hosts` makes; a sequence-first module's own subtree is
     walked again, which finds a host shared with a batch-first parent too.
@@ -94,8 +103,9 @@ def _hosts(world: World) -> tuple[list[AdapterHost], dict[int, str]]:
                 continue
             # Inline, not a call: this runs for every module on every mixed batch.
             flag = module.__dict__.get("batch_first")
-            if flag is None and (attention := module._modules.get("self_attn")) is not None:
-                flag = attention.__dict__.get("batch_first")
+            if flag is None and isinstance(module, _SELF_ATTN_LAYOUT):
+                attention = module._modules.get("self_attn")
+                flag = None if attention is None else attention.__dict__.get("batch_first")
             if flag is False:
                 outer.append((f"{path}:{module_path}" if module_path else path, module))
     sequence_first = {}
@@ -108,10 +118,10 @@ def _hosts(world: World) -> tuple[list[AdapterHost], dict[int, str]]:
 
 def _refuse_sequence_first(where: str) -> None:
     raise LayoutError(
-        f"{where} is sequence-first (batch_first=False): a mixed batch selects each sample's bundle along dim 0, "
-        "which there holds the tokens, so the layers it adapts would mix samples up. Mixed batches need the batch "
-        "first at every layer they route (a documented limit): build it with batch_first=True, or apply one bundle "
-        "at a time", path=where,
+        f"{where} is sequence-first (batch_first=False on it, or on a torch transformer layer's self_attn): "
+        "a mixed batch selects each sample's bundle along dim 0, which there holds the tokens, so the layers it "
+        "adapts would mix samples up. Mixed batches need the batch first at every layer they route (a documented "
+        "limit): build it with batch_first=True, or apply one bundle at a time", path=where,
     )  # fmt: skip
 
 

@@ -262,3 +262,56 @@ def test_the_refusal_names_the_innermost_sequence_first_module(tmp_path):
         pass
     assert caught.value.path == f"{ENCODER}:encoder.layers.0"
     assert world.routes_open == 0
+
+
+def test_a_layer_that_transposes_around_a_default_attention_runs_a_mixed_batch(tmp_path):
+    """A custom layer (DETR, fairseq style) transposes around an nn.MultiheadAttention left at its
+    default batch_first=False while its own fc1/fc2 get the batch first. Its self_attn says nothing of
+    their layout, yet any module's self_attn marked it sequence-first and the mixed batch was refused."""
+    from torch import nn
+
+    from lwformat import LightConfig
+    from lwformat.bundle.read import Bundle
+    from lwformat.bundle.write import write_bundle
+    from lwformat.world import Block, World
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn = nn.MultiheadAttention(16, 2)  # batch_first=False, torch's default
+            self.fc1 = nn.Linear(16, 32)
+            self.fc2 = nn.Linear(32, 16)
+
+        def forward(self, x):  # x: (B, T, E)
+            t = x.transpose(0, 1)  # (T, B, E)
+            a = self.self_attn(t, t, t, need_weights=False)[0].transpose(0, 1)  # (B, T, E)
+            return x + self.fc2(torch.relu(self.fc1(x + a)))  # (B, T, E)
+
+    def layer_world():
+        torch.manual_seed(0)
+        return World.from_blocks({ENCODER: Block(Layer(), "conditioner")})
+
+    bundles = {}
+    for seed, name in enumerate(["author/a", "author/b"]):
+        trained = layer_world()
+        torch.manual_seed(10 + seed)
+        trained.customize(LightConfig(rank=2, slots=["fc1", "fc2"]))
+        with torch.no_grad():
+            for p in trained.adapter_parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+        write_bundle(trained, tmp_path / str(seed), name=name, version="1.0.0")
+        bundles[name] = Bundle.open(tmp_path / str(seed))
+    world = layer_world()
+    for bundle in bundles.values():
+        world.apply(bundle)
+    picks = ["author/a", None, "author/b"]
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(0))  # (B, T, E)
+    with torch.no_grad():
+        with world.routed(picks):
+            mixed = world.block(ENCODER).module(x)  # (B, T, E)
+        for i, name in enumerate(picks):
+            alone = layer_world()
+            if name is not None:
+                alone.apply(bundles[name])
+            expected = alone.block(ENCODER).module(x[i : i + 1])  # (1, T, E)
+            torch.testing.assert_close(mixed[i], expected[0], rtol=1e-5, atol=1e-5)
