@@ -10,7 +10,8 @@ or bias another layer also uses (an LM head sharing its embedding, within a bloc
 across blocks) stays live: fusing there would leak the delta into the other layer, and
 the other layer's own delta would be computed from an already fused base. Uses are seen
 by Parameter identity and by memory: distinct Parameters whose bytes overlap (one made
-from the other's `.detach()` or a view of it) share a weight as much as one Parameter does.
+from the other's `.detach()` or a view of it, or two storages over the same memory) share
+a weight as much as one Parameter does.
 """
 
 from __future__ import annotations
@@ -44,26 +45,28 @@ def shared_parameters(world: World) -> set[int]:
 
 
 def overlapping(tensors: Iterable[torch.Tensor]) -> set[int]:
-    """Ids of the tensors whose bytes overlap another's (same storage, intersecting byte ranges).
+    """Ids of the tensors whose bytes overlap another's (same device, intersecting byte ranges).
 
-    Sorted by start within each storage, a tensor overlaps an earlier one exactly when it
-    starts before the furthest end so far; that end's owner overlaps it too. Ranges are
-    spans, so views that interleave (every other column each) count as overlapping: kept
-    live, which is safe, where fusing might have been.
+    Ranges are absolute addresses, not per storage: two storages can wrap the same memory
+    (torch.from_numpy of an array and of a view of it, frombuffer, DLPack), and their tensors
+    share bytes all the same. Sorted by start within each device, a tensor overlaps an
+    earlier one exactly when it starts before the furthest end so far; that end's owner
+    overlaps it too. Ranges are spans, so views that interleave (every other column each)
+    count as overlapping: kept live, which is safe, where fusing might have been.
     """
     spans = []
     for t in tensors:
         if t.numel() == 0 or t.device.type == "meta":  # no bytes to share
             continue
-        start = t.data_ptr()  # the storage's address plus the tensor's offset, in bytes
+        start = t.data_ptr()  # its lowest element's address, in bytes: torch strides are never negative
         extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))  # elements spanned
-        spans.append((str(t.device), t.untyped_storage().data_ptr(), start, start + extent * t.element_size(), id(t)))
+        spans.append((str(t.device), start, start + extent * t.element_size(), id(t)))
     spans.sort()
     out: set[int] = set()
-    storage, end, owner = None, 0, 0
-    for device, memory, start, stop, i in spans:
-        if (device, memory) != storage:
-            storage, end, owner = (device, memory), stop, i
+    space, end, owner = None, 0, 0
+    for device, start, stop, i in spans:
+        if device != space:  # one address space per device
+            space, end, owner = device, stop, i
             continue
         if start < end:
             out.update((i, owner))
