@@ -12,15 +12,18 @@ is gets new times (`os.utime` can set the mtime back, not the ctime).
 
 That memory vouches for the file's values only. Stored in a narrower dtype than the
 file's (a float32 bundle on a float16 base), a finite value may overflow to inf: each
-converted tensor's extremes are converted first (`check_fits`), every time, before
-anything is written. A tensor stored in its own dtype costs nothing there.
+converted tensor's extremes are converted first (`check_fits`), before anything is
+written. `check_fits_once` remembers a file that fit, with the dtypes its tensors went
+to, as the NaN/inf check does; a `Blend` is checked each time. A tensor stored in its
+own dtype costs nothing there.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import torch
@@ -115,14 +118,45 @@ def check_fits(bundle: Any, named: Iterable[tuple[str, torch.Tensor, torch.dtype
     tensors whose dtype narrows. NaN or inf in the bundle itself is left to `check_storage`
     and `check_bundle`, which name it as such.
     """
-    for where, t, dtype in named:
-        if t.dtype == dtype or not (dtype.is_floating_point and t.is_floating_point()) or not t.numel():
-            continue
-        if _widens(t.dtype, dtype):
-            continue
+    for where, t, dtype in _narrowing(named):
         lo, hi = torch.aminmax(t if t.element_size() > 1 else t.float())  # () each; float8 is not reduced
         for extreme in (hi, lo):
             if extreme.isfinite() and not extreme.to(dtype).isfinite():
                 m, name = bundle.manifest, str(dtype).removeprefix("torch.")
                 raise LayoutError(f"{m.name}@{m.version}: value {extreme.item():g} at {where} overflows {name}, the dtype "
                                   "this world stores that slot's adapters in (its base layer's); the world is unchanged", path=where)  # fmt: skip
+
+
+def _narrowing(named: Iterable[tuple[str, torch.Tensor, torch.dtype]]) -> Iterable[tuple[str, torch.Tensor, torch.dtype]]:
+    """The entries of `named` whose conversion may overflow: floating into a narrower floating dtype."""
+    for where, t, dtype in named:
+        if t.dtype != dtype and dtype.is_floating_point and t.is_floating_point() and t.numel() and not _widens(t.dtype, dtype):
+            yield where, t, dtype
+
+
+def check_fits_once(bundle: Any, named: Callable[[], Iterable[tuple[str, torch.Tensor, torch.dtype]]],
+                    scope: Hashable = None) -> None:  # fmt: skip
+    """`check_fits` over ``named()``, skipped for a weights file that fit before into the same
+    dtypes: a repeated apply or swap of it costs a `stat`. A `Blend` (no file) is checked each time.
+
+    Call it once the bundle is mapped, so that the identity is that of the bytes checked.
+    `scope` says which tensors go to which dtype, where the caller knows it without `named`
+    (`copy_runs`: each narrowed dtype run and its target; `named` is then not called for a file
+    that passed); by default it is the narrowing tensors' names and dtypes, digested, so that
+    the same file into other dtypes is checked again.
+    """
+    identity = file_identity(bundle)
+    if identity is None:
+        check_fits(bundle, named())
+        return
+    entries = None
+    if scope is None:
+        entries = list(_narrowing(named()))  # names and dtypes only: no value is read yet
+        if not entries:  # nothing converts narrower: nothing to check or remember
+            return
+        lines = "\n".join(f"{where} {t.dtype} {dtype}" for where, t, dtype in entries)
+        scope = hashlib.sha256(lines.encode()).digest()  # fixed-size, however many slots
+    key = (identity, scope)
+    if not passed(key):
+        check_fits(bundle, named() if entries is None else entries)
+        remember(key)

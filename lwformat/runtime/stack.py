@@ -128,9 +128,10 @@ def _attached(applied: Applied) -> None:
 
 def _fill_slots(bundle: Any, slots: list[ResolvedSlot], targets: dict[str, dict[str, torch.Tensor]]) -> None:
     """Copy each slot's tensors into `targets` ({slot: {tensor name: view into the storage}}),
-    converting to the storage's dtype, which must hold every value: checked before the first copy."""
-    sources = {rs.slot: bundle.slot_tensors(rs.entry.slot) for rs in slots}
-    finiteness.check_fits(bundle, ((f"{slot}:{n}", sources[slot][n], t.dtype) for slot, ts in targets.items() for n, t in ts.items()))
+    converting to the storage's dtype, which must hold every value: checked before the first copy,
+    once per file and target dtypes."""
+    sources = {rs.slot: bundle.slot_tensors(rs.entry.slot) for rs in slots}  # mapped: the identity is of these bytes
+    finiteness.check_fits_once(bundle, lambda: ((f"{slot}:{n}", sources[slot][n], t.dtype) for slot, ts in targets.items() for n, t in ts.items()))
     for slot, ts in targets.items():
         for tensor_name, target in ts.items():
             fill(target, sources[slot][tensor_name], tensor_name)

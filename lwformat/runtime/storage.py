@@ -247,11 +247,9 @@ def copy_runs(buffers: dict, bundle, *, read: bool = False) -> None:
     if narrowed:  # before the first write: a float32 value past float16's range would be stored as inf
         targets = {name: dtype for (dtype, _), name in names.items()}
         # Once per file and target dtypes, as the NaN/inf check is: each swap back to it skips the pass.
-        identity = (bundle.weights_identity(), tuple(sorted((n, str(targets[n])) for n in narrowed)))
-        if not finiteness.passed(identity):
-            finiteness.check_fits(bundle, ((f"{s.slot}:{s.name}", t, targets[s.dtype]) for s, t in bundle.span_tensors()
-                                           if s.dtype in narrowed))  # fmt: skip
-            finiteness.remember(identity)
+        scope = tuple(sorted((n, str(targets[n])) for n in narrowed))  # a whole run goes to one dtype
+        finiteness.check_fits_once(bundle, lambda: ((f"{s.slot}:{s.name}", t, targets[s.dtype]) for s, t in bundle.span_tensors()
+                                                    if s.dtype in narrowed), scope)  # fmt: skip
     for key, buffer in buffers.items():
         buffer.copy_(runs[names[key]])  # (n,) from (n,), converted when the dtypes differ
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from lwformat import World
 from lwformat.bundle.check import Outcome, check
@@ -187,3 +188,39 @@ def test_casting_again_keeps_what_the_world_was_first_cast_from(bundles, saved):
     assert world.cast_record.blocks[LM][1] == World.load(saved).digest(LM)
     report = check(bundles["noir"], world, strict=True)
     assert report.ok and report.blocks[0].detail == "a float16 cast of the bound block"
+
+
+class _CountAminmax(TorchFunctionMode):
+    """Counts torch.aminmax calls: the pass `check_fits` makes over each converted tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.aminmax
+        return func(*args, **(kwargs or {}))
+
+
+def _fit_passes(world, bundle) -> int:
+    """The aminmax passes of one padded (so, tensor by tensor) apply of `bundle`, then removed."""
+    with _CountAminmax() as count:
+        world.apply(bundle, reserve_rank=8)
+    world.remove(bundle.manifest.name)
+    return count.calls
+
+
+def test_a_padded_apply_checks_a_files_fit_into_the_cast_dtype_once(saved, tmp_path):
+    """The slow fill checked every converted tensor's extremes on every apply, even of a file
+    that had passed, which the NaN/inf check remembers. Once per file and target dtypes now;
+    a Blend, which has no file, each time."""
+    from lwformat import blend
+    from tests.lwformat.runtime.conftest import make_bundle
+
+    bundle = make_bundle(tmp_path, 7)  # float32, new to this process
+    world = World.load(saved, dtype=torch.float16)
+    assert _fit_passes(world, bundle) > 0
+    assert _fit_passes(world, bundle) == 0  # the same file into the same dtypes: a stat
+    assert _fit_passes(World.load(saved, dtype=torch.bfloat16), bundle) > 0  # other dtypes: checked again
+    blended = blend([(bundle, 1.0)], name="author/noir")
+    assert _fit_passes(world, blended) > 0 and _fit_passes(world, blended) > 0
