@@ -45,6 +45,7 @@ from ..semver import is_prerelease, is_valid, newer
 from .download import Fetcher, FileJob, verify_file
 
 if TYPE_CHECKING:
+    from ..trust import TrustStore
     from .api import Client
 
 
@@ -79,13 +80,13 @@ def check_rollback(client: Client, full: str, want: str, version: str, allow: bo
 MAX_TOFU_KEYS = 32  # keys a registry may list for one owner when trusting it on first use
 
 
-def how_to_pin(client: Client, owner: str) -> str:
-    """How to pin a key where this client looks: `lwhub trust add` pins into the default trust store only."""
+def how_to_pin(trust: TrustStore, owner: str) -> str:
+    """How to pin a key in `trust`: `lwhub trust add` pins into the default trust store only."""
     from .settings import trust_dir
 
-    if os.path.realpath(client.trust.root) == os.path.realpath(trust_dir()):
+    if os.path.realpath(trust.root) == os.path.realpath(trust_dir()):
         return f"`lwhub trust add {owner} KEY.pub`"
-    return f"client.trust.pin({owner!r}, 'KEY.pub'): this client's trust store is {client.trust.root}, not {trust_dir()}"
+    return f"client.trust.pin({owner!r}, 'KEY.pub'): this client's trust store is {trust.root}, not {trust_dir()}"
 
 
 def _trusted_keys(client: Client, owner: str, tofu: bool) -> tuple[list, bool]:
@@ -95,7 +96,7 @@ def _trusted_keys(client: Client, owner: str, tofu: bool) -> tuple[list, bool]:
         if not keys:
             raise TrustError(
                 f"no publisher key is pinned for {owner!r} in {client.trust.root}: pin the owner's public key "
-                f"({how_to_pin(client, owner)}), or pull with --tofu (tofu=True) to trust the registry's keys on first use",
+                f"({how_to_pin(client.trust, owner)}), or pull with --tofu (tofu=True) to trust the registry's keys on first use",
                 owner=owner,
             )  # fmt: skip
         return keys, False
@@ -105,7 +106,7 @@ def _trusted_keys(client: Client, owner: str, tofu: bool) -> tuple[list, bool]:
     for key in client.pages(f"{API}/owners/{owner}/keys", KeyInfo):
         if len(listed) == MAX_TOFU_KEYS:
             raise TrustError(f"the registry lists more than {MAX_TOFU_KEYS} keys for {owner!r}: pin the right one yourself "
-                             f"({how_to_pin(client, owner)})", owner=owner)  # fmt: skip
+                             f"({how_to_pin(client.trust, owner)})", owner=owner)  # fmt: skip
         try:
             listed.append(loads_public_key(key.pem.encode()))
         except LWFormatError as exc:
@@ -114,12 +115,13 @@ def _trusted_keys(client: Client, owner: str, tofu: bool) -> tuple[list, bool]:
 
 
 def check_signature(signature: bytes, manifest_bytes: bytes, manifest: Manifest, keys: list, owner: str,
-                    listed: bool = False, pin: str = "`lwhub trust add`") -> bool:  # fmt: skip
+                    trust: TrustStore, listed: bool = False) -> bool:  # fmt: skip
     """Verify the envelope and what it lists against the manifest, before any large download.
 
     True when that settles the files too; False when the signature's shards are not the
     manifest's chunks, and the files' shards are checked once downloaded
-    (`lwformat.bundle.signing.check_against_manifest`). `pin` says how a new key is pinned.
+    (`lwformat.bundle.signing.check_against_manifest`). `trust` is the store `keys` came
+    from: a refusal says how to pin a new key there.
     """
     full = f"{manifest.name}@{manifest.version}"
     try:
@@ -129,7 +131,7 @@ def check_signature(signature: bytes, manifest_bytes: bytes, manifest: Manifest,
             raise TrustError(f"{full}: signed by none of the keys the registry lists for {owner!r} ({exc}); nothing was "
                              f"pinned", owner=owner) from exc  # fmt: skip
         raise TrustError(f"{full}: signed by none of the keys pinned for {owner!r} ({exc}); if {owner} has a new key, "
-                         f"check it with them, then pin it ({pin})", owner=owner) from exc
+                         f"check it with them, then pin it ({how_to_pin(trust, owner)})", owner=owner) from exc
     except SignedFileMismatchError as exc:
         raise IntegrityError(f"{full}: the signature does not match the manifest: {exc}", path=exc.path,
                              expected=str(exc.expected), found=str(exc.found)) from exc  # fmt: skip
@@ -237,8 +239,7 @@ def pull(client: Client, ref: str, *, tofu: bool = False, allow_rollback: bool =
     materials = _materials(client, info, mhex, shex, sent)
     manifest = _manifest(materials[0], info)
     keys, on_first_use = _trusted_keys(client, owner, tofu)
-    settled = check_signature(materials[1], materials[0], manifest, keys, owner, on_first_use,
-                              how_to_pin(client, owner))  # before any large download
+    settled = check_signature(materials[1], materials[0], manifest, keys, owner, client.trust, on_first_use)  # before any large download
     folder = _install(client, info, mhex, materials, _jobs(manifest), progress)
     if not settled:
         try:

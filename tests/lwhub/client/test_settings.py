@@ -10,7 +10,8 @@ import lwhub
 from lwhub import cli
 from lwhub.cli_config import save_config
 from lwhub.client import Client, from_env
-from lwhub.errors import TrustError, UsageError
+from lwhub.errors import RollbackError, TrustError, UsageError
+from lwhub.trust import TrustStore
 
 OTHER = "http://127.0.0.1:9"  # the discard port: a client is made, never used
 
@@ -72,3 +73,16 @@ def test_a_trust_error_says_where_the_client_looked_and_how_to_pin_there(home, h
 def test_a_client_without_a_url_points_at_from_env(home):
     with pytest.raises(UsageError, match=r"lwhub\.from_env\(\)"):
         Client()
+
+
+def test_a_signature_by_a_new_key_says_how_to_pin_in_the_clients_own_store(home, hub, tmp_path, make_bundle, other_keys):
+    hub.client(tmp_path / "publisher").push(make_bundle(tmp_path / "b", "alice/rekeyed", "1.0.0", hub.private, features=32, rank=4))
+    TrustStore(home / "trust").pin("alice", other_keys[1])  # a key pinned, but not the one that signed
+    with pytest.raises(TrustError, match="signed by none of the keys pinned") as default:
+        Client(hub.url, cache_dir=tmp_path / "c").pull("alice/rekeyed")
+    assert "lwhub trust add alice KEY.pub" in str(default.value)
+    own = TrustStore(tmp_path / "own-trust")
+    own.pin("alice", other_keys[1])
+    with pytest.raises(TrustError, match=r"signed by none.*client\.trust\.pin\('alice', 'KEY\.pub'\)") as given:
+        Client(hub.url, cache_dir=tmp_path / "c", trust=own).pull("alice/rekeyed")
+    assert "lwhub trust add" not in str(given.value) and str(own.root) in str(given.value)
