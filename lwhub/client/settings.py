@@ -68,17 +68,11 @@ def resolve(**given: str | os.PathLike | None) -> tuple[dict[str, Any], str | No
     The saved token belongs to the saved registry: pointed at another one (by a keyword or
     LWHUB_URL), the client goes without it, so a login never reaches a second hub.
     """
-    saved, chosen, from_file = load_config(), {}, set()
-    for key, env in ENVIRONMENT.items():
-        if given.get(key):
-            chosen[key] = given[key]
-        elif os.environ.get(env):
-            chosen[key] = os.environ[env]
-        elif saved.get(key):
-            chosen[key] = saved[key]
-            from_file.add(key)
-        else:
-            chosen[key] = None
+    chosen = {key: given.get(key) or os.environ.get(env) or None for key, env in ENVIRONMENT.items()}
+    # Read only when needed: a damaged saved login must not stop a client the environment sets up whole.
+    saved = load_config() if None in chosen.values() else {}
+    from_file = {key for key, value in chosen.items() if value is None and saved.get(key)}
+    chosen |= {key: saved[key] for key in from_file}
     chosen["url"] = chosen["url"] or DEFAULT_URL
     if "token" in from_file and not _same_hub(chosen["url"], saved.get("url")):
         chosen["token"] = None

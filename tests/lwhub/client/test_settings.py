@@ -75,6 +75,19 @@ def test_a_client_without_a_url_points_at_from_env(home):
         Client()
 
 
+def test_a_damaged_saved_login_is_not_read_when_the_environment_gives_everything(home, monkeypatch):
+    home.mkdir()
+    (home / "config.json").write_text("{not json")
+    monkeypatch.setenv("LWHUB_URL", OTHER)
+    monkeypatch.setenv("LWHUB_TOKEN", "lwh_fromenv")
+    with from_env() as client:  # LWHUB_CACHE too, from the fixture
+        assert (client.url, client.token) == (OTHER, "lwh_fromenv")
+    monkeypatch.delenv("LWHUB_TOKEN")  # now the saved login is needed: its damage is said
+    with pytest.raises(UsageError, match="not a JSON settings file") as caught:
+        from_env()
+    assert caught.value.path == str(home / "config.json")
+
+
 def test_a_signature_by_a_new_key_says_how_to_pin_in_the_clients_own_store(home, hub, tmp_path, make_bundle, other_keys):
     hub.client(tmp_path / "publisher").push(make_bundle(tmp_path / "b", "alice/rekeyed", "1.0.0", hub.private, features=32, rank=4))
     TrustStore(home / "trust").pin("alice", other_keys[1])  # a key pinned, but not the one that signed
