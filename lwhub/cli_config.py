@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .client.settings import ENVIRONMENT, config_path, resolve
+from .client.settings import ENVIRONMENT, config_path, resolve, trust_dir
 
 
 def save_config(settings: dict[str, Any]) -> Path:
@@ -46,4 +46,5 @@ def hub_client(args: argparse.Namespace, **overrides: Any):
     if withheld and not overrides.get("offline"):  # requests will go out without the login: say why
         print(f"lwhub: note: the saved login is for {withheld}, not sent to {chosen['url']} "
               f"(`lwhub login --url {chosen['url']}` saves one for it)", file=sys.stderr)  # fmt: skip
+    overrides.setdefault("trust", trust_dir())  # the command's own store, never one a cache holds
     return Client(chosen.pop("url"), **chosen, **overrides)

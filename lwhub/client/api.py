@@ -75,7 +75,8 @@ class Client:
 
     ``trust`` (pinned keys and seen versions: a `TrustStore` or its directory) defaults to the
     one the `lwhub` command uses, ``$LWHUB_HOME/trust`` (`settings.trust_dir`), apart from the
-    cache: clearing a cache never drops a pin nor resets rollback protection. ``streams``
+    cache: clearing a cache never drops a pin nor resets rollback protection (a store left in
+    ``<cache_dir>/trust``, where clients kept it before, stays in use with a warning). ``streams``
     is how many connections a pull uses at most, by default one per core up to four (each
     stream's receiving thread competes with the hashing for the cores).
 
@@ -91,7 +92,7 @@ class Client:
                  streams: int | None = None, timeout: float = 60.0, min_speed: float = MIN_SPEED,
                  speed_time: float = SPEED_TIME) -> None:  # fmt: skip
         # settings.py builds clients, so it is imported here, not at the top.
-        from .settings import trust_dir
+        from .settings import default_trust_root
 
         if url is None and not offline:  # a login is read only when asked for: lwhub.from_env()
             raise UsageError("a registry URL is needed: Client(url), or lwhub.from_env() for LWHUB_URL or the "
@@ -109,7 +110,7 @@ class Client:
         self.hashers = max(2, os.cpu_count() or 2)
         self.min_speed, self.speed_time = min_speed, speed_time
         self.cache = Cache(cache_dir if cache_dir is not None else default_cache_dir())
-        self.trust = trust if isinstance(trust, TrustStore) else TrustStore(trust_dir() if trust is None else trust)
+        self.trust = trust if isinstance(trust, TrustStore) else TrustStore(default_trust_root(self.cache.root) if trust is None else trust)
         self._own_http = http is None
         limits = httpx.Limits(max_connections=max(8, 2 * self.streams), max_keepalive_connections=max(8, 2 * self.streams))
         # TLS set-up waits for the first https connection (a plain-HTTP registry never pays for it).

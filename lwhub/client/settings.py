@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,39 @@ def trust_dir() -> Path:
     kept with the settings, apart from the cache (clearing the cache never drops a pin nor
     resets rollback protection)."""
     return config_home() / "trust"
+
+
+def default_trust_root(cache_root: Path) -> Path:
+    """The trust store of a `Client` given none: `trust_dir`, unless ``<cache_root>/trust``
+    holds a store, where clients kept theirs before. That one stays in use, with a warning:
+    dropping it would lose the pins (pulls refused) and the versions seen (rollbacks
+    accepted, without a word)."""
+    home, legacy = trust_dir(), Path(cache_root) / "trust"
+    if not _holds_files(legacy) or _same_dir(legacy, home):
+        return home
+    warnings.warn(
+        f"the trust store in the cache, {legacy}, holds pinned keys or versions seen; this client keeps using it, not "
+        f"{home} (where clients given no trust= now keep theirs, with the `lwhub` command's). To keep it, pass "
+        f"trust={str(legacy)!r}; to share the command's, move it to {home}, or when that one exists copy its owner "
+        f"folders' files into it (pins and seen markers merge file by file), then remove {legacy}",
+        UserWarning,
+        stacklevel=3,  # the caller's Client(...)
+    )  # fmt: skip
+    return legacy
+
+
+def _holds_files(folder: Path) -> bool:
+    try:
+        return folder.is_dir() and any(folder.iterdir())
+    except OSError:  # there but unreadable: kept, so that pulls fail as they did, closed
+        return True
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)  # a link or a mount naming the same store
+    except OSError:  # `b` is not there yet
+        return False
 
 
 def config_path() -> Path:
@@ -89,8 +123,11 @@ def from_env(**overrides: Any) -> Client:
     the keyword, else LWHUB_URL / LWHUB_TOKEN / LWHUB_CACHE, else the saved login (`lwhub
     login`), else the default; other keywords go to `Client` as they are.
 
-    Pinned keys and seen versions live in `trust_dir` (``<config home>/trust``), as for
-    every `Client` not given ``trust=``.
+    Pinned keys and seen versions live in `trust_dir` (``<config home>/trust``) unless
+    ``trust=`` is given, as for the command (never in a store the cache holds: see
+    `default_trust_root`).
     """
     chosen, _ = resolve(**{key: overrides.pop(key, None) for key in ENVIRONMENT})
+    if overrides.get("trust") is None:
+        overrides["trust"] = trust_dir()
     return Client(chosen.pop("url"), **chosen, **overrides)

@@ -75,6 +75,48 @@ def test_a_client_without_a_url_points_at_from_env(home):
         Client()
 
 
+def test_a_trust_store_left_in_the_cache_stays_in_use_with_a_warning(home, hub, tmp_path, make_bundle):
+    """Clients given no trust= kept it in <cache_dir>/trust: its versions seen still refuse a rollback."""
+    publisher = hub.client(tmp_path / "publisher")
+    for version in ("1.0.0", "1.1.0"):
+        publisher.push(make_bundle(tmp_path / version, "alice/kept", version, hub.private, features=32, rank=4))
+    cache = tmp_path / "old-cache"
+    with Client(hub.url, cache_dir=cache, trust=cache / "trust") as before:  # where the default used to be
+        before.trust.pin("alice", hub.public)
+        assert before.pull("alice/kept").is_dir() and before.trust.highest_seen("alice/kept") == "1.1.0"
+    publisher.yank("alice/kept@1.1.0")  # "latest" now resolves to 1.0.0
+    with pytest.warns(UserWarning) as said, Client(hub.url, cache_dir=cache) as client:
+        assert client.trust.root == cache / "trust"
+        with pytest.raises(RollbackError):
+            client.pull("alice/kept")
+    assert len(said) == 1  # once per client, not per pull
+    message = str(said[0].message)
+    assert str(cache / "trust") in message and str(home / "trust") in message
+    assert f"trust={str(cache / 'trust')!r}" in message and "move it to" in message
+    assert said[0].filename == __file__  # it points at the Client(...) line
+
+
+def test_the_default_trust_store_is_used_without_a_word_when_the_cache_holds_none(home, hub, tmp_path, recwarn):
+    (tmp_path / "empty-cache" / "trust").mkdir(parents=True)  # an empty store is no store
+    assert Client(hub.url, cache_dir=tmp_path / "empty-cache").trust.root == home / "trust"
+    (home / "trust" / "alice").mkdir(parents=True)
+    (home / "trust" / "alice" / "kept@1.0.0.seen").touch()
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "trust").symlink_to(home / "trust")  # the cache's store is the home one
+    assert Client(hub.url, cache_dir=tmp_path / "linked").trust.root == home / "trust"
+    assert not [w for w in recwarn if w.category is UserWarning]
+
+
+def test_the_command_and_from_env_keep_the_home_trust_store_whatever_the_cache_holds(home, hub, tmp_path, make_bundle, recwarn):
+    hub.client(tmp_path / "publisher").push(make_bundle(tmp_path / "b", "alice/by-command", "1.0.0", hub.private, features=32, rank=4))
+    TrustStore(tmp_path / "cache" / "trust").mark_seen("alice/other", "1.0.0")  # LWHUB_CACHE's, from a Client of old
+    assert cli.main(["trust", "add", "alice", str(hub.public)]) == 0
+    assert cli.main(["pull", "--url", hub.url, "alice/by-command"]) == 0  # the pin it added, not the cache's store
+    with from_env() as client:
+        assert client.trust.root == home / "trust"
+    assert not [w for w in recwarn if w.category is UserWarning]
+
+
 def test_a_damaged_saved_login_is_not_read_when_the_environment_gives_everything(home, monkeypatch):
     home.mkdir()
     (home / "config.json").write_text("{not json")
