@@ -156,8 +156,8 @@ def _cast_hint(world: World, path: str) -> str:
         source = cast_source(world, path)
         if source is not None:  # untouched: the bundle was made for another base
             return f"; the block is a {record.dtype_name} cast of {source}, another block than the bound one"
-        return (f"; the block was written, replaced or moved since world.cast({record.dtype_name}) (unfuse writes "
-                "back too), so its own digest counts (move a world before casting it, or World.load(dir, dtype=..., "
+        return (f"; the block was written, replaced or moved since world.cast({record.dtype_name}) (a write "
+                "while fused counts too), so its own digest counts (move a world before casting it, or World.load(dir, dtype=..., "
                 "device=...))")  # fmt: skip
     module = world.block(path).module
     cast = sorted({str(p.dtype).removeprefix("torch.") for p in module.parameters() if p.is_floating_point() and p.dtype != torch.float32})

@@ -16,6 +16,7 @@ a weight as much as one Parameter does.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,7 @@ from ..adapters.host import AdapterHost
 from ..adapters.layers import base_bias
 from ..adapters.plan import iter_hosts
 from ..errors import FusedError
+from ..world.digest import block_fingerprint, carry_records, held_records
 from .mixed import not_routed
 
 if TYPE_CHECKING:
@@ -110,6 +112,7 @@ def fuse(world: World) -> list[str]:
             continue
         hosts[slot] = host
         saved[slot] = (weight.clone(), None if bias is None else bias.clone())
+    held = held_records(world, {slot.partition(":")[0] for slot in hosts})
     written = []
     try:
         for slot, host in hosts.items():
@@ -123,7 +126,10 @@ def fuse(world: World) -> list[str]:
     except BaseException:
         _restore(hosts, saved, written)
         world.fused_state = None
+        carry_records(world, held)  # restored bit-exactly, nothing else written
         raise
+    # What unfuse carries over, if the blocks are then exactly as fuse left them.
+    _HELD[world] = {path: (block_fingerprint(world.block(path).module), hits) for path, hits in held.items()}
     return live
 
 
@@ -142,5 +148,14 @@ def unfuse(world: World) -> None:
     if world.fused_state is None:
         raise FusedError("the world is not fused")
     hosts = {slot: host for slot, host in iter_hosts(world) if slot in world.fused_state}  # the others were kept live
+    marks = _HELD.pop(world, {})
+    # A block written since fuse (beyond fuse's own writes) is judged by its content again.
+    intact = {path: hits for path, (key, hits) in marks.items() if block_fingerprint(world.block(path).module) == key}
     _restore(hosts, world.fused_state, list(hosts))
     world.fused_state = None
+    # The digests (and a cast world's sources) from before fuse hold again: no hashing after an
+    # unfuse, and a cast world keeps taking bundles bound to what it was cast from.
+    carry_records(world, intact)
+
+
+_HELD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # world -> what `fuse` found holding, for `unfuse`

@@ -235,6 +235,26 @@ def seed_cache(world: World, blocks: dict[str, str]) -> None:
             world._digest_cache[path] = (_fingerprint(_walk_base(block.module)), blocks[path], None)
 
 
+def held_records(world: World, paths) -> dict[str, list[tuple[dict, str]]]:
+    """For each block of `paths`, the per-block records that hold now (the digest cache, the
+    cast record) with what they say: what `carry_records` puts back after a bit-exact restore."""
+    records = [world._digest_cache] + ([world.cast_record.blocks] if world.cast_record is not None else [])
+    held = {}
+    for path in paths:
+        if hits := [(r, said) for r in records if (said := untouched(r, world, path)) is not None]:
+            held[path] = hits
+    return held
+
+
+def carry_records(world: World, held: dict[str, list[tuple[dict, str]]]) -> None:
+    """Record again what `held` said, for blocks just restored bit-exactly to the content they had
+    when it was taken (`fuse` then `unfuse`): the restore bumped their tensors' version counters."""
+    for path, hits in held.items():
+        key = _fingerprint(_walk_base(world.block(path).module))
+        for records, said in hits:
+            records[path] = (key, said, None)
+
+
 def follow_move(records: dict[str, Any], world: World) -> None:
     """Fingerprint `records` (``path -> (fingerprint, digest, seats)``) again after the caller moved
     every block to another device: same content, other storage. Only right after such a move."""

@@ -313,8 +313,8 @@ class World(nn.Module):
         them), yet a bundle bound to the blocks as they were still applies, and swaps, while each
         block is untouched since the cast; a block written, replaced or moved since is judged by
         its own digest: move the world to its device first (or ``World.load(dir, dtype=...,
-        device=...)``), and know that `unfuse` writes the weights back, after which the world
-        takes bundles bound to its cast digests only. Refused, with nothing changed, while the
+        device=...)``). `fuse` then `unfuse` keeps it (the restore is bit-exact), unless the
+        block was written while fused. Refused, with nothing changed, while the
         world is customized, carries applied bundles or is fused. The digests it was cast from
         come from the digest cache (`load` fills it) or are computed once. `save` writes the
         cast weights and their own digests, not where they came from: a saved cast world binds

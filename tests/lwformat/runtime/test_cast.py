@@ -224,3 +224,25 @@ def test_a_padded_apply_checks_a_files_fit_into_the_cast_dtype_once(saved, tmp_p
     assert _fit_passes(World.load(saved, dtype=torch.bfloat16), bundle) > 0  # other dtypes: checked again
     blended = blend([(bundle, 1.0)], name="author/noir")
     assert _fit_passes(world, blended) > 0 and _fit_passes(world, blended) > 0
+
+
+def test_fuse_then_unfuse_keeps_a_cast_world_taking_float32_bundles(bundles, cast_world):
+    """unfuse's bit-exact restore bumped the version counters: the cast record no longer held,
+    and the world refused the bundles bound to what it was cast from."""
+    applied = cast_world.apply(bundles["noir"], weight=0.5)
+    cast_world.fuse()
+    cast_world.unfuse()
+    cast_world.swap("author/noir", bundles["noir2"])
+    assert applied.bound  # the fast path: the base check passed without hashing
+    cast_world.apply(bundles["rain"], weight=0.3)
+    assert LM not in cast_world._digest_cache  # never hashed: its source was compared
+
+
+def test_a_block_written_while_fused_is_judged_by_its_content_after_unfuse(bundles, cast_world):
+    cast_world.apply(bundles["noir"], weight=0.5)
+    cast_world.fuse()
+    with torch.no_grad():
+        cast_world.block(LM).module.ln_f.weight.add_(1)  # not a fused layer: unfuse does not restore it
+    cast_world.unfuse()
+    with pytest.raises(IncompatibleError, match="since world.cast"):
+        cast_world.apply(bundles["rain"])

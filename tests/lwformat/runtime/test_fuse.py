@@ -8,6 +8,7 @@ from lwformat.adapters.plan import iter_hosts
 from lwformat.bundle.read import Bundle
 from lwformat.bundle.write import write_bundle
 from lwformat.errors import FusedError
+from lwformat.world.digest import untouched_digest
 from tests.conftest import small_world
 from tests.lwformat.runtime.conftest import LM, tokens
 
@@ -187,3 +188,14 @@ def test_layers_sharing_a_weights_memory_through_distinct_parameters_stay_live(t
     world.unfuse()
     world.remove("author/tied")
     assert all(torch.equal(world.state_dict()[k], v) for k, v in weights.items())
+
+
+def test_unfuse_keeps_the_digests_known_before_fuse(world, bundles):
+    """The restore is bit-exact, yet it bumped the version counters, so the next apply hashed every fused block again."""
+    before = world.digests()
+    world.apply(bundles["noir"], weight=0.7)
+    world.fuse()
+    assert world.digests()[LM] != before[LM]  # fused: the weights hold the deltas
+    world.unfuse()
+    assert untouched_digest(world, LM) == before[LM]  # known again without hashing
+    world.verify()  # and true
