@@ -2,18 +2,18 @@
 
 from .config import LightConfig
 from .host import AdapterHost
-from .kinds import IA3, KINDS, Adapter, BiasDelta, DoRA, LoRA, NeuronDelta, SlotSettings
+from .kinds import KINDS, Adapter, BiasDelta, DoRA, IA3, LoRA, NeuronDelta, SlotSettings
 from .layers import Geometry, geometry
 from .plan import Plan, SlotPlan
 
 __all__ = [
-    "IA3",
-    "KINDS",
     "Adapter",
     "AdapterHost",
     "BiasDelta",
     "DoRA",
     "Geometry",
+    "IA3",
+    "KINDS",
     "LightConfig",
     "LoRA",
     "NeuronDelta",

@@ -9,4 +9,4 @@ from .neuron import NeuronDelta
 
 KINDS: dict[str, type[Adapter]] = {k.kind: k for k in (LoRA, DoRA, IA3, NeuronDelta, BiasDelta)}
 
-__all__ = ["IA3", "KINDS", "Adapter", "BiasDelta", "DoRA", "LoRA", "NeuronDelta", "SlotSettings"]
+__all__ = ["Adapter", "BiasDelta", "DoRA", "IA3", "KINDS", "LoRA", "NeuronDelta", "SlotSettings"]
