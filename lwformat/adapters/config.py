@@ -47,8 +47,11 @@ class LightConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_
     ``"qkv"`` and ``"attn.qkv"`` match ``blocks.0.attn.qkv``; one with ``*``, ``?`` or ``[``
     is an fnmatch glob over the whole module path (``*`` crosses dots: ``"*.attn.qkv"``), not a
     regex; ``"block glob:module pattern"`` limits a pattern to some blocks and names module
-    paths whole (``"author/**:head"``). A ``slots`` entry without wildcards must name layers the
-    kind can host wherever the block has such a module (else `UnsupportedLayerError`).
+    paths whole (``"author/**:head"``). A ``slots`` entry without wildcards that names a
+    module path exactly must name a layer the kind can host (else `UnsupportedLayerError`);
+    modules it reaches as a suffix are taken where they are slots the kind hosts, and the others
+    are listed in the plan's ``skipped`` (a layer of another kind) or left out (no slot). An
+    entry of any of these keys that selects nothing is an `UnmatchedPatternError`.
 
     ``rank_pattern`` / ``alpha_pattern``: ``{pattern: value}`` overriding rank and alpha per
     slot, the first matching key winning (keep the order: a catch-all ``"*"`` goes last).

@@ -26,7 +26,7 @@ from ..adapters.host import AdapterHost
 from ..adapters.layers import base_bias
 from ..adapters.plan import iter_hosts
 from ..errors import FusedError
-from ..world.digest import block_fingerprint, carry_records, held_records
+from ..world.digest import carry_records, held_records, holds, record
 from .mixed import not_routed
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ def fuse(world: World) -> list[str]:
         carry_records(world, held)  # restored bit-exactly, nothing else written
         raise
     # What unfuse carries over, if the blocks are then exactly as fuse left them.
-    _HELD[world] = {path: (block_fingerprint(world.block(path).module), hits) for path, hits in held.items()}
+    _HELD[world] = {path: (record(world.block(path).module, "fused"), hits) for path, hits in held.items()}
     return live
 
 
@@ -150,7 +150,7 @@ def unfuse(world: World) -> None:
     hosts = {slot: host for slot, host in iter_hosts(world) if slot in world.fused_state}  # the others were kept live
     marks = _HELD.pop(world, {})
     # A block written since fuse (beyond fuse's own writes) is judged by its content again.
-    intact = {path: hits for path, (key, hits) in marks.items() if block_fingerprint(world.block(path).module) == key}
+    intact = {path: hits for path, (mark, hits) in marks.items() if holds(mark, world.block(path).module)}
     _restore(hosts, world.fused_state, list(hosts))
     world.fused_state = None
     # The digests (and a cast world's sources) from before fuse hold again: no hashing after an

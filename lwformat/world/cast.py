@@ -4,7 +4,7 @@ A digest covers its tensors' dtype (spec, "Digests"), so a world cast to bfloat1
 other digests than the float32 world that bundles were trained on and bound to.
 `cast_world` converts every floating-point tensor of every block and records, for each
 block, the digest it had before (its *source*) with the fingerprint of its tensors right
-after (`digest.block_fingerprint`: the same tensor objects, addresses, versions, dtypes and
+after (`digest.record`: the same tensor objects, addresses, versions, dtypes, strides and
 shapes). While that fingerprint holds, the block is an untouched cast of its source, and
 the compatibility check accepts a bundle bound to the source without hashing the block.
 A block written, replaced or moved since is judged by its own digest again.
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import FusedError, RuntimeStateError, WorldError
-from .digest import block_fingerprint, cached_block_digest, root_of, untouched
+from .digest import cached_block_digest, holds, record, root_of, untouched
 
 if TYPE_CHECKING:
     from .tree import World
@@ -57,13 +57,12 @@ def cast_world(world: World, dtype: torch.dtype) -> None:
     blocks = world.blocks()
     sources = {path: cast_source(world, path) or cached_block_digest(world, path, block) for path, block in blocks.items()}
     replace_tensors(world, converted(blocks.values(), lambda t: dtype))  # every new tensor made before the first goes in
-    record = {}
+    records = {}
     for path, block in blocks.items():
-        key = block_fingerprint(block.module)
-        record[path] = (key, sources[path], None)
-        if path in world._digest_cache and world._digest_cache[path][0] != key:
+        records[path] = record(block.module, sources[path])
+        if path in world._digest_cache and not holds(world._digest_cache[path], block.module):
             del world._digest_cache[path]  # it names the tensors replaced (kept, `follow_move` would carry it over)
-    world.cast_record = CastRecord(dtype, record)
+    world.cast_record = CastRecord(dtype, records)
 
 
 def _castable(world: World, dtype: Any) -> None:
@@ -118,9 +117,7 @@ def cast_source(world: World, path: str) -> str | None:
     """The digest block `path` (canonical) was cast from, if it is an untouched cast; else None. A walk."""
     record = world.cast_record
     hit = None if record is None else record.blocks.get(path)
-    if hit is None or hit[0] != block_fingerprint(world.block(path).module):
-        return None
-    return hit[1]
+    return hit[1] if holds(hit, world.block(path).module) else None
 
 
 def untouched_source(world: World, path: str) -> str | None:

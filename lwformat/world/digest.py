@@ -136,12 +136,31 @@ def _fingerprint(seats: list[Seat]) -> tuple:
     another tensor on the same storage): ``World.digests(recompute=True)`` is for those.
     It is much cheaper than `base_tensors` (no names built), which matters on every apply.
     """
-    return tuple([(t.data_ptr(), t._version, t.dtype, t.shape) for _, _, _, t in seats])
+    return tuple([(t.data_ptr(), t._version, t.dtype, t.shape, t.stride()) for _, _, _, t in seats])
 
 
 def block_fingerprint(module: nn.Module) -> tuple:
     """`_fingerprint` of a block's base tensors: a walk, no hash."""
     return _fingerprint(_walk_base(module))
+
+
+def record(module: nn.Module, said: str) -> tuple:
+    """A per-block record, ``(fingerprint, what it says, seats)``: the block's tensors as they are
+    now, and each one held weakly, so that a new tensor at a freed one's address is not it."""
+    walked = _walk_base(module)
+    return _fingerprint(walked), said, _weakly(walked)
+
+
+def holds(hit: tuple | None, module: nn.Module) -> bool:
+    """Whether record `hit` still describes `module`'s tensors: a walk (modules replaced, added or
+    moved are seen), the same fingerprint, and the very tensor objects it recorded."""
+    if hit is None:
+        return False
+    key, _, seats = hit
+    walked = _walk_base(module)
+    if _fingerprint(walked) != key:
+        return False
+    return seats is None or all(ref() is t for (_, _, _, ref), (_, _, _, t) in zip(seats, walked))
 
 
 def _weakly(seats: list[Seat]) -> tuple:
@@ -172,10 +191,9 @@ def structure(world: World) -> dict[str, Any]:
 
 def cached_block_digest(world: World, path: str, block: nn.Module, *, recompute: bool = False) -> str:
     """One block's digest, from the world's cache unless one of its base tensors changed since."""
-    key = _fingerprint(_walk_base(block.module))
     hit = world._digest_cache.get(path)
-    if recompute or hit is None or hit[0] != key:
-        hit = (key, PREFIX + block_digest_raw(base_tensors(block.module), path).hex(), None)
+    if recompute or not holds(hit, block.module):
+        hit = record(block.module, PREFIX + block_digest_raw(base_tensors(block.module), path).hex())
         world._digest_cache[path] = hit
     return hit[1]
 
@@ -198,13 +216,13 @@ def untouched(records: dict[str, Any], world: World, path: str) -> str | None:
     if hit is None:
         return None
     key, digest, seats = hit
-    if seats is None:  # the first time since the full check: one more walk, then the seats are kept
-        walked = _walk_base(world.block(path).module)
-        if _fingerprint(walked) != key:
+    if seats is None:  # a record made without them: one walk, then the seats are kept
+        module = world.block(path).module
+        if not holds(hit, module):
             return None
-        records[path] = (key, digest, _weakly(walked))
+        records[path] = record(module, digest)
         return digest
-    for (owner_ref, is_param, name, tensor_ref), (ptr, version, dtype, shape) in zip(seats, key):
+    for (owner_ref, is_param, name, tensor_ref), (ptr, version, dtype, shape, _) in zip(seats, key):
         owner, t = owner_ref(), tensor_ref()
         if owner is None or t is None or (owner._parameters if is_param else owner._buffers).get(name) is not t:
             return None
@@ -232,7 +250,7 @@ def seed_cache(world: World, blocks: dict[str, str]) -> None:
     """Trust digests read from a checkpoint for the tensors just loaded from it."""
     for path, block in world.blocks().items():
         if path in blocks:
-            world._digest_cache[path] = (_fingerprint(_walk_base(block.module)), blocks[path], None)
+            world._digest_cache[path] = record(block.module, blocks[path])
 
 
 def held_records(world: World, paths) -> dict[str, list[tuple[dict, str]]]:
@@ -250,9 +268,9 @@ def carry_records(world: World, held: dict[str, list[tuple[dict, str]]]) -> None
     """Record again what `held` said, for blocks just restored bit-exactly to the content they had
     when it was taken (`fuse` then `unfuse`): the restore bumped their tensors' version counters."""
     for path, hits in held.items():
-        key = _fingerprint(_walk_base(world.block(path).module))
+        module = world.block(path).module
         for records, said in hits:
-            records[path] = (key, said, None)
+            records[path] = record(module, said)
 
 
 def follow_move(records: dict[str, Any], world: World) -> None:
@@ -260,7 +278,7 @@ def follow_move(records: dict[str, Any], world: World) -> None:
     every block to another device: same content, other storage. Only right after such a move."""
     blocks = world.blocks()
     for path, (_, digest, _) in list(records.items()):
-        records[path] = (_fingerprint(_walk_base(blocks[path].module)), digest, None)
+        records[path] = record(blocks[path].module, digest)
 
 
 def verify_world(world: World, expected: dict[str, str] | None = None) -> None:
@@ -275,7 +293,7 @@ def verify_world(world: World, expected: dict[str, str] | None = None) -> None:
     if expected is None:  # a block never hashed, or changed visibly, is what digests() would hash now: nothing to compare
         cache = world._digest_cache
         expected = {path: cache[path][1] for path, block in blocks.items()
-                    if path in cache and cache[path][0] == _fingerprint(_walk_base(block.module))}  # fmt: skip
+                    if path in cache and holds(cache[path], block.module)}  # fmt: skip
     for path, digest in expected.items():
         block = blocks.get(path)
         found = None if block is None else PREFIX + block_digest_raw(base_tensors(block.module), path).hex()

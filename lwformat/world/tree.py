@@ -273,10 +273,13 @@ class World(nn.Module):
         "Changes" as tensors record it: replaced, moved, or written in place through
         autograd's version counter. A write that bypasses it (through ``.data``, a NumPy
         view or another tensor sharing the storage) is not seen; after one,
-        ``recompute=True`` hashes every block again and keeps the new digests.
+        ``recompute=True`` hashes every block again and keeps the new digests, and forgets
+        what a `cast` world was cast from (that cannot be checked again).
         """
         from .digest import world_digests
 
+        if recompute:
+            self.cast_record = None
         return world_digests(self, recompute=recompute)["blocks"]
 
     def digest(self, path: str) -> str:

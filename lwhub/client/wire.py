@@ -212,10 +212,16 @@ def paced(http: httpx.Client, floor: float = MIN_SPEED, window: float = SPEED_TI
 
     httpx takes no network backend, so this sets one on the connection pools of the client's
     transports (proxies from the environment included): the one place lwhub reaches into
-    httpx's and httpcore's private attributes. A transport of another kind is left as it is.
+    httpx's and httpcore's private attributes. A transport of another kind is left as it is;
+    an httpx whose own transport no longer looks so is refused, rather than left unpaced
+    (pyproject keeps httpx below 1.0). HTTP/1.1 only: a request written resets the floor,
+    and HTTP/2 writes in mid-answer (lwhub never turns it on).
     """
-    for transport in (http._transport, *http._mounts.values()):
+    for transport in (getattr(http, "_transport", None), *getattr(http, "_mounts", {}).values()):
         pool = getattr(transport, "_pool", None)  # a ConnectionPool, HTTPProxy or SOCKSProxy
         if isinstance(backend := getattr(pool, "_network_backend", None), httpcore.NetworkBackend):
             pool._network_backend = _PacedBackend(backend, floor, window)
+        elif type(transport) is httpx.HTTPTransport:  # ours, yet not as this code knows it: say so
+            raise RuntimeError(f"httpx {httpx.__version__}: its transport has no connection pool where lwhub "
+                               "sets the speed floor; lwhub supports httpx 0.27 up to 1.0")  # fmt: skip
     return http

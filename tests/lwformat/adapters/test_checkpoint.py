@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 from lwformat import LightConfig
 from lwformat.adapters.checkpoint import adapter_tensors
 from lwformat.errors import BaseMismatchError, CheckpointError, TargetError
+from lwformat.zoo import reference_world
 from tests.conftest import small_world
 
 LLM = "author/narrate/text/llm"
@@ -140,23 +141,36 @@ def test_a_file_must_bind_every_block_it_adapts(tmp_path, bound):
 
 
 def test_a_checkpoint_written_before_suffix_names_loads_with_the_meaning_it_had(tmp_path):
-    """lwadapters/1 configs were read with exact names: there rank_pattern "fc" meant a block's
-    top-level fc only (the critic's), where it now also matches every mlp.fc; and an exclude
-    matching nothing was harmless, where it is now refused."""
-    world = small_world()
-    world.customize(LightConfig(kind="lora", rank=2, blocks=["author/**"], rank_pattern={"**:fc": 1}))  # the old plan
+    """lwadapters/1 configs were read with exact names: there rank_pattern "fc" matched no slot
+    of the tiny LM (its fc layers sit at blocks.N.mlp.fc), where it now matches them all."""
+    lm = "author/narrate/text/llm"
+    world = reference_world("tiny", seed=0)
+    world.customize(LightConfig(kind="lora", rank=2, blocks=[lm]))  # the plan the old config made
     with torch.no_grad():
         for p in world.adapter_parameters():
             p.add_(torch.randn_like(p))
     world.save_adapters(tmp_path / "a.safetensors")
-    old_config = json.loads(LightConfig(kind="lora", rank=2, blocks=["author/**"]).to_json())
-    old_config |= {"rank_pattern": {"fc": 1}, "exclude": ["nothing_here"]}
-    path = rewritten(tmp_path, format="lwadapters/1", config=json.dumps(old_config))
-    fresh = small_world()
-    fresh.load_adapters(path)
+    old_config = json.loads(LightConfig(kind="lora", rank=2, blocks=[lm]).to_json()) | {"rank_pattern": {"fc": 1}}
+    fresh = reference_world("tiny", seed=0)
+    fresh.load_adapters(rewritten(tmp_path, format="lwadapters/1", config=json.dumps(old_config)))
     ours, theirs = adapter_tensors(world), adapter_tensors(fresh)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    assert theirs["author/narrate/text/critic:fc.lora_A"].shape[0] == 1
+    assert theirs[f"{lm}:blocks.0.mlp.fc.lora_A"].shape[0] == 2
     current = rewritten(tmp_path, format="lwadapters/2", config=json.dumps(old_config))
-    with pytest.raises(CheckpointError, match="does not fit"):  # today's meaning: another plan, said as such
-        small_world().load_adapters(current)
+    with pytest.raises(CheckpointError, match="the plan needs"):  # today's meaning: rank 1 at every mlp.fc
+        reference_world("tiny", seed=0).load_adapters(current)
+
+
+def test_a_checkpoint_re_saved_from_an_old_one_loads_again(tmp_path):
+    """The old file's unused key, carried into the re-saved (lwadapters/2) file, refused it."""
+    world = trained()
+    world.save_adapters(tmp_path / "a.safetensors")
+    old_config = json.loads(LightConfig(kind="lora", rank=2, neurons=[1, 3], blocks=["author/**"]).to_json())
+    old_config |= {"exclude": ["no_such_layer"]}
+    fresh = small_world()
+    fresh.load_adapters(rewritten(tmp_path, format="lwadapters/1", config=json.dumps(old_config)))
+    fresh.save_adapters(tmp_path / "again.safetensors")
+    again = small_world()
+    again.load_adapters(tmp_path / "again.safetensors")
+    ours, theirs = adapter_tensors(world), adapter_tensors(again)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

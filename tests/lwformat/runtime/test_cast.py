@@ -246,3 +246,28 @@ def test_a_block_written_while_fused_is_judged_by_its_content_after_unfuse(bundl
     cast_world.unfuse()
     with pytest.raises(IncompatibleError, match="since world.cast"):
         cast_world.apply(bundles["rain"])
+
+
+def test_a_cast_record_holds_only_for_the_very_tensors_it_recorded(bundles, cast_world):
+    """A fingerprint of addresses, versions, dtypes and shapes vouched for a transposed square
+    weight (`.data = .data.t()`) and for another tensor object at the same address."""
+    lm = cast_world.block(LM).module
+    proj = lm.blocks[0].attn.proj
+    assert proj.weight.shape[0] == proj.weight.shape[1]
+    proj.weight.data = proj.weight.data.t()  # same address, version, dtype and shape; other strides
+    with pytest.raises(IncompatibleError, match="digest mismatch"):
+        cast_world.apply(bundles["noir"])
+    proj.weight.data = proj.weight.data.t()  # back as it was: the cast of the source again
+    cast_world.apply(bundles["noir"])
+    cast_world.remove("author/noir")
+    lm.ln_f.weight = torch.nn.Parameter(lm.ln_f.weight.detach())  # another object on the same memory
+    assert not check(bundles["noir"], cast_world).blocks[0].detail.startswith("a ")  # judged by its content
+
+
+def test_recomputing_the_digests_forgets_what_the_world_was_cast_from(bundles, cast_world):
+    with torch.no_grad():
+        cast_world.block(LM).module.ln_f.weight.data.zero_()  # behind the version counter: unseen
+    cast_world.digests(recompute=True)  # what is done after such a write
+    assert cast_world.cast_record is None
+    with pytest.raises(IncompatibleError, match="digest mismatch"):
+        cast_world.apply(bundles["noir"])

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from lwhub.client import Client
-from lwhub.client.wire import MAX_ANSWER, MAX_ERROR
+from lwhub.client.wire import MAX_ANSWER, MAX_ERROR, paced
 from lwhub.errors import HubUnavailableError, ProtocolError, ServerError
 
 DIGEST = "sha256:" + "ab" * 32
@@ -125,3 +125,10 @@ def test_a_registry_answering_slowly_but_above_the_floor_is_not_left(dribbler, t
     Dribbler.pause = 0.005  # at most 200 bytes/s, fifty times the floor: a loaded machine's stalls stay above it
     with Client(dribbler, cache_dir=tmp_path, timeout=30, min_speed=4, speed_time=0.5) as client:
         assert client.info("alice/x").name == "alice/x"
+
+
+def test_an_httpx_whose_transport_has_no_pool_where_expected_is_refused_not_left_unpaced():
+    http = httpx.Client()
+    http._transport._pool = None  # as a future httpx might hold it: the floor cannot be set there
+    with pytest.raises(RuntimeError, match="speed floor"), http:
+        paced(http)
