@@ -129,6 +129,10 @@ def test_a_registry_answering_slowly_but_above_the_floor_is_not_left(dribbler, t
 
 def test_an_httpx_whose_transport_has_no_pool_where_expected_is_refused_not_left_unpaced():
     http = httpx.Client()
-    http._transport._pool = None  # as a future httpx might hold it: the floor cannot be set there
-    with pytest.raises(RuntimeError, match="speed floor"), http:
-        paced(http)
+    pool, http._transport._pool = http._transport._pool, None  # as a future httpx might hold it
+    try:
+        with pytest.raises(RuntimeError, match="speed floor"):
+            paced(http)
+    finally:
+        http._transport._pool = pool
+        http.close()
