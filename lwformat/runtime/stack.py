@@ -25,8 +25,15 @@ from ..adapters.kinds.neuron import NeuronDelta
 from ..adapters.plan import parent_index, replace_module
 from ..bundle.manifest import slot_layout
 from ..bundle.read import Bundle
-from ..errors import (AlreadyAppliedError, FusedError, LayoutError, NotAppliedError, RankError, TargetError,
-                      WeightError)
+from ..errors import (
+    AlreadyAppliedError,
+    FusedError,
+    LayoutError,
+    NotAppliedError,
+    RankError,
+    TargetError,
+    WeightError,
+)
 from ..world.cast import untouched_source
 from ..world.digest import untouched_digest
 from ..world.paths import match_block
@@ -34,8 +41,22 @@ from . import finiteness
 from .mixed import not_routed
 from .resolve import ResolvedSlot, resolve
 from .spare import Spare
-from .storage import (RANKED, Place, allocate, check_scalar, check_scalars, copy_packed, copy_runs, fill, finite, fits, plan_layout,
-                      scalars, slot_views, view)
+from .storage import (
+    RANKED,
+    Place,
+    allocate,
+    check_scalar,
+    check_scalars,
+    copy_packed,
+    copy_runs,
+    fill,
+    finite,
+    fits,
+    plan_layout,
+    scalars,
+    slot_views,
+    view,
+)
 
 if TYPE_CHECKING:
     from ..world.tree import World

@@ -37,9 +37,23 @@ from lwformat.bundle.keys import loads_public_key
 from lwformat.bundle.limits import MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES
 from lwformat.bundle.manifest import MANIFEST, SIGNATURE, Manifest
 from lwformat.bundle.signing import check_against_manifest, verify_signature
-from lwformat.errors import LWFormatError, SignatureError, SignedFileMismatchError, UntrustedSignatureError
+from lwformat.errors import (
+    LWFormatError,
+    SignatureError,
+    SignedFileMismatchError,
+    UntrustedSignatureError,
+)
 
-from ..errors import IntegrityError, NotCachedError, NotFoundError, ProtocolError, RefError, RollbackError, TooLargeError, TrustError
+from ..errors import (
+    IntegrityError,
+    NotCachedError,
+    NotFoundError,
+    ProtocolError,
+    RefError,
+    RollbackError,
+    TooLargeError,
+    TrustError,
+)
 from ..protocol import API, OWNER, TAG, KeyInfo, SignedVersion, VersionInfo, digest_hex
 from ..semver import is_prerelease, is_valid, newer
 from .download import Fetcher, FileJob, verify_file

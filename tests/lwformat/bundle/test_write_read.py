@@ -26,8 +26,15 @@ from lwformat.errors import (
     TargetError,
     UnsafePathError,
 )
-
-from tests.lwformat.bundle.tiny import BACKBONE, LLM, VECTORS, tiny_custom_world, tiny_world, tree_bytes, write_tiny
+from tests.lwformat.bundle.tiny import (
+    BACKBONE,
+    LLM,
+    VECTORS,
+    tiny_custom_world,
+    tiny_world,
+    tree_bytes,
+    write_tiny,
+)
 
 
 def test_round_trip_through_both_forms(tmp_path):

@@ -6,17 +6,16 @@ import copy
 import json
 import math
 
+import peft  # noqa: F401  (a test dependency: fail loudly if missing)
 import pytest
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lwformat import Block, LightConfig, World
 from lwformat.errors import InteropError
 from lwformat.interop import export_peft, import_peft
-
-import peft  # noqa: F401  (a test dependency: fail loudly if missing)
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 PATH = "author/narrate/text/llm"
 

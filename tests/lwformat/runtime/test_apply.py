@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from lwformat.errors import AlreadyAppliedError, IncompatibleError, LayoutError, NotAppliedError, TargetError
+from lwformat.errors import (
+    AlreadyAppliedError,
+    IncompatibleError,
+    LayoutError,
+    NotAppliedError,
+    TargetError,
+)
 from lwformat.zoo import reference_world
 from tests.lwformat.runtime.conftest import LM, make_bundle, tokens, trained_world
 
@@ -313,7 +319,8 @@ def test_a_lora_slot_of_rank_zero_does_not_fit(world, bundles):
 
 
 def test_apply_and_remove_wait_for_a_mixed_batch_to_end(world, bundles):
-    from lwformat.errors import RuntimeStateError, TargetError as Target
+    from lwformat.errors import RuntimeStateError
+    from lwformat.errors import TargetError as Target
 
     world.apply(bundles["noir"])
     with world.routed(["author/noir", None]):
