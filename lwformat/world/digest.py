@@ -139,11 +139,6 @@ def _fingerprint(seats: list[Seat]) -> tuple:
     return tuple([(t.data_ptr(), t._version, t.dtype, t.shape, t.stride()) for _, _, _, t in seats])
 
 
-def block_fingerprint(module: nn.Module) -> tuple:
-    """`_fingerprint` of a block's base tensors: a walk, no hash."""
-    return _fingerprint(_walk_base(module))
-
-
 def record(module: nn.Module, said: str) -> tuple:
     """A per-block record, ``(fingerprint, what it says, seats)``: the block's tensors as they are
     now, and each one held weakly, so that a new tensor at a freed one's address is not it."""
@@ -160,7 +155,7 @@ def holds(hit: tuple | None, module: nn.Module) -> bool:
     walked = _walk_base(module)
     if _fingerprint(walked) != key:
         return False
-    return seats is None or all(ref() is t for (_, _, _, ref), (_, _, _, t) in zip(seats, walked))
+    return all(ref() is t for (_, _, _, ref), (_, _, _, t) in zip(seats, walked))
 
 
 def _weakly(seats: list[Seat]) -> tuple:
@@ -201,7 +196,7 @@ def cached_block_digest(world: World, path: str, block: nn.Module, *, recompute:
 def untouched_digest(world: World, path: str) -> str | None:
     """Block `path`'s digest from the last full check, if none of its tensors changed since.
 
-    Each tensor recorded (weakly, at the first call since) is checked where it sat,
+    Each tensor recorded (weakly, by the full check) is checked where it sat,
     without walking the modules: a tensor written in place, replaced, resized or dropped
     is seen; modules added, removed or moved since are not, and the next full check
     (`cached_block_digest`) sees them. None when unknown or changed.
@@ -216,12 +211,6 @@ def untouched(records: dict[str, Any], world: World, path: str) -> str | None:
     if hit is None:
         return None
     key, digest, seats = hit
-    if seats is None:  # a record made without them: one walk, then the seats are kept
-        module = world.block(path).module
-        if not holds(hit, module):
-            return None
-        records[path] = record(module, digest)
-        return digest
     for (owner_ref, is_param, name, tensor_ref), (ptr, version, dtype, shape, _) in zip(seats, key):
         owner, t = owner_ref(), tensor_ref()
         if owner is None or t is None or (owner._parameters if is_param else owner._buffers).get(name) is not t:

@@ -317,7 +317,9 @@ class World(nn.Module):
         block is untouched since the cast; a block written, replaced or moved since is judged by
         its own digest: move the world to its device first (or ``World.load(dir, dtype=...,
         device=...)``). `fuse` then `unfuse` keeps it (the restore is bit-exact), unless the
-        block was written while fused. Refused, with nothing changed, while the
+        block was written while fused. A write behind the version counters (``.data``) is not
+        seen, as for the digest cache, and `verify` cannot check a source it does not hold:
+        ``digests(recompute=True)`` forgets the record. Refused, with nothing changed, while the
         world is customized, carries applied bundles or is fused. The digests it was cast from
         come from the digest cache (`load` fills it) or are computed once. `save` writes the
         cast weights and their own digests, not where they came from: a saved cast world binds
