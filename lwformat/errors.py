@@ -8,7 +8,7 @@
     │   └── CheckpointError (ValueError)    a saved world whose files disagree or changed
     ├── TargetError (ValueError)        customizing: what to inject, where, how big
     │   ├── NothingTargetedError            the selection matched no slot
-    │   ├── UnmatchedPatternError           an exclude, rank_pattern or alpha_pattern key matching no slot
+    │   ├── UnmatchedPatternError           a slots, exclude, rank_pattern or alpha_pattern key matching no slot
     │   ├── UnknownBlockTypeError           a block type no block of the world has
     │   ├── UnsupportedLayerError           a slot whose layer the adapter kind cannot host
     │   ├── RankError                       rank 0, or larger than the layer allows

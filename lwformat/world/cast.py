@@ -56,7 +56,7 @@ def cast_world(world: World, dtype: torch.dtype) -> None:
     _castable(world, dtype)
     blocks = world.blocks()
     sources = {path: cast_source(world, path) or cached_block_digest(world, path, block) for path, block in blocks.items()}
-    replace_tensors(world, converted(blocks.values(), lambda t: dtype))  # every new tensor made before the first goes in
+    replace_tensors(world, converted(blocks, lambda t: dtype, finite=True))  # every new tensor made before the first goes in
     records = {}
     for path, block in blocks.items():
         records[path] = record(block.module, sources[path])
@@ -84,22 +84,31 @@ def check_dtype(dtype: Any) -> None:
                          f"{', '.join(str(d).removeprefix('torch.') for d in FLOATS)}")  # fmt: skip
 
 
-def converted(blocks, dtype_of) -> dict[int, torch.Tensor]:
-    """``{id(old): new}`` for every floating-point tensor of `blocks` (buffers not saved too, as
-    `Module.to` does) whose dtype `dtype_of(tensor)` changes; a tied tensor once."""
+def converted(blocks, dtype_of, *, finite: bool = False) -> dict[int, torch.Tensor]:
+    """``{id(old): new}`` for every floating-point tensor of `blocks` (``{path: Block}``; buffers not saved too, as
+    `Module.to` does) whose dtype `dtype_of(tensor)` changes; a tied tensor once. With `finite`,
+    a finite value the new dtype turns into inf (past float16's 65504) is a `WorldError`."""
     out: dict[int, torch.Tensor] = {}
-    for block in blocks:
+    for path, block in blocks.items():
         for m in block.module.modules():
             for t in (*m._parameters.values(), *m._buffers.values()):
                 if t is None or id(t) in out or not t.is_floating_point() or (dtype := dtype_of(t)) == t.dtype:
                     continue
                 new = t.detach().to(dtype)  # same shape and device
+                if finite and not torch.isfinite(new).all() and (bad := (torch.isfinite(t) & ~torch.isfinite(new))).any():
+                    value, name = t.detach()[bad][0].item(), f"{path}:{_name_of(block.module, t)}"
+                    raise WorldError(f"{name}: holds {value:g}, which {str(dtype).removeprefix('torch.')} cannot hold "
+                                     "(it would be inf); the world is unchanged", path=name)  # fmt: skip
                 if isinstance(t, nn.Parameter):
                     new = nn.Parameter(new, requires_grad=t.requires_grad)
                     if t.grad is not None:
                         new.grad = t.grad.to(dtype)
                 out[id(t)] = new
     return out
+
+
+def _name_of(module: nn.Module, tensor: torch.Tensor) -> str:
+    return next((n for n, t in (*module.named_parameters(), *module.named_buffers()) if t is tensor), "a tensor")
 
 
 def replace_tensors(world: World, converted: dict[int, torch.Tensor]) -> None:

@@ -231,7 +231,7 @@ def _copy_into(world: World, stored: dict[str, torch.Tensor], root: Path) -> Non
     # A world saved after a cast holds its weights in that dtype; world.json builds the default one
     adopt = {id(t): stored[key].dtype for key, t in live.items()
              if key in stored and t.is_floating_point() and stored[key].is_floating_point()}  # fmt: skip
-    replace_tensors(world, converted(world.blocks().values(), lambda t: adopt.get(id(t), t.dtype)))
+    replace_tensors(world, converted(world.blocks(), lambda t: adopt.get(id(t), t.dtype)))
     live = _live_tensors(world)
     for key, value in stored.items():
         target = live[key]

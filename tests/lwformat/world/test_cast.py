@@ -8,7 +8,7 @@ from safetensors import safe_open
 from torch import nn
 
 from lwformat import World
-from lwformat.errors import CheckpointError
+from lwformat.errors import CheckpointError, WorldError
 from lwformat.world import Block, block_digest
 from lwformat.world.cast import cast_root, cast_source
 from lwformat.zoo import reference_world
@@ -75,3 +75,20 @@ def test_a_world_saved_in_half_precision_loads_in_it(tmp_path):
     assert {t.dtype for t in loaded.parameters()} == {torch.float16} and loaded.digests() == world.digests()
     lm = loaded.block(LM).module
     assert lm.head.weight is lm.tok.weight
+
+
+def test_a_base_value_the_dtype_cannot_hold_is_refused_and_nothing_is_cast():
+    """float16 turned a base weight of 1e6 into inf without a word."""
+    world = reference_world("tiny", seed=0)
+    lm = world.block(LM).module
+    with torch.no_grad():
+        lm.ln_f.weight[3] = 1e6
+    before = {k: v.clone() for k, v in world.state_dict().items()}
+    with pytest.raises(WorldError, match=r"ln_f.weight: holds 1e\+06, which float16 cannot hold") as err:
+        world.cast(torch.float16)
+    assert err.value.path == f"{LM}:ln_f.weight"
+    after = world.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    assert world.cast_record is None
+    world.cast(torch.bfloat16)  # its range holds it
+    assert torch.isfinite(lm.ln_f.weight).all()
