@@ -159,3 +159,8 @@ def unfuse(world: World) -> None:
 
 
 _HELD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # world -> what `fuse` found holding, for `unfuse`
+
+
+def forget_held(world: World) -> None:
+    """Let unfuse carry nothing over (the digests were recomputed meanwhile: they count)."""
+    _HELD.pop(world, None)

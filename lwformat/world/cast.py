@@ -87,15 +87,18 @@ def check_dtype(dtype: Any) -> None:
 def converted(blocks, dtype_of, *, finite: bool = False) -> dict[int, torch.Tensor]:
     """``{id(old): new}`` for every floating-point tensor of `blocks` (``{path: Block}``; buffers not saved too, as
     `Module.to` does) whose dtype `dtype_of(tensor)` changes; a tied tensor once. With `finite`,
-    a finite value the new dtype turns into inf (past float16's 65504) is a `WorldError`."""
+    a finite weight the new dtype turns into inf (past float16's 65504) is a `WorldError`; a
+    buffer not saved (a mask) and the old dtype's own extremes (sentinels) become inf as in `.to`."""
     out: dict[int, torch.Tensor] = {}
     for path, block in blocks.items():
         for m in block.module.modules():
+            saved = [t for n, t in m._buffers.items() if n not in m._non_persistent_buffers_set]
             for t in (*m._parameters.values(), *m._buffers.values()):
                 if t is None or id(t) in out or not t.is_floating_point() or (dtype := dtype_of(t)) == t.dtype:
                     continue
                 new = t.detach().to(dtype)  # same shape and device
-                if finite and not torch.isfinite(new).all() and (bad := (torch.isfinite(t) & ~torch.isfinite(new))).any():
+                weight = isinstance(t, nn.Parameter) or any(t is b for b in saved)
+                if finite and weight and not torch.isfinite(new).all() and (bad := _overflowed(t.detach(), new)).any():
                     value, name = t.detach()[bad][0].item(), f"{path}:{_name_of(block.module, t)}"
                     raise WorldError(f"{name}: holds {value:g}, which {str(dtype).removeprefix('torch.')} cannot hold "
                                      "(it would be inf); the world is unchanged", path=name)  # fmt: skip
@@ -105,6 +108,12 @@ def converted(blocks, dtype_of, *, finite: bool = False) -> dict[int, torch.Tens
                         new.grad = t.grad.to(dtype)
                 out[id(t)] = new
     return out
+
+
+def _overflowed(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Where a finite value that is not its dtype's own extreme (a sentinel) became inf."""
+    top = torch.finfo(old.dtype).max
+    return torch.isfinite(old) & ~torch.isfinite(new) & (old.abs() != top)  # same shape as old
 
 
 def _name_of(module: nn.Module, tensor: torch.Tensor) -> str:

@@ -211,11 +211,11 @@ def untouched(records: dict[str, Any], world: World, path: str) -> str | None:
     if hit is None:
         return None
     key, digest, seats = hit
-    for (owner_ref, is_param, name, tensor_ref), (ptr, version, dtype, shape, _) in zip(seats, key):
+    for (owner_ref, is_param, name, tensor_ref), (ptr, version, dtype, shape, stride) in zip(seats, key):
         owner, t = owner_ref(), tensor_ref()
         if owner is None or t is None or (owner._parameters if is_param else owner._buffers).get(name) is not t:
             return None
-        if t._version != version or t.data_ptr() != ptr or t.dtype != dtype or t.shape != shape:
+        if t._version != version or t.data_ptr() != ptr or t.dtype != dtype or t.shape != shape or t.stride() != stride:
             return None
     return digest
 
@@ -248,7 +248,8 @@ def held_records(world: World, paths) -> dict[str, list[tuple[dict, str]]]:
     records = [world._digest_cache] + ([world.cast_record.blocks] if world.cast_record is not None else [])
     held = {}
     for path in paths:
-        if hits := [(r, said) for r in records if (said := untouched(r, world, path)) is not None]:
+        module = world.block(path).module
+        if hits := [(r, r[path][1]) for r in records if path in r and holds(r[path], module)]:
             held[path] = hits
     return held
 

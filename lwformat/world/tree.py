@@ -276,11 +276,19 @@ class World(nn.Module):
         ``recompute=True`` hashes every block again and keeps the new digests, and forgets
         what a `cast` world was cast from (that cannot be checked again).
         """
+        from ..runtime.fuse import forget_held
         from .digest import world_digests
 
+        blocks = world_digests(self, recompute=recompute)["blocks"]
         if recompute:
             self.cast_record = None
-        return world_digests(self, recompute=recompute)["blocks"]
+            forget_held(self)  # nor does unfuse bring back the digests from before fuse
+        return blocks
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The per-block records hold tensors weakly (no pickling) and name tensors of this
+        # process: a copy hashes its blocks again, and keeps no cast record.
+        return super().__getstate__() | {"_digest_cache": {}, "cast_record": None}
 
     def digest(self, path: str) -> str:
         """The digest of the block at `path` (any of its paths), computing only that block."""

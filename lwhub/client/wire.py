@@ -217,11 +217,16 @@ def paced(http: httpx.Client, floor: float = MIN_SPEED, window: float = SPEED_TI
     (pyproject keeps httpx below 1.0). HTTP/1.1 only: a request written resets the floor,
     and HTTP/2 writes in mid-answer (lwhub never turns it on).
     """
-    for transport in (getattr(http, "_transport", None), *getattr(http, "_mounts", {}).values()):
+    unknown = RuntimeError(f"httpx {httpx.__version__}: its client or transport is not laid out as lwhub "
+                           "knows it, so the speed floor cannot be set; lwhub supports httpx 0.27 up to 1.0")  # fmt: skip
+    try:
+        transports = (http._transport, *http._mounts.values())
+    except AttributeError:
+        raise unknown from None
+    for transport in transports:
         pool = getattr(transport, "_pool", None)  # a ConnectionPool, HTTPProxy or SOCKSProxy
         if isinstance(backend := getattr(pool, "_network_backend", None), httpcore.NetworkBackend):
             pool._network_backend = _PacedBackend(backend, floor, window)
         elif type(transport) is httpx.HTTPTransport:  # ours, yet not as this code knows it: say so
-            raise RuntimeError(f"httpx {httpx.__version__}: its transport has no connection pool where lwhub "
-                               "sets the speed floor; lwhub supports httpx 0.27 up to 1.0")  # fmt: skip
+            raise unknown
     return http

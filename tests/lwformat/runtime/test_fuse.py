@@ -1,3 +1,6 @@
+import copy
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +11,7 @@ from lwformat.adapters.plan import iter_hosts
 from lwformat.bundle.read import Bundle
 from lwformat.bundle.write import write_bundle
 from lwformat.errors import FusedError
-from lwformat.world.digest import untouched_digest
+from lwformat.world.digest import block_digest, untouched_digest
 from tests.conftest import small_world
 from tests.lwformat.runtime.conftest import LM, tokens
 
@@ -199,3 +202,37 @@ def test_unfuse_keeps_the_digests_known_before_fuse(world, bundles):
     world.unfuse()
     assert untouched_digest(world, LM) == before[LM]  # known again without hashing
     world.verify()  # and true
+
+
+def test_unfuse_carries_over_only_records_that_still_held_when_fuse_began(world, bundles):
+    """A buffer added to the block before fuse was missed by the check that fuse used (it does not
+    walk the modules), and unfuse recorded the old digest as holding for the changed block."""
+    world.apply(bundles["noir"], weight=0.7)
+    stale = world.digest(LM)
+    lm = world.block(LM).module
+    lm.ln_f.register_buffer("calib", torch.full((lm.ln_f.weight.shape[0],), 2.0))
+    world.fuse()
+    world.unfuse()
+    assert world.digest(LM) != stale and world.digest(LM) == block_digest(lm)
+
+
+def test_recomputed_digests_while_fused_are_not_undone_by_unfuse(world, bundles):
+    world.apply(bundles["noir"], weight=0.7)
+    world.digest(LM)
+    lm = world.block(LM).module
+    with torch.no_grad():
+        lm.ln_f.weight.data.add_(1)  # behind the version counter: the cached digest goes stale
+    world.fuse()
+    world.digests(recompute=True)  # what is done after such a write
+    world.unfuse()
+    assert world.digest(LM) == block_digest(lm)
+    world.verify()
+
+
+def test_a_hashed_world_pickles_and_its_copy_hashes_again(world, bundles):
+    """Per-block records hold tensors weakly, which pickle refused (torch.save of a world, multiprocessing)."""
+    world.apply(bundles["noir"], weight=0.7)
+    digest = world.digest(LM)
+    assert pickle.dumps(world)  # made, never loaded: the project unpickles nothing
+    twin = copy.deepcopy(world)  # the same state, through __getstate__
+    assert twin._digest_cache == {} and twin.digest(LM) == digest

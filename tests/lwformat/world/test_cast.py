@@ -92,3 +92,23 @@ def test_a_base_value_the_dtype_cannot_hold_is_refused_and_nothing_is_cast():
     assert world.cast_record is None
     world.cast(torch.bfloat16)  # its range holds it
     assert torch.isfinite(lm.ln_f.weight).all()
+
+
+def test_masks_and_sentinels_cast_as_module_to_casts_them():
+    """The finite check refused a float32 mask filled with finfo.min, a common buffer, which
+    .half() turns into -inf as the model means it."""
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.register_buffer("mask", torch.full((4, 4), torch.finfo(torch.float32).min), persistent=False)
+            self.register_buffer("floor", torch.full((4,), torch.finfo(torch.float32).min))  # saved, a sentinel
+
+        def forward(self, x):
+            return self.fc(x)
+
+    world = World.from_blocks({"s/p/g/m": Block(Masked(), "llm")})
+    world.cast(torch.float16)
+    module = world.block("s/p/g/m").module
+    assert torch.isneginf(module.mask).all() and torch.isneginf(module.floor).all()

@@ -10,6 +10,8 @@ from torch import nn
 from lwformat import Block, LightConfig, World
 from lwformat.errors import CheckpointError
 from lwformat.world import block_digest, tensor_digest
+from lwformat.world.digest import untouched_digest
+from lwformat.zoo import reference_world
 from tests.conftest import small_world
 
 NUMPY_NAMES = {np.float32: "F32", np.float64: "F64", np.int64: "I64", np.float16: "F16", np.uint8: "U8"}
@@ -170,3 +172,14 @@ def test_the_root_covers_the_order_that_runs():
         assert not torch.equal(one({"x": x})["x"], other({"x": x})["x"])
         assert one.root_digest() != other.root_digest()
         assert one.digests() == other.digests()
+
+
+def test_the_swap_check_sees_a_weight_transposed_through_data():
+    """`.data = .data.t()` on a square weight keeps its object, address, version, dtype and shape."""
+    world = reference_world("tiny", seed=0)
+    path = "author/narrate/text/llm"
+    world.digest(path)
+    proj = world.block(path).module.blocks[0].attn.proj
+    assert untouched_digest(world, path) is not None
+    proj.weight.data = proj.weight.data.t()
+    assert untouched_digest(world, path) is None

@@ -136,3 +136,14 @@ def test_an_httpx_whose_transport_has_no_pool_where_expected_is_refused_not_left
     finally:
         http._transport._pool = pool
         http.close()
+
+
+def test_an_httpx_client_laid_out_otherwise_is_refused_too():
+    http = httpx.Client()
+    transport = http.__dict__.pop("_transport")  # as a future httpx might name it
+    try:
+        with pytest.raises(RuntimeError, match="speed floor cannot be set"):
+            paced(http)
+    finally:
+        http._transport = transport
+        http.close()
