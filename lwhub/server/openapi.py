@@ -13,8 +13,21 @@ import msgspec
 
 from ..errors import ERROR_CODES
 from ..protocol import (
-    DIGEST, OWNER, TAG, BlobInfo, BundleInfo, KeyInfo, NewToken, Page, PublishRequest, SignedVersion, TagRequest, TokenRequest,
-    VersionInfo, Whoami, YankRequest,
+    DIGEST,
+    OWNER,
+    TAG,
+    BlobInfo,
+    BundleInfo,
+    KeyInfo,
+    NewToken,
+    Page,
+    PublishRequest,
+    SignedVersion,
+    TagRequest,
+    TokenRequest,
+    VersionInfo,
+    Whoami,
+    YankRequest,
 )
 from ..semver import PATTERN as SEMVER
 
