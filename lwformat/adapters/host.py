@@ -15,6 +15,10 @@ nearly flat in the number of distinct adapters:
 
     A_b = A[pick_b] (B, r, in),  B_b = B[pick_b] (B, out, r),  y_b += c_b · B_b A_b x_b
 
+On a half-precision layer the adapters live in float32 (`layers.adapter_dtype`): x and
+base(x) are widened, the deltas summed onto base(x) there, and the sum rounded once to
+the layer's dtype, as PEFT does. Under autocast the inputs are left to autocast.
+
 Attributes the host does not have (``weight``, ``in_features``...) are read from the
 base layer, so code that reaches into layers keeps working.
 """
@@ -29,7 +33,7 @@ from torch import nn
 from ..errors import LayoutError
 from .kinds import Adapter, LoRA
 from .kinds.lora import MATMUL_LAYERS
-from .layers import Geometry
+from .layers import Geometry, adapter_dtype
 from .module_state import init_module_state, new_module_dict
 
 
@@ -54,6 +58,11 @@ class Route(NamedTuple):
         picks = None if self.picks is None else self.picks[:, i : i + 1]  # (n, 1)
         others = tuple((adapter, pick[i : i + 1]) for adapter, pick in self.others)  # (1,) each
         return self._replace(batch=1, picks=picks, others=others)
+
+
+def _widen(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` in `dtype` when it is floating; an embedding's indices stay as they are."""
+    return x.to(dtype) if x.is_floating_point() else x
 
 
 def _called(module: nn.Module, args: tuple) -> None:
@@ -86,8 +95,8 @@ class AdapterHost(nn.Module):
     def add(self, name: str, adapter: Adapter, weight: float | torch.Tensor = 1.0) -> None:
         """Put `adapter` in the bank; `weight` a number, or a 0-d tensor to use as its weight buffer."""
         if not isinstance(weight, torch.Tensor):
-            like = self.base.weight  # adapters live in the base layer's dtype and device
-            weight = torch.tensor(weight, dtype=like.dtype, device=like.device)
+            like = self.base.weight  # adapters live on the base layer's device, in its dtype or float32
+            weight = torch.tensor(weight, dtype=adapter_dtype(like.dtype), device=like.device)
         # What register_buffer(persistent=False) and ModuleDict's setitem do, minus their
         # checks (the name is the runtime's own): this runs once per slot on every apply.
         adapter._buffers["mix_weight"] = weight
@@ -106,23 +115,39 @@ class AdapterHost(nn.Module):
             return self._routed(x, self.base(x))
         # Without autograd, sums accumulate in place: into y itself when no adapter reads it.
         # Not under autocast, which casts the inputs of out-of-place matmuls only.
-        inplace = not torch.is_grad_enabled() and not (x.device.type != "meta" and torch.is_autocast_enabled(x.device.type))
+        autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+        inplace = not torch.is_grad_enabled() and not autocast
         adapters = self.adapters.values()
+        wide = None if autocast else self._widened()
         if self.geo.layer in MATMUL_LAYERS and all(type(a) is LoRA for a in adapters):
             # The down-projections first, while x is still in cache from the layer that
             # made it: after the base's matmul it has to come from memory again.
-            downs = [a.down(x) for a in adapters]  # (..., r) each
-            out = self.base(x)
+            downs = [a.down(x if wide is None else x.to(wide)) for a in adapters]  # (..., r) each
+            y = self.base(x)
+            out = y if wide is None else y.to(wide)  # widened: a new tensor, summed into in place
             for adapter, h in zip(adapters, downs):
                 out = adapter.up_add(out, h, inplace=inplace)
-            return out
+            return out if out.dtype == y.dtype else out.to(y.dtype)  # rounded once to the layer's dtype
         y = self.base(x)
+        xa, ya = (x, y) if wide is None else (_widen(x, wide), y.to(wide))  # what the adapters see
         reads_y = any(type(a) is not LoRA for a in adapters)
-        out = y
+        out = ya
         for adapter in adapters:
-            out = adapter.add_to(out, x, y, self.base, inplace=inplace and (out is not y or not reads_y))
-        # Under autocast the sum may have widened: the layer's own dtype, as PEFT keeps it.
+            out = adapter.add_to(out, xa, ya, self.base, inplace=inplace and (out is not ya or not reads_y))
+        # Under autocast the sum may have widened, and widened on a half layer: the layer's own dtype, as PEFT keeps it.
         return out if out.dtype == y.dtype else out.to(y.dtype)
+
+    def adapters_dtype(self) -> torch.dtype:
+        """The dtype the adapters compute in (`layers.adapter_dtype` of the layer's, as made).
+
+        Read from an adapter's own weight, so that a world converted whole since (``.half()``) is followed.
+        """
+        return next(iter(self.adapters.values())).mix_weight.dtype
+
+    def _widened(self) -> torch.dtype | None:
+        """The adapters' dtype where it is not the layer's (float32 on a half layer), else None."""
+        dtype = self.adapters_dtype()
+        return dtype if dtype != self.base.weight.dtype else None
 
     def set_route(self, picks: dict[str, torch.Tensor] | None, batch: int = 0) -> None:
         """Select adapters per sample (`picks`: name -> (B,) selection), or end the mixed batch (None)."""
@@ -162,6 +187,10 @@ class AdapterHost(nn.Module):
             raise LayoutError(f"a {self.geo.layer} layer got input {tuple(x.shape)} without the batch of {route.batch} first; "
                               "a mixed batch needs the batch first at every layer it routes (a documented limit)")  # fmt: skip
         per_sample = (-1,) + (1,) * (y.ndim - 1)
+        layer_dtype = y.dtype
+        autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+        if (route.A or route.others) and not autocast and (wide := self._widened()) is not None:
+            x, y = _widen(x, wide), y.to(wide)  # (B, ..., in), (B, ..., out) in the adapters' float32
         out = y
         # A sample that did not pick an adapter gets exactly 0 from it (`where`, not a product
         # with 0: the adapter's delta on that sample's input may overflow, and 0·inf is NaN).
@@ -179,7 +208,7 @@ class AdapterHost(nn.Module):
             # Scaled before the up-projection, as `LoRA.down` does: a small w·s keeps h @ Bᵀ in range.
             h = torch.where(coef != 0, torch.einsum("b...i,bri->b...r", x, A) * coef, 0)  # (B, ..., r)
             out = out + torch.einsum("b...r,bor->b...o", h, B)  # (B, ..., out)
-        return out if out.dtype == y.dtype else out.to(y.dtype)
+        return out if out.dtype == layer_dtype else out.to(layer_dtype)
 
     def __getattr__(self, name: str):
         try:

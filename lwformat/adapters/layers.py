@@ -11,6 +11,10 @@ Adapters see it through a `Geometry`:
 
 Supported: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` (groups=1, zero padding),
 ``nn.Embedding`` (no max_norm) and GPT-2's ``Conv1D`` (weight stored (in, out)).
+
+Adapters on a half-precision layer (float16, bfloat16) live and compute in float32, as
+PEFT's ``autocast_adapter_dtype`` does, and their sum is rounded once to the layer's
+dtype: a small gain (1.003) or delta would otherwise round away. `adapter_dtype` says which.
 """
 
 from __future__ import annotations
@@ -21,6 +25,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype adapters on a layer of `base_dtype` live in: float32 on a half-precision layer, else the layer's."""
+    return torch.float32 if base_dtype in HALF else base_dtype
 
 
 def _is_gpt2_conv1d(layer: nn.Module) -> bool:

@@ -11,7 +11,8 @@ the same file again costs a `stat`: bundle files are never written in place, and
 is gets new times (`os.utime` can set the mtime back, not the ctime).
 
 That memory vouches for the file's values only. Stored in a narrower dtype than the
-file's (a float32 bundle on a float16 base), a finite value may overflow to inf: each
+file's (a float64 bundle on a float32 base; a half base stores its adapters in float32,
+so nothing narrows there), a finite value may overflow to inf: each
 converted tensor's extremes are converted first (`check_fits`), before anything is
 written. `check_fits_once` remembers a file that fit, with the dtypes its tensors went
 to, as the NaN/inf check does; a `Blend` is checked each time. A tensor stored in its
@@ -105,9 +106,9 @@ def check_storage(bundle: Any, identity: tuple | None, buffers: dict, by_slot: d
 
 
 @functools.cache
-def _widens(source: torch.dtype, target: torch.dtype) -> bool:
+def widens(source: torch.dtype, target: torch.dtype) -> bool:
     """Whether every finite `source` value is finite in `target` (float16 into bfloat16 or float32...)."""
-    return torch.finfo(target).max >= torch.finfo(source).max
+    return source == target or torch.finfo(target).max >= torch.finfo(source).max
 
 
 def check_fits(bundle: Any, named: Iterable[tuple[str, torch.Tensor, torch.dtype]]) -> None:
@@ -124,13 +125,13 @@ def check_fits(bundle: Any, named: Iterable[tuple[str, torch.Tensor, torch.dtype
             if extreme.isfinite() and not extreme.to(dtype).isfinite():
                 m, name = bundle.manifest, str(dtype).removeprefix("torch.")
                 raise LayoutError(f"{m.name}@{m.version}: value {extreme.item():g} at {where} overflows {name}, the dtype "
-                                  "this world stores that slot's adapters in (its base layer's); the world is unchanged", path=where)  # fmt: skip
+                                  "this world stores that slot's adapters in (its base layer's, float32 on a half layer); the world is unchanged", path=where)  # fmt: skip
 
 
 def _narrowing(named: Iterable[tuple[str, torch.Tensor, torch.dtype]]) -> Iterable[tuple[str, torch.Tensor, torch.dtype]]:
     """The entries of `named` whose conversion may overflow: floating into a narrower floating dtype."""
     for where, t, dtype in named:
-        if t.dtype != dtype and dtype.is_floating_point and t.is_floating_point() and t.numel() and not _widens(t.dtype, dtype):
+        if t.dtype != dtype and dtype.is_floating_point and t.is_floating_point() and t.numel() and not widens(t.dtype, dtype):
             yield where, t, dtype
 
 

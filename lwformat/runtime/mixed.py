@@ -63,9 +63,11 @@ def routed(world: World, bundles: list[str | None]) -> Iterator[None]:
     routes = []
     for host in hosts:  # every route sorted out, and refused, before any is set
         like = host.base.weight
-        if (like.dtype, like.device) not in tables:
-            tables[like.dtype, like.device] = torch.tensor(picks, dtype=like.dtype, device=like.device).reshape(len(names), len(bundles))
-        table = tables[like.dtype, like.device]  # (n, B)
+        dtype = host.adapters_dtype() if host.adapters else like.dtype
+        key = (dtype, like.device)  # the adapters' dtype: a pick times a float32 weight stays float32
+        if key not in tables:
+            tables[key] = torch.tensor(picks, dtype=key[0], device=like.device).reshape(len(names), len(bundles))
+        table = tables[key]  # (n, B)
         route = {key: table[i] for i, key in enumerate(keys) if key in host.adapters}
         if route and id(host) in sequence_first:
             _refuse_sequence_first(sequence_first[id(host)])

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 
 from ..adapters.kinds import KINDS
+from ..adapters.layers import adapter_dtype
 from ..errors import WeightError
 from ..world.digest import DTYPE_NAMES
 from . import finiteness
@@ -57,7 +58,7 @@ def plan_layout(slots: list[ResolvedSlot], reserve_rank: int = 0) -> list[Place]
     places, ends = [], {}
     for rs in slots:
         like = rs.layer.weight
-        floating = (like.dtype, like.device)
+        floating = (adapter_dtype(like.dtype), like.device)  # float32 on a half layer, as the host computes
         room = min(reserve_rank, rs.geo.out, prod(rs.geo.in_shape))  # past the layer's full rank no bundle could use it
         for name, t in rs.entry.tensors.items():  # the stored tensors, as `ResolvedSlot.shapes` lists them
             shape = storage_shape(name, tuple(t.shape), room) if room else tuple(t.shape)
@@ -132,9 +133,9 @@ def check_scalar(value: float, dtype: torch.dtype, slot: str, what: str) -> None
 
 
 def check_scalars(slots: list[ResolvedSlot], weights: list[float]) -> None:
-    """Every slot's weight and scaling fit its adapters' dtype (the base layer's, as `plan_layout` stores them)."""
+    """Every slot's weight and scaling fit its adapters' dtype (`adapter_dtype` of the base layer's, as `plan_layout` stores them)."""
     for rs, weight in zip(slots, weights):
-        dtype = rs.layer.weight.dtype
+        dtype = adapter_dtype(rs.layer.weight.dtype)
         if dtype.is_floating_point:
             check_scalar(weight, dtype, rs.slot, "weight")
             check_scalar(_scaling(rs), dtype, rs.slot, "scaling (alpha / rank)")
@@ -213,9 +214,10 @@ def copy_packed(places: list[Place], buffers: dict, bundle, *, read: bool = True
 
 
 def _run_names(buffers, names) -> dict | None:
-    """Each buffer's dtype run in the bundle: the run of its dtype or, on a base cast since the
-    bundle was written (float32 adapters, bfloat16 storage), the one floating run no buffer has
-    the dtype of, converted as it is copied. None when a buffer has no such run."""
+    """Each buffer's dtype run in the bundle: the run of its dtype or, where they differ (a base cast since
+    the bundle was written: float64 adapters into float32 storage; an older bfloat16 bundle into
+    a half base's float32 storage), the one floating run no buffer has the dtype of, converted
+    as it is copied. None when a buffer has no such run."""
     out = {key: DTYPE_NAMES[key[0]] for key in buffers if DTYPE_NAMES[key[0]] in names}
     left = [key for key in buffers if key not in out]
     if not left:
@@ -243,8 +245,8 @@ def copy_runs(buffers: dict, bundle, *, read: bool = False) -> None:
         return
     runs = bundle.packed()
     names = _run_names(buffers, runs.keys())  # a few dtypes: a swap's clock hardly sees it
-    narrowed = {name for (dtype, _), name in names.items() if name != DTYPE_NAMES[dtype]}
-    if narrowed:  # before the first write: a float32 value past float16's range would be stored as inf
+    narrowed = {name for (dtype, _), name in names.items() if not finiteness.widens(TORCH_DTYPES[name], dtype)}
+    if narrowed:  # before the first write: a float64 value past float32's range would be stored as inf
         targets = {name: dtype for (dtype, _), name in names.items()}
         # Once per file and target dtypes, as the NaN/inf check is: each swap back to it skips the pass.
         scope = tuple(sorted((n, str(targets[n])) for n in narrowed))  # a whole run goes to one dtype

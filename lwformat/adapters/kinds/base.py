@@ -20,7 +20,7 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from ..layers import Geometry
+from ..layers import Geometry, adapter_dtype
 from ..module_state import init_module_state
 
 
@@ -61,8 +61,9 @@ class Adapter(nn.Module, abc.ABC):
         self.__dict__.update(geo=geo, settings=settings)
         if tensors is None:
             like = base.weight
+            dtype = adapter_dtype(like.dtype)  # float32 on a half-precision layer, as PEFT trains them
             for name, shape in self.shapes(geo, settings).items():
-                self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=like.dtype, device=like.device)))
+                self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=dtype, device=like.device)))
         else:  # bound to a bundle's storage: frozen, so buffers, never among the trainable parameters
             self._buffers.update((name, tensors[name]) for name in self.shapes(geo, settings))
         self.add_buffers(base, tensors)

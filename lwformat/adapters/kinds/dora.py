@@ -27,7 +27,7 @@ class DoRA(LoRA):
 
     def reset(self, base: nn.Module) -> None:
         super().reset(base)
-        self.magnitude.copy_(self.geo.matrix(base.weight).norm(dim=1))  # (out,)
+        self.magnitude.copy_(self.geo.matrix(base.weight).to(self.magnitude.dtype).norm(dim=1))  # (out,) in the adapter's dtype
 
     def norm_scale(self, base: nn.Module) -> torch.Tensor:
         merged = self.geo.matrix(base.weight) + self.lora_matrix()  # (out, fan_in)
@@ -37,7 +37,7 @@ class DoRA(LoRA):
         scale = self.geo.channels(self.norm_scale(base))  # broadcasts against y
         if self.dropout and self.training:  # as PEFT: both terms on the dropped input, the layer's own output not
             x = self.dropped(x)
-            y = base(x)
+            y = base(x.to(base.weight.dtype)).to(x.dtype)  # x may be widened (a half layer's float32 adapters)
         bias = base_bias(base)
         y0 = y if bias is None else y - self.geo.channels(bias)  # W x, without the bias
         return (scale - 1) * y0 + scale * self.lora_delta(x, base)

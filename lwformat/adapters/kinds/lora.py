@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import Geometry
+from ..layers import Geometry, adapter_dtype
 from .base import Adapter, SlotSettings
 
 MATMUL_LAYERS = ("linear", "gpt2_conv1d")  # layers whose LoRA delta is x @ Aᵀ @ Bᵀ on the last dimension
@@ -34,7 +34,8 @@ class LoRA(Adapter):
         if tensors is not None and "scaling" in tensors:
             scaling = tensors["scaling"]  # a view into the applied storage, holding settings.scaling
         else:
-            scaling = torch.tensor(self.settings.scaling, dtype=base.weight.dtype, device=base.weight.device)
+            dtype = adapter_dtype(base.weight.dtype)
+            scaling = torch.tensor(self.settings.scaling, dtype=dtype, device=base.weight.device)
         self._buffers["scaling"] = scaling  # register_buffer(persistent=False), minus its checks
         self._non_persistent_buffers_set.add("scaling")
 

@@ -75,19 +75,32 @@ def tokens(batch: int = 3, length: int = 12, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def half_base_bundle(root: Path, seed: int, value: float | None = None, *, name: str = "author/noir") -> Bundle:
-    """A float32 bias bundle bound to the float16 reference world (its adapters are stored there in
-    float16), the first value of its first tensor set to `value`: finite in the file, perhaps not in float16."""
-    world = reference_world("tiny", seed=0).to(torch.float16)
+def converted_bundle(root: Path, seed: int, value: float | None = None, *, base: torch.dtype, stored: torch.dtype,
+                     name: str = "author/noir") -> Bundle:  # fmt: skip
+    """A bias bundle of `stored` dtype bound to the reference world in `base`, the first value of its
+    first tensor set to `value`: finite in the file, perhaps not in the dtype the world stores it in."""
+    world = reference_world("tiny", seed=0).to(base)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         world.customize(LightConfig(kind="bias", blocks=[LM], slots=["*fc"]))
     params = list(world.adapter_parameters())
     with torch.no_grad():
         for p in params:
-            p.data = (torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.05).float()  # (out,) float32
+            p.data = (torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.05).to(stored)  # (out,)
         if value is not None:
             params[0][0] = value
     out = root / f"bundle-{next(_count)}"
     write_bundle(world, out, name=name, version="1.0.0")
     return Bundle.open(out)
+
+
+def narrowing_bundle(root: Path, seed: int, value: float | None = None, *, name: str = "author/noir") -> Bundle:
+    """A float64 bundle on the float32 reference world, which stores it converted to float32: the
+    one conversion that narrows (a half base stores its adapters in float32, which holds every
+    float16 and bfloat16 value)."""
+    return converted_bundle(root, seed, value, base=torch.float32, stored=torch.float64, name=name)
+
+
+def half_base_bundle(root: Path, seed: int, value: float | None = None, *, name: str = "author/noir") -> Bundle:
+    """A float32 bundle bound to the float16 reference world: stored there in float32, as written."""
+    return converted_bundle(root, seed, value, base=torch.float16, stored=torch.float32, name=name)

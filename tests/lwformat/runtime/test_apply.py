@@ -443,26 +443,44 @@ def test_a_weights_file_rewritten_with_nan_after_it_passed_is_checked_again(tmp_
     assert world.applied == {}
 
 
-@pytest.mark.parametrize("value", [65519.0, 65520.0, -1e5, 1e30])  # float16 rounds the first to 65504, the rest to inf
+# float32 rounds the first to its largest value, the rest to inf
+@pytest.mark.parametrize("value", [3.4028235e38, 3.4028236e38, -1e39, 1e300])
 def test_a_value_beyond_the_storage_dtype_is_refused_by_name_and_changes_nothing(tmp_path, value):
-    """A float32 bundle on a float16 base is stored converted; a finite value that float16 cannot
+    """A float64 bundle on a float32 base is stored converted; a finite value that float32 cannot
     hold was refused as 'NaN or inf (a diverged training run?)'."""
     import re
 
-    from tests.lwformat.runtime.conftest import half_base_bundle
+    from tests.lwformat.runtime.conftest import narrowing_bundle
 
-    bundle = half_base_bundle(tmp_path, 1, value)
+    bundle = narrowing_bundle(tmp_path, 1, value)
     slot = bundle.manifest.slots[0]
     where = f"{slot.block}:{slot.module}:{next(iter(slot.tensors))}"
-    world = reference_world("tiny", seed=0).to(torch.float16)
+    assert next(iter(slot.tensors.values())).dtype == "F64"
+    world = reference_world("tiny", seed=0)
     x = tokens()
     before, modules = lm_out(world, x), [type(m) for m in world.modules()]
-    if value == 65519.0:
+    if value == 3.4028235e38:
         world.apply(bundle)
-        assert lm_out(world, x).isfinite().all()
+        assert world.applied["author/noir"].adapters[where.rpartition(":")[0]].bias_delta[0] == torch.finfo(torch.float32).max
         return
-    with pytest.raises(LayoutError, match=re.escape(f"author/noir@1.0.0: value {value:g} at {where} overflows float16")) as caught:
+    with pytest.raises(LayoutError, match=re.escape(f"author/noir@1.0.0: value {value:g} at {where} overflows float32")) as caught:
         world.apply(bundle)
     assert caught.value.path == where
     assert world.applied == {} and [type(m) for m in world.modules()] == modules
     assert torch.equal(lm_out(world, x), before)
+
+
+def test_a_value_beyond_float16_applies_to_a_float16_base_in_float32_and_the_output_is_finite(tmp_path):
+    """A half base stores its adapters in float32 (as PEFT computes them): a float32 bundle holding
+    1e5 was refused on a float16 base, as float16 storage would have made it inf."""
+    from tests.lwformat.runtime.conftest import half_base_bundle
+
+    bundle = half_base_bundle(tmp_path, 1, 1e5)
+    slot = bundle.manifest.slots[0]
+    world = reference_world("tiny", seed=0).to(torch.float16)
+    applied = world.apply(bundle, weight=1e-3)  # 1e5 · 1e-3 = 100 in the output: finite in float16 too
+    adapter = applied.adapters[f"{slot.block}:{slot.module}"]
+    assert adapter.bias_delta.dtype == torch.float32 and adapter.bias_delta[0] == 1e5
+    assert applied.packed  # the file's float32 run, copied as it is
+    out = lm_out(world, tokens())
+    assert out.isfinite().all()

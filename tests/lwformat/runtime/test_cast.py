@@ -78,18 +78,43 @@ def test_swap_on_a_cast_world_takes_the_fast_path(bundles, cast_world):
     assert torch.equal(lm_out(cast_world, x), lm_out(again, x))
 
 
-def test_a_fast_swap_that_converts_refuses_a_value_past_the_cast_dtype_before_writing(bundles, saved, tmp_path):
-    """The converting copy of a cast world's fast swap stored 1e5 as inf in float16 storage."""
-    world = World.load(saved, dtype=torch.float16)
-    applied = world.apply(bundles["noir"], weight=0.5)
+@pytest.fixture
+def saved64(tmp_path):
+    path = tmp_path / "base64"
+    reference_world("tiny", seed=0).double().save(path)
+    return path
+
+
+def test_a_fast_swap_that_converts_refuses_a_value_past_the_cast_dtype_before_writing(saved64, tmp_path):
+    """The converting copy of a cast world's fast swap stored a value past the storage's range as
+    inf: float64 bundles of a float64 base on that base cast to float32 (a half base stores its
+    adapters in float32, which holds any float32 or half value: nothing narrows there)."""
+    from tests.lwformat.runtime.conftest import converted_bundle
+
+    ok, ok2, big = (converted_bundle(tmp_path, seed, value, base=torch.float64, stored=torch.float64)
+                    for seed, value in ((1, None), (2, None), (3, 1e39)))  # fmt: skip
+    world = World.load(saved64, dtype=torch.float32)
+    applied = world.apply(ok, weight=0.5)
+    assert applied.packed  # the float64 run, converted as it is copied: the fast path
     x = tokens()
     before = lm_out(world, x)
-    big, _ = poisoned(tmp_path, 3, [1e5], name="author/noir")  # noir's layout: the fast path
-    with pytest.raises(LayoutError, match=r"value 100000 at .* overflows float16"):
+    with pytest.raises(LayoutError, match=r"value 1e\+39 at .* overflows float32"):
         world.swap("author/noir", big)
-    assert applied.bundle is bundles["noir"] and torch.equal(lm_out(world, x), before)
-    world.swap("author/noir", bundles["noir2"])  # one that fits still swaps, on the fast path
-    assert applied.bound and applied.bundle is bundles["noir2"]
+    assert applied.bundle is ok and torch.equal(lm_out(world, x), before)
+    world.swap("author/noir", ok2)  # one that fits still swaps, on the fast path
+    assert applied.bound and applied.bundle is ok2
+
+
+def test_a_fast_swap_on_a_float16_cast_world_takes_a_value_past_float16(bundles, saved, tmp_path):
+    """A half base stores its adapters in float32: the float32 bundle's run is copied as it is,
+    and 1e5, which float16 storage refused, goes in exactly."""
+    world = World.load(saved, dtype=torch.float16)
+    applied = world.apply(bundles["noir"], weight=0.5)
+    big, key = poisoned(tmp_path, 3, [1e5], name="author/noir")  # noir's layout: the fast path
+    world.swap("author/noir", big)
+    assert applied.bound and applied.bundle is big
+    slot, _, tensor_name = key.rpartition(".")
+    assert getattr(applied.adapters[slot], tensor_name).flatten()[0] == 1e5
 
 
 @pytest.mark.parametrize("change", ["write", "replace", "move"])
@@ -210,18 +235,20 @@ def _fit_passes(world, bundle) -> int:
     return count.calls
 
 
-def test_a_padded_apply_checks_a_files_fit_into_the_cast_dtype_once(saved, tmp_path):
+def test_a_padded_apply_checks_a_files_fit_into_the_cast_dtype_once(saved64, tmp_path):
     """The slow fill checked every converted tensor's extremes on every apply, even of a file
     that had passed, which the NaN/inf check remembers. Once per file and target dtypes now;
     a Blend, which has no file, each time."""
     from lwformat import blend
-    from tests.lwformat.runtime.conftest import make_bundle
+    from tests.lwformat.runtime.conftest import converted_bundle
 
-    bundle = make_bundle(tmp_path, 7)  # float32, new to this process
-    world = World.load(saved, dtype=torch.float16)
+    # float64, new to this process; into float32 storage, the one conversion that narrows
+    bundle = converted_bundle(tmp_path, 7, base=torch.float64, stored=torch.float64)
+    world = World.load(saved64, dtype=torch.float32)
     assert _fit_passes(world, bundle) > 0
     assert _fit_passes(world, bundle) == 0  # the same file into the same dtypes: a stat
-    assert _fit_passes(World.load(saved, dtype=torch.bfloat16), bundle) > 0  # other dtypes: checked again
+    # A float16 cast stores the adapters in float32 too: the same dtypes, nothing checked again.
+    assert _fit_passes(World.load(saved64, dtype=torch.float16), bundle) == 0
     blended = blend([(bundle, 1.0)], name="author/noir")
     assert _fit_passes(world, blended) > 0 and _fit_passes(world, blended) > 0
 

@@ -378,17 +378,17 @@ def test_a_rewrite_whose_mtime_was_set_back_is_still_checked_again(tmp_path, wor
 
 @pytest.mark.parametrize("strict", [False, True])
 def test_a_swap_to_a_value_beyond_the_storage_dtype_is_refused_before_any_write(tmp_path, strict):
-    """A float32 bundle on a float16 base: the swap checked the file only, then stored 1e5 as inf; and
+    """A float64 bundle on a float32 base: the swap checked the file only, then stored 1e39 as inf; and
     the file having passed, a fresh apply of it took the inf too."""
     import re
 
-    from tests.lwformat.runtime.conftest import half_base_bundle
+    from tests.lwformat.runtime.conftest import narrowing_bundle
 
-    ok, other, big = (half_base_bundle(tmp_path, seed, value) for seed, value in ((1, None), (2, None), (3, 1e5)))
+    ok, other, big = (narrowing_bundle(tmp_path, seed, value) for seed, value in ((1, None), (2, None), (3, 1e39)))
     slot = big.manifest.slots[0]
     where = f"{slot.block}:{slot.module}:{next(iter(slot.tensors))}"
-    message = re.escape(f"author/noir@1.0.0: value 100000 at {where} overflows float16")
-    world = reference_world("tiny", seed=0).to(torch.float16)
+    message = re.escape(f"author/noir@1.0.0: value 1e+39 at {where} overflows float32")
+    world = reference_world("tiny", seed=0)
     world.apply(ok)
     x, before = tokens(), _state(world)
     out = lm_out(world, x)
@@ -396,10 +396,25 @@ def test_a_swap_to_a_value_beyond_the_storage_dtype_is_refused_before_any_write(
         world.swap("author/noir", big, strict=strict)
     assert caught.value.path == where
     assert world.applied["author/noir"].bundle is ok and _unchanged(world, before, x, out)
-    fresh = reference_world("tiny", seed=0).to(torch.float16)
+    fresh = reference_world("tiny", seed=0)
     with pytest.raises(LayoutError, match=message):
         fresh.apply(big)
     assert fresh.applied == {}
     world.swap("author/noir", other, strict=strict)  # converted values that fit go in as an apply puts them
     fresh.apply(other, name="author/noir")
     assert torch.equal(lm_out(world, x), lm_out(fresh, x))
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_swap_to_a_value_beyond_float16_goes_into_a_float16_bases_float32_storage(tmp_path, strict):
+    """A half base stores its adapters in float32: a float32 bundle holding 1e5, refused before
+    (float16 storage would have made it inf), now swaps in exactly and computes a finite output."""
+    from tests.lwformat.runtime.conftest import half_base_bundle
+
+    ok, big = (half_base_bundle(tmp_path, seed, value) for seed, value in ((1, None), (3, 1e5)))
+    slot = big.manifest.slots[0]
+    world = reference_world("tiny", seed=0).to(torch.float16)
+    applied = world.apply(ok, weight=1e-3)
+    world.swap("author/noir", big, strict=strict)
+    assert applied.bundle is big and applied.adapters[f"{slot.block}:{slot.module}"].bias_delta[0] == 1e5
+    assert lm_out(world, tokens()).isfinite().all()
