@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..adapters.kinds import KINDS, SlotSettings
-from ..adapters.layers import adapter_dtype
 from ..adapters.slots import UNCALLED, eligible_slots, layer_at, uncalled_layers
 from ..errors import TargetError
 from ..world.digest import dtype_name
@@ -64,9 +63,9 @@ def check_slot(world: World, paths: dict[str, str], entry: SlotEntry, seen: dict
     if index is not None and (index.dtype != "I64" or len(index.shape) != 1):
         return Finding(slot, Outcome.SHAPE_MISMATCH, f"neuron_index: stored {index.dtype} {index.shape}, the spec needs (k,) I64",
                        expected="(k,) I64", found=f"{index.dtype} {index.shape}")  # fmt: skip
-    base = dtype_name(adapter_dtype(layer.weight.dtype))  # the storage's dtype: float32 on a half layer
+    base = dtype_name(layer.weight.dtype)
     stored_dtypes = sorted({entry.tensors[name].dtype for name in want} - {base})
     if stored_dtypes:
-        return Finding(slot, Outcome.DTYPE_CONVERSION, f"stored {', '.join(stored_dtypes)}, the layer's adapters are {base}",
+        return Finding(slot, Outcome.DTYPE_CONVERSION, f"stored {', '.join(stored_dtypes)}, the layer is {base}",
                        expected=base, found=stored_dtypes[0])  # fmt: skip
     return Finding(slot, Outcome.OK)
