@@ -137,15 +137,26 @@ def test_nan_or_inf_in_a_tensor_or_an_alpha_is_refused_naming_the_key(unet, tmp_
     assert world.customization is None
 
 
-def test_values_beyond_the_blocks_dtype_are_refused_and_the_world_is_unchanged(tmp_path):
+def test_values_beyond_the_adapters_dtype_are_refused_and_the_world_is_unchanged(tmp_path):
+    """float64 values past float32's range into a float32 block's adapters (a half block's are float32 too)."""
     torch.manual_seed(0)
-    world = world_of(UNetish().half())
+    world = world_of(UNetish())
     before = world.digests()
-    file, _ = kohya_file(tmp_path, extra={STEM + "to_q.lora_down.weight": torch.full((4, 8), 1e5)})  # float16 tops at 65504
-    with pytest.raises(InteropError, match="beyond torch.float16") as info:
+    file, _ = kohya_file(tmp_path, extra={STEM + "to_q.lora_down.weight": torch.full((4, 8), 1e39, dtype=torch.float64)})
+    with pytest.raises(InteropError, match="beyond torch.float32") as info:
         import_kohya(world, PATH, file, key_map="lora_unet_")
     assert info.value.path == f"{PATH}:down_blocks.0.attentions.0.to_q"
     assert world.customization is None and world.digests() == before
+
+
+def test_values_beyond_float16_import_into_a_half_blocks_float32_adapters(tmp_path):
+    """A half block's adapters are float32, as PEFT keeps them: 1e5 (float16 tops at 65504) was refused."""
+    torch.manual_seed(0)
+    world = world_of(UNetish().half())
+    file, _ = kohya_file(tmp_path, extra={STEM + "to_q.lora_down.weight": torch.full((4, 8), 1e5)})
+    import_kohya(world, PATH, file, key_map="lora_unet_")
+    params = world.adapter_parameters()
+    assert {p.dtype for p in params} == {torch.float32} and any((p == 1e5).all() for p in params)
 
 
 def test_a_lora_down_without_dimensions_is_an_interop_error(unet, tmp_path):
