@@ -118,18 +118,21 @@ class AdapterHost(nn.Module):
         autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
         inplace = not torch.is_grad_enabled() and not autocast
         adapters = self.adapters.values()
-        wide = None if autocast else self._widened()
+        # The adapters' dtype (float32 on a half layer), read from their weight so that a world
+        # converted whole since (``.half()``) is followed; under autocast, autocast's.
+        wide = None if autocast else next(iter(adapters))._buffers["mix_weight"].dtype
         if self.geo.layer in MATMUL_LAYERS and all(type(a) is LoRA for a in adapters):
+            if wide is not None and x.dtype != wide:  # a half layer: x widened, base(x) too, summed, rounded once
+                return self._widened_lora(x, wide, inplace)
             # The down-projections first, while x is still in cache from the layer that
             # made it: after the base's matmul it has to come from memory again.
-            downs = [a.down(x if wide is None else x.to(wide)) for a in adapters]  # (..., r) each
-            y = self.base(x)
-            out = y if wide is None else y.to(wide)  # widened: a new tensor, summed into in place
+            downs = [a.down(x) for a in adapters]  # (..., r) each
+            out = self.base(x)
             for adapter, h in zip(adapters, downs):
                 out = adapter.up_add(out, h, inplace=inplace)
-            return out if out.dtype == y.dtype else out.to(y.dtype)  # rounded once to the layer's dtype
+            return out
         y = self.base(x)
-        xa, ya = (x, y) if wide is None else (_widen(x, wide), y.to(wide))  # what the adapters see
+        xa, ya = (x, y) if wide is None or y.dtype == wide else (_widen(x, wide), y.to(wide))  # what the adapters see
         reads_y = any(type(a) is not LoRA for a in adapters)
         out = ya
         for adapter in adapters:
@@ -137,12 +140,22 @@ class AdapterHost(nn.Module):
         # Under autocast the sum may have widened, and widened on a half layer: the layer's own dtype, as PEFT keeps it.
         return out if out.dtype == y.dtype else out.to(y.dtype)
 
+    def _widened_lora(self, x: torch.Tensor, wide: torch.dtype, inplace: bool) -> torch.Tensor:
+        """The LoRA fast path on a half layer: x and base(x) in the adapters' `wide` dtype, the sum rounded once."""
+        adapters = self.adapters.values()
+        downs = [a.down(x.to(wide)) for a in adapters]  # (..., r) each
+        y = self.base(x)
+        out = y.to(wide)  # a new tensor: summed into in place without autograd
+        for adapter, h in zip(adapters, downs):
+            out = adapter.up_add(out, h, inplace=inplace)
+        return out.to(y.dtype)  # (..., out) in the layer's dtype
+
     def adapters_dtype(self) -> torch.dtype:
         """The dtype the adapters compute in (`layers.adapter_dtype` of the layer's, as made).
 
         Read from an adapter's own weight, so that a world converted whole since (``.half()``) is followed.
         """
-        return next(iter(self.adapters.values())).mix_weight.dtype
+        return next(iter(self.adapters._modules.values()))._buffers["mix_weight"].dtype  # every forward: no __getattr__
 
     def _widened(self) -> torch.dtype | None:
         """The adapters' dtype where it is not the layer's (float32 on a half layer), else None."""

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-import pytest
 from lwformat import Block, World
 from lwformat.errors import BundleLimitError, InteropError
 from lwformat.interop import import_kohya
