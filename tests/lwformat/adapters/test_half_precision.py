@@ -103,3 +103,15 @@ def test_a_small_ia3_gain_on_a_half_base_changes_the_output_as_peft(dtype):
     assert ours.dtype == dtype and not torch.equal(ours, base)
     effect = (theirs.float() - base.float()).abs().max()
     assert effect > 0 and (ours.float() - theirs.float()).abs().max() <= 0.05 * effect
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_training_with_dropout_on_a_half_base_gives_float32_gradients(kind):
+    """DoRA re-runs the base layer on the dropped input, which is float32 there: it goes in the layer's dtype."""
+    world = reference_world("tiny", seed=0).to(torch.bfloat16)
+    world.customize(LightConfig(kind=kind, rank=4, dropout=0.1, blocks=[LM], slots=["*fc", "*qkv"]))
+    lm = world.block(LM).module.train()
+    out = lm(tokens())
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.isfinite().all() for p in world.adapter_parameters())
