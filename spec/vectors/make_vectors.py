@@ -60,11 +60,17 @@ def tiny_world() -> World:
 
 
 def tiny_custom_world() -> World:
-    """`tiny_world` with LoRA rank 2 on every Linear, the adapters filled deterministically."""
+    """`tiny_world` with LoRA rank 2 on every Linear, the adapters filled deterministically.
+
+    The backbone's adapters are stored in BF16, its layer's dtype (a writer may also store
+    F32 there, as `customize` now trains them): the vectors keep a bundle of two float runs.
+    """
     world = tiny_world()
     world.customize(LightConfig(rank=2, name="noir"))
     with torch.no_grad():
-        for i, (_, t) in enumerate(sorted(adapter_tensors(world).items())):
+        for i, (key, t) in enumerate(sorted(adapter_tensors(world).items())):
+            if key.startswith(BACKBONE):
+                t.data = t.data.to(torch.bfloat16)
             fill(t, 100 + i)
     return world
 
