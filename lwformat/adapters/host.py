@@ -65,6 +65,11 @@ def _widen(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype) if x.is_floating_point() else x
 
 
+def _as(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and y in an adapter's `dtype` (under autocast, as they are)."""
+    return (x, y) if autocast or y.dtype == dtype else (_widen(x, dtype), y.to(dtype))
+
+
 def _called(module: nn.Module, args: tuple) -> None:
     """A forward pre-hook that changes nothing: its presence turns a parent's fast path off."""
 
@@ -121,6 +126,8 @@ class AdapterHost(nn.Module):
         # The adapters' dtype (float32 on a half layer), read from their weight so that a world
         # converted whole since (``.half()``) is followed; under autocast, autocast's.
         wide = None if autocast else next(iter(adapters))._buffers["mix_weight"].dtype
+        if wide is not None and len(self.adapters) > 1 and any(a._buffers["mix_weight"].dtype != wide for a in adapters):
+            return self._each_in_its_dtype(x)  # a bank of two dtypes: a world converted (`.to`) between applies
         if self.geo.layer in MATMUL_LAYERS and all(type(a) is LoRA for a in adapters):
             if wide is not None and x.dtype != wide:  # a half layer: x widened, base(x) too, summed, rounded once
                 return self._widened_lora(x, wide, inplace)
@@ -139,6 +146,19 @@ class AdapterHost(nn.Module):
             out = adapter.add_to(out, xa, ya, self.base, inplace=inplace and (out is not ya or not reads_y))
         # Under autocast the sum may have widened, and widened on a half layer: the layer's own dtype, as PEFT keeps it.
         return out if out.dtype == y.dtype else out.to(y.dtype)
+
+    def _each_in_its_dtype(self, x: torch.Tensor) -> torch.Tensor:
+        """Each adapter computed in its own dtype, the sum in the widest of them, rounded once."""
+        y = self.base(x)
+        wide = y.dtype
+        for adapter in self.adapters.values():
+            wide = torch.promote_types(wide, adapter._buffers["mix_weight"].dtype)
+        out = y.to(wide)
+        for adapter in self.adapters.values():
+            dtype = adapter._buffers["mix_weight"].dtype
+            delta = adapter.mix_weight * adapter.delta(_widen(x, dtype), y.to(dtype), self.base)  # like y, in `dtype`
+            out = out + delta.to(wide)
+        return out.to(y.dtype)
 
     def _widened_lora(self, x: torch.Tensor, wide: torch.dtype, inplace: bool) -> torch.Tensor:
         """The LoRA fast path on a half layer: x and base(x) in the adapters' `wide` dtype, the sum rounded once."""
@@ -172,7 +192,7 @@ class AdapterHost(nn.Module):
             if (pick := picks.get(name)) is None:
                 continue
             if type(adapter) is LoRA and self.geo.layer in MATMUL_LAYERS and (
-                not lora or lora[0].lora_A.shape == adapter.lora_A.shape
+                not lora or (lora[0].lora_A.shape, lora[0].lora_A.dtype) == (adapter.lora_A.shape, adapter.lora_A.dtype)
             ):
                 lora.append(adapter)
                 lora_picks.append(pick)
@@ -209,7 +229,8 @@ class AdapterHost(nn.Module):
         # with 0: the adapter's delta on that sample's input may overflow, and 0·inf is NaN).
         for adapter, pick in route.others:
             coef = (pick * adapter.mix_weight).view(per_sample)  # (B, 1, ...)
-            out = out + torch.where(coef != 0, coef * adapter.delta(x, y, self.base), 0)
+            xd, yd = _as(x, y, adapter._buffers["mix_weight"].dtype, autocast)  # a bank of two dtypes: each in its own
+            out = out + torch.where(coef != 0, coef * adapter.delta(xd, yd, self.base), 0)
         if route.A:
             # Stacked, so the work per layer does not grow with the number of bundles (on a GPU
             # every small operation is a kernel launch, which costs more than its arithmetic).
@@ -219,7 +240,8 @@ class AdapterHost(nn.Module):
             B = torch.stack(route.B)[pick]  # (B, out, r)
             coef = coefs.sum(0).view(per_sample)  # (B, 1, ...)
             # Scaled before the up-projection, as `LoRA.down` does: a small w·s keeps h @ Bᵀ in range.
-            h = torch.where(coef != 0, torch.einsum("b...i,bri->b...r", x, A) * coef, 0)  # (B, ..., r)
+            xa, _ = _as(x, y, A.dtype, autocast)
+            h = torch.where(coef != 0, torch.einsum("b...i,bri->b...r", xa, A) * coef, 0)  # (B, ..., r)
             out = out + torch.einsum("b...r,bor->b...o", h, B)  # (B, ..., out)
         return out if out.dtype == layer_dtype else out.to(layer_dtype)
 

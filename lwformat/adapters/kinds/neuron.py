@@ -50,6 +50,6 @@ class NeuronDelta(Adapter):
         return y.new_zeros(y.shape).index_copy(dim, self.neuron_index, h)  # like y
 
     def delta_weight(self, base: nn.Module) -> tuple[torch.Tensor, None]:
-        M = self.geo.matrix(base.weight).new_zeros(self.geo.out, self.geo.fan_in)  # (out, fan_in)
+        M = self.neuron_delta.new_zeros(self.geo.out, self.geo.fan_in)  # (out, fan_in) in the adapter's dtype
         M = M.index_copy(0, self.neuron_index, self.neuron_delta.reshape(len(self.neuron_index), -1))
         return self.geo.unmatrix(M, base.weight), None

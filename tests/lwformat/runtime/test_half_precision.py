@@ -104,7 +104,7 @@ def test_a_mixed_batch_on_a_bfloat16_world_matches_each_bundle_alone(tmp_path):
         assert effect > 0 and (mixed[i].float() - alone[name][i].float()).abs().max() <= 0.05 * effect
 
 
-@pytest.mark.parametrize("kind", ["ia3", "lora"])
+@pytest.mark.parametrize("kind", ["ia3", "lora", "dora", "neuron"])  # neuron: its delta was made in the layer's dtype
 def test_fuse_rounds_float32_adapters_once_into_bfloat16_weights_and_unfuse_is_bit_exact(tmp_path, kind):
     bundle = half_bundle(tmp_path, "author/b", kind, fill=GAIN if kind == "ia3" else None)
     world, x = half_world(), tokens()
@@ -125,3 +125,28 @@ def test_fuse_rounds_float32_adapters_once_into_bfloat16_weights_and_unfuse_is_b
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert torch.equal(lm_out(world, x), live)
 
+
+
+def test_a_bank_of_two_dtypes_computes_each_adapter_in_its_own(tmp_path):
+    """A world converted with .to(bfloat16) after one bundle was applied holds it in bfloat16, and the
+    next bundle comes in float32: the forward took the first adapter's dtype for all and failed."""
+    first, second = half_bundle(tmp_path, "author/first", "lora", seed=1), half_bundle(tmp_path, "author/second", "ia3", seed=2)
+    x = tokens()
+    world = half_world()
+    world.apply(first, weight=0.5)  # into float32 storage
+    world.to(torch.bfloat16)  # the base is bfloat16 already; the applied storage follows: bfloat16 now
+    world.apply(second, weight=0.5)  # float32, as every bundle on a half layer
+    both = lm_out(world, x)
+    with world.routed(["author/first", "author/second", None]):
+        mixed = lm_out(world, x)  # a sample per bundle, each in its own dtype
+    world.remove("author/second")
+    only_first = lm_out(world, x)
+    world.remove("author/first")
+    base = lm_out(world, x)
+    world.apply(second, weight=0.5)
+    only_second = lm_out(world, x)
+    expected = only_first.float() + only_second.float() - base.float()
+    torch.testing.assert_close(both.float(), expected, rtol=0, atol=0.1)  # each rounded to bfloat16 on its own
+    assert not torch.equal(both, only_first) and not torch.equal(both, only_second)
+    for i, alone in enumerate((only_first, only_second, base)):
+        torch.testing.assert_close(mixed[i].float(), alone[i].float(), rtol=0, atol=0.05)
