@@ -37,7 +37,9 @@ class DoRA(LoRA):
         scale = self.geo.channels(self.norm_scale(base))  # broadcasts against y
         if self.dropout and self.training:  # as PEFT: both terms on the dropped input, the layer's own output not
             x = self.dropped(x)
-            y = base(x.to(base.weight.dtype)).to(x.dtype)  # x may be widened (a half layer's float32 adapters)
+            # W x in x's dtype (float32 on a half layer, where the adapters compute), as PEFT does
+            W = self.geo.matrix(base.weight).to(x.dtype).reshape(self.geo.out, *self.geo.in_shape)  # (out, *in)
+            return (scale - 1) * self.geo.down(x, W, base) + scale * self.lora_delta(x, base)
         bias = base_bias(base)
         y0 = y if bias is None else y - self.geo.channels(bias)  # W x, without the bias
         return (scale - 1) * y0 + scale * self.lora_delta(x, base)

@@ -115,3 +115,25 @@ def test_training_with_dropout_on_a_half_base_gives_float32_gradients(kind):
     out.float().sum().backward()
     assert out.dtype == torch.bfloat16
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.isfinite().all() for p in world.adapter_parameters())
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_training_with_dropout_on_a_bfloat16_base_matches_peft(dora):
+    """DoRA's base term on the dropped input ran in bfloat16 (input rounded back), PEFT's in float32."""
+    world = reference_world("tiny", seed=0).to(torch.bfloat16)
+    lm = world.block(LM).module
+    peft = get_peft_model(copy.deepcopy(lm), LoraConfig(r=4, lora_alpha=8, target_modules=["fc"], use_dora=dora, lora_dropout=0.1))
+    world.customize(LightConfig(kind="dora" if dora else "lora", rank=4, alpha=8, dropout=0.1, blocks=[LM], slots=["*fc"]))
+    randomize_adapters(world)
+    with torch.no_grad():
+        for p in world.adapter_parameters():
+            p.mul_(4)
+    copy_into_peft(world, LM, peft)
+    lm.train(), peft.train()
+    x = tokens()
+    with torch.no_grad():
+        torch.manual_seed(5)
+        ours = lm(x).float()
+        torch.manual_seed(5)  # the same dropout masks
+        theirs = peft(x).float()
+    assert torch.equal(ours, theirs)
