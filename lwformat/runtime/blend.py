@@ -29,6 +29,7 @@ the parents with their weights and manifest identities, and has no files until w
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -159,7 +160,7 @@ def blend(parts: Sequence[tuple[Any, float]], *, method: str = "linear", rank: i
     tensors, reports, entries = {}, {}, []
     for slot, result in results.items():
         first = holders[slot][0][1]
-        tensors[slot] = _stored(result, first)
+        tensors[slot] = _stored(result, [entry for _, entry, _ in holders[slot]])
         if any(t.is_floating_point() and not bool(t.isfinite().all()) for t in tensors[slot].values()):
             raise BlendError(f"{slot}: the blend overflows the stored dtype (weights this large make inf)", path=slot,
                              parents=tuple(b.manifest.name for b, _ in parts))  # fmt: skip
@@ -255,14 +256,14 @@ def _base(parts: list[tuple[Any, float]]) -> BaseBinding:
 
 
 def _signature(entry: Any) -> dict[str, Any]:
-    """What parents must share at a slot: layer, shapes (LoRA ranks and neuron counts aside), dtype."""
+    """What parents must share at a slot: layer, shapes (LoRA ranks and neuron counts aside). Their
+    dtypes may differ (an F32 bundle and an older BF16 one for a bfloat16 layer): see `_stored`."""
     shapes = {n: tuple(t.shape) for n, t in entry.tensors.items()}
     if entry.kind == "lora":
         shapes = {"lora_A": shapes["lora_A"][1:], "lora_B": shapes["lora_B"][:1]}  # (*in_shape), (out,)
     elif entry.kind == "neuron":
         shapes = {"neuron_delta": shapes["neuron_delta"][1:]}  # (*in_shape)
-    dtypes = sorted({t.dtype for n, t in entry.tensors.items() if n != "neuron_index"})
-    return {"layer": entry.layer, "shapes": shapes, "dtype": dtypes}
+    return {"layer": entry.layer, "shapes": shapes}
 
 
 def _check_entry(entry: Any, owner: str) -> None:
@@ -315,11 +316,12 @@ def _slots(parts: list[tuple[Any, float]]) -> dict[str, list[tuple[Any, Any, flo
 _TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
-def _stored(result: SlotBlend, entry: Any) -> dict[str, torch.Tensor]:
-    """The result in the parents' storage dtype, in the kind's order; neuron indices stay int64."""
-    dtype = _TORCH_DTYPES[_signature(entry)["dtype"][0]]
+def _stored(result: SlotBlend, entries: list[Any]) -> dict[str, torch.Tensor]:
+    """The result in the widest of the parents' dtypes, in the kind's order; neuron indices stay int64."""
+    dtypes = [_TORCH_DTYPES[t.dtype] for e in entries for n, t in e.tensors.items() if n != "neuron_index"]
+    dtype = functools.reduce(torch.promote_types, dtypes)
     out = {}
-    for name in TENSOR_ORDER[entry.kind]:
+    for name in TENSOR_ORDER[entries[0].kind]:
         t = result.tensors[name]
         out[name] = (t if name == "neuron_index" else t.to(dtype)).contiguous()
     return out

@@ -4,7 +4,7 @@ applied storage, a mixed batch, fuse and remove; an older half-precision bundle 
 import pytest
 import torch
 
-from lwformat import LightConfig
+from lwformat import LightConfig, blend
 from lwformat.bundle.read import Bundle
 from lwformat.bundle.write import write_bundle
 from lwformat.zoo import reference_world
@@ -150,3 +150,20 @@ def test_a_bank_of_two_dtypes_computes_each_adapter_in_its_own(tmp_path):
     assert not torch.equal(both, only_first) and not torch.equal(both, only_second)
     for i, alone in enumerate((only_first, only_second, base)):
         torch.testing.assert_close(mixed[i].float(), alone[i].float(), rtol=0, atol=0.05)
+
+
+def test_an_older_bfloat16_bundle_and_a_float32_one_blend_in_float32(tmp_path):
+    """Parents for one bfloat16 base, one stored in BF16 (as written before) and one in F32, were
+    refused as 'disagree on the dtype', though both apply into the same float32 storage."""
+    old = half_bundle(tmp_path, "author/old", "lora", stored=torch.bfloat16, seed=1)
+    new = half_bundle(tmp_path, "author/new", "lora", seed=2)
+    mix = blend([(old, 0.5), (new, 0.5)], method="linear")
+    assert {t.dtype for t in mix.tensors().values()} == {torch.float32}
+    x = tokens()
+    world = half_world()
+    world.apply(mix)
+    blended = lm_out(world, x)
+    world.remove(next(iter(world.applied)))
+    world.apply(old, weight=0.5)
+    world.apply(new, weight=0.5)
+    torch.testing.assert_close(blended.float(), lm_out(world, x).float(), rtol=0, atol=0.05)  # the exact sum, rounded
